@@ -26,3 +26,16 @@ test: venv
 
 clean:
 	rm -rf $(VENV)
+
+# Integration tests against a real ComfyUI (tests/comfy). COMFYUI_PATH is a ComfyUI source
+# checkout outside this repository; COMFYUI_PYTHON is the interpreter of ComfyUI's own venv
+# (with its requirements, pytest and `pip install -e <this repo> --no-deps`), by default the
+# venv `comfy-venv` beside the checkout. See README.md, "Developing".
+#   make test-comfy COMFYUI_PATH=/work/ComfyUI
+COMFYUI_PATH   ?= ../ComfyUI
+COMFYUI_PYTHON ?= $(abspath $(COMFYUI_PATH)/../comfy-venv/bin/python)
+.PHONY: test-comfy
+test-comfy:
+	@test -f "$(COMFYUI_PATH)/nodes.py" || { echo "COMFYUI_PATH=$(COMFYUI_PATH) is not a ComfyUI checkout"; exit 2; }
+	@test -x "$(COMFYUI_PYTHON)" || { echo "COMFYUI_PYTHON=$(COMFYUI_PYTHON) not found (ComfyUI's venv)"; exit 2; }
+	COMFYUI_PATH="$(abspath $(COMFYUI_PATH))" OMP_NUM_THREADS=1 "$(COMFYUI_PYTHON)" -m pytest -q tests/comfy

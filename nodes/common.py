@@ -1,0 +1,275 @@
+"""Shared pieces of the ComfyUI adapters: naming, the ``sae`` model folder, progress,
+interrupts and tooltips.
+
+Everything ComfyUI-specific that more than one node module needs lives here, so the method
+modules stay thin. Imports of ``comfy.*`` are deferred to the functions that use them:
+importing ``comfy.model_management`` on a machine without a GPU fails unless ComfyUI was
+started with ``--cpu``, and this module must stay importable wherever ``folder_paths`` is.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import torch
+
+import folder_paths
+
+__all__ = [
+    "NODE_ID_PREFIX",
+    "CATEGORY_ROOT",
+    "SAE_FOLDER",
+    "SAE_EXTENSIONS",
+    "SAE_TYPE",
+    "DTYPE_CHOICES",
+    "category",
+    "node_id",
+    "register_sae_folder",
+    "sae_folder_paths",
+    "sae_filenames",
+    "sae_full_path",
+    "file_fingerprint",
+    "torch_dtype",
+    "comfy_device",
+    "Progress",
+    "throw_if_interrupted",
+    "interrupt_requested",
+    "inp",
+    "missing_tooltips",
+]
+
+# -- naming ------------------------------------------------------------------------------------
+
+NODE_ID_PREFIX = "CE_"
+"""Every node id of this pack starts with this, so packs cannot overwrite each other's nodes."""
+
+CATEGORY_ROOT = "concept_erasure"
+"""Every node category of this pack lives under this menu."""
+
+SAE_TYPE = "SAE"
+"""Socket type of a loaded sparse autoencoder (a ``sae_core.sae.SparseAutoencoder``)."""
+
+
+def category(sub: str = "") -> str:
+    """Menu path of a node: ``category("sae")`` is ``"concept_erasure/sae"``."""
+    sub = sub.strip("/")
+    return f"{CATEGORY_ROOT}/{sub}" if sub else CATEGORY_ROOT
+
+
+def node_id(name: str) -> str:
+    """Pack-unique node id: ``node_id("LoadSAE")`` is ``"CE_LoadSAE"``."""
+    return name if name.startswith(NODE_ID_PREFIX) else NODE_ID_PREFIX + name
+
+
+# -- the ``sae`` model folder -------------------------------------------------------------------
+
+SAE_FOLDER = "sae"
+"""Name of the model folder: ``ComfyUI/models/sae`` (and ``output/sae`` for SAEs we train)."""
+
+SAE_EXTENSIONS = frozenset({".safetensors"})
+"""Files listed in the SAE dropdown. A folder-layout SAE appears as ``<name>/sae.safetensors``
+(its ``cfg.json`` sits beside it); a single-file SAE carries its config in the header."""
+
+
+def register_sae_folder() -> list[str]:
+    """Register ``models/sae`` and ``output/sae`` with ComfyUI's ``folder_paths``.
+
+    Idempotent. If ``sae`` is already known (e.g. from ``extra_model_paths.yaml``, which
+    registers folders without extensions), its paths are kept, ours are appended and the
+    extension sets are united. Returns the registered paths.
+    """
+    defaults = [
+        os.path.join(folder_paths.models_dir, SAE_FOLDER),
+        os.path.join(folder_paths.get_output_directory(), SAE_FOLDER),
+    ]
+    table = folder_paths.folder_names_and_paths
+    old_paths, old_extensions = table.get(SAE_FOLDER, ([], set()))
+    paths = list(old_paths) + [p for p in defaults if p not in old_paths]
+    extensions = set(old_extensions) | set(SAE_EXTENSIONS)
+    if SAE_FOLDER in table and paths == list(old_paths) and extensions == set(old_extensions):
+        return paths  # already registered: keep ComfyUI's file-list cache valid
+    table[SAE_FOLDER] = (paths, extensions)
+    # A file list cached before this call was built from the old paths/extensions.
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(SAE_FOLDER, None)
+    return paths
+
+
+def sae_folder_paths() -> list[str]:
+    """Folders searched for SAE files, in priority order."""
+    register_sae_folder()
+    return list(folder_paths.get_folder_paths(SAE_FOLDER))
+
+
+def sae_filenames() -> list[str]:
+    """Relative names of the SAE files ComfyUI can see (the dropdown's contents)."""
+    register_sae_folder()
+    return folder_paths.get_filename_list(SAE_FOLDER)
+
+
+def sae_full_path(name: str) -> str:
+    """Absolute path of the SAE file ``name`` from the dropdown.
+
+    Raises ``FileNotFoundError`` naming the file and the folders searched.
+    """
+    register_sae_folder()
+    path = folder_paths.get_full_path(SAE_FOLDER, name)
+    if path is None:
+        searched = ", ".join(sae_folder_paths()) or "(no folder registered)"
+        raise FileNotFoundError(f"SAE file '{name}' was not found in the sae model folders: {searched}")
+    return path
+
+
+def file_fingerprint(path: str, companions: Iterable[str] = ()) -> str:
+    """Cheap identity of a file's content: path, size and modification time (ns).
+
+    ``companions`` are sibling files (e.g. ``cfg.json`` of a folder-layout SAE) that change
+    the meaning of ``path``; each is included when it exists. A missing ``path`` gives a
+    fingerprint that says so, so a file that appears later still counts as changed.
+    """
+    parts = []
+    for p in (path, *companions):
+        try:
+            st = os.stat(p)
+        except OSError:
+            if p == path:
+                parts.append(f"{p}:missing")
+            continue
+        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+# -- devices and dtypes -------------------------------------------------------------------------
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+"""Names offered by dtype combos, in menu order (the first is the default)."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"float16"`` -> ``torch.float16``; a clear ``ValueError`` for anything else."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def comfy_device(choice: str = "auto") -> torch.device:
+    """Resolve a device combo: ``"cpu"``, or ``"auto"`` for the device ComfyUI runs models on.
+
+    Outside a running ComfyUI (no ``comfy.model_management``) ``"auto"`` means CPU.
+    """
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice != "auto":
+        raise ValueError(f"device must be 'auto' or 'cpu', got {choice!r}")
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return torch.device("cpu")
+    return torch.device(mm.get_torch_device())
+
+
+# -- progress and interrupts --------------------------------------------------------------------
+
+
+class Progress:
+    """Progress reporting that works inside and outside a ComfyUI server.
+
+    Inside ComfyUI this drives ``comfy.utils.ProgressBar`` (the bar on the node in the UI;
+    a no-op when no server is attached). With ``console=True`` a tqdm bar is shown as well,
+    which is also the only bar when ComfyUI is absent.
+    """
+
+    def __init__(self, total: int, desc: str = "", node_id: str | None = None, console: bool = False) -> None:
+        self.total = int(total)
+        self.current = 0
+        self._bar = None
+        self._tqdm = None
+        try:
+            import comfy.utils
+
+            self._bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        except (ImportError, AttributeError, TypeError):
+            self._bar = None
+        if console or self._bar is None:
+            try:
+                from tqdm.auto import tqdm
+
+                self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False, disable=not console)
+            except ImportError:
+                self._tqdm = None
+
+    def update(self, n: int = 1) -> None:
+        """Advance by ``n`` steps."""
+        self.update_absolute(self.current + n)
+
+    def update_absolute(self, value: int) -> None:
+        """Set the number of finished steps."""
+        value = max(0, min(int(value), self.total))
+        delta = value - self.current
+        self.current = value
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total)
+        if self._tqdm is not None and delta:
+            self._tqdm.update(delta)
+
+    def close(self) -> None:
+        """Close the console bar, if any."""
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def interrupt_requested() -> bool:
+    """True when the user pressed Cancel in ComfyUI (always False outside ComfyUI).
+
+    Suitable as the ``should_stop`` callable of long ``sae_core`` loops.
+    """
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return False
+    return bool(mm.processing_interrupted())
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception if the user cancelled; no-op outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+# -- inputs and tooltips ------------------------------------------------------------------------
+
+
+def inp(io_type: Any, tooltip: str, **options: Any) -> tuple:
+    """One ``INPUT_TYPES`` entry with a mandatory tooltip.
+
+    ``inp("INT", "Steps to train.", default=100, min=1)`` is
+    ``("INT", {"tooltip": "Steps to train.", "default": 100, "min": 1})``. ``io_type`` may be a
+    list of strings for a combo.
+    """
+    if not tooltip or not tooltip.strip():
+        raise ValueError("every node input needs a non-empty tooltip")
+    return (io_type, {"tooltip": tooltip, **options})
+
+
+def missing_tooltips(node_cls: type) -> list[str]:
+    """Names of visible inputs of a V1 node class that lack a tooltip (empty list when all have one)."""
+    spec: Mapping[str, Mapping[str, Any]] = node_cls.INPUT_TYPES()
+    missing = []
+    for section in ("required", "optional"):
+        for name, entry in (spec.get(section) or {}).items():
+            opts = entry[1] if isinstance(entry, (tuple, list)) and len(entry) > 1 else {}
+            if not isinstance(opts, Mapping) or not str(opts.get("tooltip", "")).strip():
+                missing.append(name)
+    return missing

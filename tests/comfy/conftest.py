@@ -1,0 +1,100 @@
+"""Integration tests against a real ComfyUI checkout.
+
+Set ``COMFYUI_PATH`` to a ComfyUI source checkout and run with that checkout's venv, e.g.
+``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -q tests/comfy``
+(``make test-comfy``). Without ``COMFYUI_PATH`` every test here is skipped.
+
+ComfyUI is configured at import time, before anything can import ``folder_paths``: CPU only
+(as ``--cpu``) and a temporary base directory (as ``--base-directory``), so ``models/`` and
+``output/`` are throwaway folders. The pack is then loaded through ComfyUI's own loader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
+SKIP_REASON = "COMFYUI_PATH not set: tests/comfy needs a ComfyUI checkout and its venv (see README)"
+
+PACK_NODE_IDS = ("CE_LoadSAE",)
+"""Node ids the pack must register in ComfyUI."""
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI_PATH:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(skip)
+
+
+def _configure_comfyui(comfy_root: Path) -> Path:
+    """Put ComfyUI on ``sys.path`` and set its CLI defaults; returns the temporary base dir."""
+    if not (comfy_root / "nodes.py").is_file() or not (comfy_root / "folder_paths.py").is_file():
+        raise pytest.UsageError(f"COMFYUI_PATH={comfy_root} is not a ComfyUI checkout (no nodes.py/folder_paths.py)")
+    if "folder_paths" in sys.modules:
+        raise pytest.UsageError("folder_paths was imported before tests/comfy could configure ComfyUI")
+    sys.path.insert(0, str(comfy_root))
+    import comfy.cli_args
+
+    base = Path(tempfile.mkdtemp(prefix="ce-comfyui-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    for sub in ("models", "output", "input", "temp", "user", "custom_nodes"):
+        (base / sub).mkdir()
+    args = comfy.cli_args.args  # defaults: args are parsed from [] unless parsing was enabled
+    args.cpu = True  # importing comfy.model_management without a GPU needs --cpu
+    args.base_directory = str(base)
+    args.disable_api_nodes = True
+    import folder_paths
+
+    assert Path(folder_paths.models_dir) == base / "models", folder_paths.models_dir
+    return base
+
+
+BASE_DIR = _configure_comfyui(Path(COMFYUI_PATH).resolve()) if COMFYUI_PATH else None
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI with the pack loaded by ``nodes.load_custom_node``, as at server start.
+
+    Yields a namespace: ``nodes`` (ComfyUI's module), ``folder_paths``, ``base`` (the
+    temporary base directory), ``pack`` (the pack module ComfyUI imported), ``nodes_pkg``
+    (its ``nodes`` package), ``comfy_root``, ``repo_root`` and ``node_ids``.
+    """
+    import folder_paths
+    import nodes
+
+    assert Path(nodes.__file__).resolve().parent == Path(COMFYUI_PATH).resolve(), (
+        f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    )
+    ok = asyncio.run(nodes.load_custom_node(str(REPO_ROOT)))
+    assert ok, "ComfyUI could not load the pack (see the log above)"
+    module_name = str(REPO_ROOT).replace(".", "_x_")  # the name ComfyUI's loader gives a pack folder
+    pack = sys.modules[module_name]
+    missing = [n for n in PACK_NODE_IDS if n not in nodes.NODE_CLASS_MAPPINGS]
+    assert not missing, f"pack did not register {missing}"
+    for node_id in PACK_NODE_IDS:
+        assert nodes.NODE_CLASS_MAPPINGS[node_id] is pack.NODE_CLASS_MAPPINGS[node_id]
+    yield SimpleNamespace(
+        nodes=nodes,
+        folder_paths=folder_paths,
+        base=BASE_DIR,
+        pack=pack,
+        nodes_pkg=sys.modules[f"{module_name}.nodes"],
+        comfy_root=Path(COMFYUI_PATH).resolve(),
+        repo_root=REPO_ROOT,
+        node_ids=PACK_NODE_IDS,
+    )
