@@ -1,0 +1,375 @@
+"""SAeUron on MiniCanvas: the ``saeuron`` method of ``python -m sae_core bench``.
+
+What ships (package data under ``sae_core/minicanvas/weights/``):
+
+* ``saeuron_sae.safetensors``: a TopK SAE trained on the output of one up-path cross-attention
+  block (:attr:`SAeUronRecipe.block`), with activations from every DDIM step of every
+  MiniCanvas prompt (conditional CFG branch), trained with :class:`sae_core.trainer.SaeTrainer`;
+* ``saeuron_stats_style.safetensors`` / ``saeuron_stats_object.safetensors``: SAeUron's
+  per-step concept statistics for every style and every object.
+
+The files record a fingerprint of the MiniCanvas UNet they were built for. If the model
+weights change, the method rebuilds them (about a minute on two CPU cores) into a cache folder
+(``$SAE_CORE_CACHE`` or ``~/.cache/sae_core``) and reuses that cache afterwards.
+
+Rebuild the shipped files::
+
+    python -m sae_core.methods.saeuron_method build            # writes into the package weights
+    python -m sae_core.methods.saeuron_method sweep --kind style --gamma -1,-2 --top-n 1,2
+
+Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
+``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..capture import capture
+from ..config import TrainConfig
+from ..formats import load_sae, save_sae
+from ..minicanvas import files as mc_files
+from ..minicanvas.data import OBJECTS, STYLES, prompt_for
+from ..minicanvas.methods import register_method, validate_concepts
+from ..saeuron import ConceptStats, SAeUronHook, collect_block_activations, concept_stats_from_store
+from ..store import ActivationReader, ActivationWriter
+from ..trainer import SaeTrainer
+
+__all__ = [
+    "SAeUronRecipe",
+    "SAeUronAssets",
+    "build_assets",
+    "load_assets",
+    "saeuron_factory",
+    "unet_fingerprint",
+]
+
+SAE_FILE = "saeuron_sae.safetensors"
+STATS_FILES = {"style": "saeuron_stats_style.safetensors", "object": "saeuron_stats_object.safetensors"}
+
+
+@dataclass
+class SAeUronRecipe:
+    """How the MiniCanvas SAeUron assets are built and applied."""
+
+    block: str = "output_blocks.2.1"
+    """Hooked UNet block: an up-path SpatialTransformer on the 16x16 grid."""
+    expansion_factor: int = 16
+    """SAE latents per activation dimension (SAeUron: 16)."""
+    k: int = 8
+    """Active latents per token."""
+    steps: int = 25
+    """DDIM steps of the collection run (statistics are indexed by these steps)."""
+    cfg: float | None = None
+    """CFG weight of the collection run (None: the model's default)."""
+    seeds: tuple[int, ...] = (1000, 1001, 1002, 1003)
+    """Noise seeds of the collection run (disjoint from the bench's evaluation seeds)."""
+    train_steps: int = 1500
+    """SAE optimiser steps."""
+    batch_tokens: int = 4096
+    """Tokens per SAE optimiser step."""
+    lr: float = 2e-3
+    """SAE peak learning rate (linear decay to 0)."""
+    dead_feature_threshold: int = 400_000
+    """Tokens without firing after which a latent counts as dead (AuxK)."""
+    seed: int = 0
+    """SAE initialisation seed."""
+    style: dict[str, Any] = field(default_factory=lambda: {"gamma": -1.0, "top_n": 2})
+    """Default intervention options for styles."""
+    object: dict[str, Any] = field(default_factory=lambda: {"gamma": -1.0, "top_n": 2})
+    """Default intervention options for objects."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        return d
+
+
+RECIPE = SAeUronRecipe()
+"""The recipe of the shipped assets and the factory's defaults."""
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """Hex digest (16 chars) of the UNet's parameters: ties the SAE to the model it was built on."""
+    h = hashlib.sha256()
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SAeUronAssets:
+    """A trained SAE and its concept statistics for one MiniCanvas model."""
+
+    sae: Any
+    """The SparseAutoencoder (per-token TopK)."""
+    stats: dict[str, ConceptStats]
+    """``{"style": ..., "object": ...}``."""
+    block: str
+    """Hooked block."""
+    folder: Path
+    """Where the files live."""
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------------
+
+
+def _cond_mask(ctx: Any) -> torch.Tensor:
+    """``[2B]`` (or ``[B]``) bool of the CFG batch layout the MiniCanvas sampler reports."""
+    return torch.tensor([half == "cond" for half in ctx.cfg_order]).repeat_interleave(int(ctx.batch_size))
+
+
+def _prompt_table() -> list[tuple[str, int, int]]:
+    """(prompt, object index, style index or -1) for every MiniCanvas prompt."""
+    rows = [(prompt_for(o, s), o, s) for o in range(len(OBJECTS)) for s in range(len(STYLES))]
+    rows += [(prompt_for(o, None), o, -1) for o in range(len(OBJECTS))]
+    return rows
+
+
+def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe = RECIPE,
+                 progress: bool = True) -> SAeUronAssets:
+    """Collect activations, train the SAE, compute style and object statistics, and save them.
+
+    One sampling pass serves both the SAE's training data and the statistics: every prompt
+    (64 styled + 8 unstyled) with every seed of the recipe, all DDIM steps, conditional rows.
+    """
+    out_dir = Path(out_dir)
+    canvas.get_block(recipe.block)  # clear error for an unknown block name
+    table = _prompt_table()
+    items = [(p, s) for s in recipe.seeds for p, _, _ in table]  # seed-major: one sampler call per seed
+    cfg = canvas.default_cfg if recipe.cfg is None else recipe.cfg
+    base = canvas.replace(hooks=[])
+    timesteps = canvas.schedule.ddim_timesteps(recipe.steps)
+
+    def sample_fn(batch: list[tuple[str, int]]) -> None:
+        seeds = {s for _, s in batch}
+        if len(seeds) != 1:
+            raise RuntimeError("internal: a collection batch mixes seeds")
+        base.sample([p for p, _ in batch], sorted(seeds), recipe.steps, cfg, batch_size=len(batch))
+
+    def state() -> dict[str, Any]:
+        ctx = base.context
+        return {"step_index": ctx.step_index, "timestep": ctx.timestep, "cond_mask": _cond_mask(ctx)}
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="saeuron-acts-") as tmp:
+        store = Path(tmp) / "acts"
+        with capture(base.unet, recipe.block) as probe:  # the block's width, from one 1-step sample
+            base.sample([table[0][0]], [0], 1, cfg)
+        d = int(probe.tensors[0].shape[1])
+        with ActivationWriter(store, d=d, dtype="float32", shard_tokens=1 << 17,
+                              metadata_columns=("step", "timestep", "cond", "prompt_index", "position"),
+                              attrs={"hookpoint": recipe.block}) as writer:
+            collect_block_activations(sample_fn, base.unet, recipe.block, items, recipe.steps, writer,
+                                      state=state, batch_size=len(table), progress=progress)
+        reader = ActivationReader(store)
+        t_collect = time.perf_counter() - t0
+
+        train_cfg = TrainConfig(batch_size=recipe.batch_tokens, lr=recipe.lr, k=recipe.k,
+                                expansion_factor=recipe.expansion_factor, batch_topk=True, seed=recipe.seed,
+                                dead_feature_threshold=recipe.dead_feature_threshold, log_every=100,
+                                device=str(canvas.device), hookpoint=recipe.block, model_family="minicanvas")
+        trainer = SaeTrainer(train_cfg, d)
+        epochs = reader.iter_epochs(recipe.batch_tokens, drop_last=True, seed=recipe.seed)
+        sae = trainer.train((batch for _, batch in epochs), recipe.train_steps, progress=progress)
+        fvu = trainer.history[-1]["fvu"] if trainer.history else float("nan")
+        t_train = time.perf_counter() - t0 - t_collect
+
+        hw = len(reader) // (len(items) * recipe.steps)
+        stats = {}
+        for kind, names, col in (("style", STYLES, 2), ("object", OBJECTS, 1)):
+            per_item = [row[col] for _ in recipe.seeds for row in table]
+            stats[kind] = concept_stats_from_store(
+                reader, sae, list(names), per_item, recipe.steps, hw, schedule=timesteps,
+                progress=progress, attrs={"kind": kind, "recipe": recipe.to_dict(),
+                                          "unet_fingerprint": unet_fingerprint(canvas.unet)})
+    t_stats = time.perf_counter() - t0 - t_collect - t_train
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sae.cfg.extra["unet_fingerprint"] = unet_fingerprint(canvas.unet)
+    sae.cfg.extra["recipe"] = recipe.to_dict()
+    save_sae(sae, out_dir / SAE_FILE, layout="file")
+    for kind, st in stats.items():
+        st.save(out_dir / STATS_FILES[kind], dtype=torch.float16)
+    if progress:
+        print(f"SAeUron assets for {recipe.block}: {len(reader)} tokens (d={d}), SAE {sae.cfg.num_latents} "
+              f"latents k={sae.cfg.k}, final FVU {fvu:.4f}; collect {t_collect:.0f}s, train {t_train:.0f}s, "
+              f"stats {t_stats:.0f}s -> {out_dir}", flush=True)
+    # reload what was written (fp16 statistics) so a fresh build behaves exactly like a later load
+    return _read_assets(out_dir, canvas.device)
+
+
+def _read_assets(folder: Path, device: Any) -> SAeUronAssets:
+    sae = load_sae(folder / SAE_FILE, device=device)
+    stats = {kind: ConceptStats.load(folder / name) for kind, name in STATS_FILES.items()}
+    for st in stats.values():
+        st.check_sae(sae)
+    return SAeUronAssets(sae, stats, sae.cfg.hookpoint or RECIPE.block, folder)
+
+
+def _cache_dir(fingerprint: str) -> Path:
+    root = Path(os.environ.get("SAE_CORE_CACHE", Path.home() / ".cache" / "sae_core"))
+    return root / "saeuron_minicanvas" / fingerprint
+
+
+_LOADED: dict[tuple[str, str], SAeUronAssets] = {}
+
+
+def load_assets(canvas: Any, folder: str | os.PathLike | None = None, progress: bool = True) -> SAeUronAssets:
+    """The SAE and statistics for ``canvas``: from ``folder`` (default: the package weights) when
+    they match the canvas' UNet, else from (or built into) the cache folder."""
+    fp = unet_fingerprint(canvas.unet)
+    key = (str(folder), fp)
+    if key in _LOADED:
+        return _LOADED[key]
+    candidates = [Path(folder)] if folder is not None else [mc_files.WEIGHTS_DIR, _cache_dir(fp)]
+    assets = None
+    for where in candidates:
+        if (where / SAE_FILE).is_file() and all((where / n).is_file() for n in STATS_FILES.values()):
+            found = _read_assets(where, canvas.device)
+            if found.sae.cfg.extra.get("unet_fingerprint") == fp:
+                assets = found
+                break
+    if assets is None:
+        if folder is not None and (Path(folder) / SAE_FILE).is_file():
+            raise ValueError(f"{folder}: the SAeUron files were built for another MiniCanvas model")
+        target = Path(folder) if folder is not None else _cache_dir(fp)
+        print(f"SAeUron: no SAE/statistics for this MiniCanvas model yet; building them in {target}",
+              file=sys.stderr, flush=True)
+        assets = build_assets(canvas, target, progress=progress)
+    _LOADED[key] = assets
+    return assets
+
+
+# ---------------------------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------------------------
+
+
+def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float | None = None,
+                    top_n: int | None = None, percentile: float | None = None,
+                    error_mode: str = "conventional", cond_only: bool = False,
+                    assets_dir: str | None = None) -> Any:
+    """Erase ``concepts`` (styles or objects) from ``canvas`` with SAeUron.
+
+    Returns a copy of the canvas with a hook on the SAE's block; the hook maps the sampler's
+    timestep to the statistics' nearest step, so any ``--steps`` works. Defaults for ``gamma``
+    and ``top_n`` come from :data:`RECIPE` (``percentile`` replaces ``top_n`` when given).
+    """
+    concepts = validate_concepts(canvas, kind, concepts)
+    assets = load_assets(canvas, assets_dir)
+    defaults = RECIPE.style if kind == "style" else RECIPE.object
+    gamma = float(defaults["gamma"] if gamma is None else gamma)
+    if percentile is None and top_n is None:
+        top_n = int(defaults["top_n"])
+    hook = SAeUronHook(assets.sae, assets.stats[kind], concepts, gamma=gamma, top_n=top_n,
+                       percentile=percentile, error_mode=error_mode, cond_only=bool(cond_only))
+
+    def block_hook(_module: Any, _inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return hook.at_timestep(output, float(ctx.timestep), _cond_mask(ctx))
+
+    edited = canvas.with_hook(assets.block, block_hook)
+    edited.saeuron_hook = hook  # for inspection (fired-token counters)
+    return edited
+
+
+register_method("saeuron", saeuron_factory)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: build and sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _screen_specs(specs: list[Any], kind: str, target: int, n: int) -> list[Any]:
+    """A small prompt set that still measures UA, IRA and CRA for one target."""
+    if kind == "style":
+        keep = [s for s in specs if s.style_idx == target or s.style_idx < 0
+                or (s.style_idx >= 0 and s.style_idx == (target + 1 + s.object_idx % (n - 1)) % n
+                    and s.style_idx != target)]
+    else:
+        keep = [s for s in specs if s.object_idx == target
+                or (s.style_idx >= 0 and s.style_idx == (s.object_idx + target) % n)]
+    return keep
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..minicanvas.canvas import MiniCanvas, evaluation_prompts
+    from ..minicanvas.metrics import erasure_metrics, mean_metrics
+
+    ap = argparse.ArgumentParser(prog="python -m sae_core.methods.saeuron_method", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the SAE and statistics")
+    b.add_argument("--out", type=Path, default=mc_files.WEIGHTS_DIR)
+    b.add_argument("--block", default=RECIPE.block)
+    b.add_argument("--train-steps", type=int, default=RECIPE.train_steps)
+    b.add_argument("--k", type=int, default=RECIPE.k)
+    b.add_argument("--expansion", type=int, default=RECIPE.expansion_factor)
+    s = sub.add_parser("sweep", help="UA/IRA/CRA over a grid of gamma x top_n")
+    s.add_argument("--assets", type=Path, default=None, help="folder of built assets (default: shipped)")
+    s.add_argument("--kind", choices=("style", "object"), required=True)
+    s.add_argument("--gamma", type=_floats, default=[-1.0])
+    s.add_argument("--top-n", type=_ints, default=[1])
+    s.add_argument("--concepts", default=None, help="comma-separated subset (default: all)")
+    s.add_argument("--error-mode", default="conventional")
+    s.add_argument("--fast", action="store_true",
+                   help="screen on 24-25 prompts per run (the target's prompts, one per other concept, "
+                        "the unstyled ones) instead of all 72")
+    for p in (b, s):
+        p.add_argument("--seeds", type=_ints, default=[0])
+        p.add_argument("--steps", type=int, default=None)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--weights", type=Path, default=None, help="MiniCanvas weights folder (default: shipped)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    canvas = MiniCanvas.load(a.weights)
+    if a.command == "build":
+        recipe = SAeUronRecipe(block=a.block, train_steps=a.train_steps, k=a.k, expansion_factor=a.expansion)
+        build_assets(canvas, a.out, recipe)
+        return 0
+    assets = load_assets(canvas, a.assets)
+    names = list(canvas.styles if a.kind == "style" else canvas.objects)
+    concepts = names if a.concepts is None else a.concepts.split(",")
+    specs = evaluation_prompts()
+    steps = a.steps or canvas.default_steps
+    for g in a.gamma:
+        for n in a.top_n:
+            results = []
+            t0 = time.perf_counter()
+            for c in concepts:
+                edited = saeuron_factory(canvas, a.kind, [c], gamma=g, top_n=n, error_mode=a.error_mode,
+                                         assets_dir=str(assets.folder))
+                run_specs = _screen_specs(specs, a.kind, names.index(c), len(names)) if a.fast else specs
+                table, _ = edited.evaluate(run_specs, a.seeds, steps)
+                results.append(erasure_metrics(table, a.kind, [names.index(c)]))
+            m = mean_metrics(results)
+            per = " ".join(f"{c}:{100 * r.ua:.0f}/{100 * r.ira:.0f}/{100 * r.cra:.0f}" for c, r in zip(concepts, results))
+            print(f"{a.kind} block={assets.block} gamma={g} top_n={n} UA={100 * m.ua:.1f} IRA={100 * m.ira:.1f} "
+                  f"CRA={100 * m.cra:.1f} ({time.perf_counter() - t0:.0f}s) [{per}]", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

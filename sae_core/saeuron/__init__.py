@@ -1,0 +1,64 @@
+"""SAeUron (Cywinski & Deja, 2025): concept erasure by scaling concept-specific SAE latents of one
+UNet block's output at sampling time.
+
+* :mod:`.stats`: per-concept, per-step mean SAE codes (:class:`ConceptStats`, streaming builder).
+* :mod:`.selection`: the concept score, per-step feature choice (top-N or the percentile rule)
+  and the :class:`SelectionTable` the intervention applies.
+* :mod:`.intervention`: the per-token edit and :class:`SAeUronHook`, plus timestep -> step
+  index mapping.
+* :mod:`.collect`: driving a sampler to collect block activations (SAE training data) and
+  concept statistics.
+"""
+
+from .collect import (
+    COLLECT_COLUMNS,
+    collect_block_activations,
+    concept_stats_from_store,
+    gather_concept_stats,
+    read_sampler_state,
+)
+from .intervention import (
+    ERROR_MODES,
+    InterventionResult,
+    SAeUronHook,
+    SaeWeights32,
+    intervene_tokens,
+    map_step_index,
+    step_index_from_timestep,
+)
+from .selection import (
+    SCORE_EPS,
+    SelectionTable,
+    StepSelection,
+    build_selection,
+    concept_scores,
+    percentile_feature_count,
+    select_features,
+)
+from .stats import ConceptStats, ConceptStatsBuilder, encode_topk_fp32, sae_fingerprint
+
+__all__ = [
+    "COLLECT_COLUMNS",
+    "ERROR_MODES",
+    "SCORE_EPS",
+    "ConceptStats",
+    "ConceptStatsBuilder",
+    "InterventionResult",
+    "SAeUronHook",
+    "SaeWeights32",
+    "SelectionTable",
+    "StepSelection",
+    "build_selection",
+    "collect_block_activations",
+    "concept_scores",
+    "concept_stats_from_store",
+    "encode_topk_fp32",
+    "gather_concept_stats",
+    "intervene_tokens",
+    "map_step_index",
+    "percentile_feature_count",
+    "read_sampler_state",
+    "sae_fingerprint",
+    "select_features",
+    "step_index_from_timestep",
+]
