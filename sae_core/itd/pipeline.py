@@ -1,0 +1,361 @@
+"""End-to-end ItD: train the text SAE, interpret concepts, calibrate the classifier, evaluate it.
+
+``build_concepts`` runs interpretation and calibration for any number of concepts at once:
+each concept's features are its target prompts' top features minus the retain prompts' top
+features, the concept sets are unioned, and one threshold ``tau = margin * min target score`` is
+fitted on all target prompts (no retraining per concept). The retain prompts are scored as well,
+so the calibration reports how far the two score populations are apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..sae import SparseAutoencoder
+from ..trainer import SaeTrainer
+from .concepts import Calibration, ItDConcepts, sae_fingerprint
+from .interpret import ConceptFeatures, prompt_top_features, select_features, union
+from .steering import ItDGate, SaeMath
+from .text import TextLayerSource, residual_token_batches
+
+__all__ = [
+    "ClassifierReport",
+    "Whitening",
+    "build_concepts",
+    "calibrate",
+    "classifier_report",
+    "fit_whitening",
+    "fold_whitening",
+    "interpret",
+    "prompt_tops",
+    "score_prompts",
+    "train_text_sae",
+]
+
+
+def _check_source(math: SaeMath, source: TextLayerSource) -> None:
+    if source.width is not None:
+        math.check_width(source.width, f"text-encoder layer '{source.layer_path}'")
+
+
+def _unique(prompts: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(prompts))
+
+
+def _as_math(sae: SparseAutoencoder | SaeMath) -> SaeMath:
+    return sae if isinstance(sae, SaeMath) else SaeMath(sae)
+
+
+@torch.no_grad()
+def prompt_tops(
+    sae: SparseAutoencoder | SaeMath,
+    source: TextLayerSource,
+    prompts: Sequence[str],
+    top_n: int,
+    *,
+    positions: str = "all",
+    skip_positions: int = 1,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """``Top_n(p)`` (positive activations only) for every distinct prompt.
+
+    ``positions="content"`` takes the maximum over positions ``skip_positions..EOS``;
+    ``"all"`` also counts the padding positions.
+    """
+    if positions not in ("content", "all"):
+        raise ValueError(f"positions must be 'content' or 'all', got {positions!r}")
+    math = _as_math(sae)
+    _check_source(math, source)
+    prompts = _unique(prompts)
+    out: dict[str, Tensor] = {}
+    bar = tqdm(total=len(prompts), disable=not progress, desc="ItD interpret", unit="prompt")
+    done = 0
+    for res in source.residual_batches(prompts):
+        math.check_width(res.hidden.shape[-1], f"text-encoder layer '{source.layer_path}'")
+        mask = res.content_mask if positions == "content" else None
+        tops = prompt_top_features(math, res.hidden, mask, top_n, skip_positions)
+        for prompt, top in zip(prompts[done : done + len(tops)], tops):
+            out[prompt] = top
+        done += len(tops)
+        bar.update(len(tops))
+    bar.close()
+    return out
+
+
+def interpret(
+    sae: SparseAutoencoder | SaeMath,
+    source: TextLayerSource,
+    targets: Mapping[str, Sequence[str]],
+    retain: Sequence[str] | Mapping[str, Sequence[str]],
+    top_n: int,
+    *,
+    positions: str = "all",
+    skip_positions: int = 1,
+    progress: bool = False,
+) -> list[ConceptFeatures]:
+    """Feature sets of each concept: ``union_e Top_n(e) minus union_r Top_n(r)``.
+
+    ``targets`` maps a concept name to its prompts. ``retain`` is one prompt list shared by all
+    concepts, or a mapping giving each concept its own retain prompts.
+    """
+    if not targets:
+        raise ValueError("interpret: no concepts given (targets is empty)")
+    for name, prompts in targets.items():
+        if not list(prompts):
+            raise ValueError(f"interpret: concept '{name}' has no target prompts")
+    if isinstance(retain, Mapping):
+        missing = [name for name in targets if name not in retain]
+        if missing:
+            raise ValueError(f"interpret: no retain prompts given for concepts {missing}")
+        retain_of = {name: list(retain[name]) for name in targets}
+    else:
+        retain_of = {name: list(retain) for name in targets}
+    everything = [p for prompts in targets.values() for p in prompts] + [p for r in retain_of.values() for p in r]
+    tops = prompt_tops(sae, source, everything, top_n, positions=positions, skip_positions=skip_positions, progress=progress)
+    out = []
+    for name, prompts in targets.items():
+        target_tops = [tops[p] for p in prompts]
+        g = union(tops[p] for p in retain_of[name])
+        features = select_features(target_tops, g)
+        removed = int(union(target_tops).numel() - features.numel())
+        out.append(ConceptFeatures(str(name), features, target_tops, removed))
+    return out
+
+
+@torch.no_grad()
+def score_prompts(gate: ItDGate, source: TextLayerSource, prompts: Sequence[str]) -> Tensor:
+    """Classifier scores ``[len(prompts)]`` (fp32, CPU) in the source's padding convention."""
+    _check_source(gate.math, source)
+    prompts = list(prompts)
+    if not prompts:
+        return torch.zeros(0)
+    return torch.cat([gate.scores(res.hidden) for res in source.residual_batches(prompts)])
+
+
+def calibrate(target_scores: Tensor, retain_scores: Tensor | None = None, margin: float = 0.99) -> Calibration:
+    """``tau = margin * min(target_scores)``, reported with the largest retain score."""
+    if target_scores.numel() == 0:
+        raise ValueError("calibrate: no target scores (at least one target prompt is needed)")
+    if not 0 < margin <= 1:
+        raise ValueError(f"calibrate: margin must be in (0, 1], got {margin}")
+    target_min = float(target_scores.min())
+    retain_max = float(retain_scores.max()) if retain_scores is not None and retain_scores.numel() else None
+    return Calibration(
+        tau=margin * target_min,
+        margin=float(margin),
+        target_min=target_min,
+        retain_max=retain_max,
+        n_targets=int(target_scores.numel()),
+        n_retain=0 if retain_scores is None else int(retain_scores.numel()),
+    )
+
+
+def build_concepts(
+    sae: SparseAutoencoder,
+    source: TextLayerSource,
+    targets: Mapping[str, Sequence[str]],
+    retain: Sequence[str] | Mapping[str, Sequence[str]],
+    *,
+    top_n: int = 128,
+    scale: float = -8.0,
+    margin: float = 0.99,
+    error_mode: str = "reconstruct",
+    positions: str = "all",
+    skip_positions: int = 1,
+    score_retain: bool = True,
+    pad_token: str | None = None,
+    progress: bool = False,
+) -> ItDConcepts:
+    """Interpret and calibrate one or more concepts (multi-concept: union of the feature sets, one tau).
+
+    Args:
+        sae: the SAE of ``source``'s layer.
+        source: the text encoder, layer and deployment tokenisation (see :class:`TextLayerSource`).
+        targets: concept name -> prompts showing the concept (also the calibration prompts).
+        retain: prompts to keep (shared list, or per concept); their top features are excluded.
+        top_n: ``n`` of ``Top_n`` (128 for celebrities, 256 for styles in the reference).
+        scale: the strength ``s`` (``-8`` in the reference).
+        margin: ``tau = margin * min target score`` (0.99 in the reference).
+        error_mode: ``"reconstruct"`` (reference) or ``"preserve"``.
+        positions: ``"content"`` (max over 1..EOS) or ``"all"`` (also padding) for ``a(p)``.
+        skip_positions: leading positions never edited nor counted (1 = BOS).
+        score_retain: also score the retain prompts and report their maximum.
+        pad_token: description of the padding (e.g. ``"eos"``) stored with the concepts.
+    """
+    math = SaeMath(sae)
+    _check_source(math, source)
+    found = interpret(math, source, targets, retain, top_n, positions=positions, skip_positions=skip_positions, progress=progress)
+    empty = [c.name for c in found if c.features.numel() == 0]
+    features = union(c.features for c in found)
+    if features.numel() == 0:
+        raise ValueError(
+            f"ItD found no concept-specific features for {[c.name for c in found]}: every top-{top_n} feature of the "
+            f"target prompts also fires on a retain prompt. Use a smaller retain set or a larger top_n."
+        )
+    gate = ItDGate(math, features, None, scale, error_mode, skip_positions)
+    target_prompts = _unique([p for prompts in targets.values() for p in prompts])
+    target_scores = score_prompts(gate, source, target_prompts)
+    retain_prompts: list[str] = []
+    if score_retain:
+        pool = [p for r in (retain.values() if isinstance(retain, Mapping) else [retain]) for p in r]
+        target_set = set(target_prompts)
+        retain_prompts = [p for p in _unique(pool) if p not in target_set]
+    retain_scores = score_prompts(gate, source, retain_prompts) if retain_prompts else None
+    calibration = calibrate(target_scores, retain_scores, margin)
+    return ItDConcepts(
+        features=features,
+        tau=calibration.tau,
+        scale=scale,
+        error_mode=error_mode,
+        layer=source.layer_index,
+        hookpoint=source.layer_path,
+        pad_to=source.pad_to,
+        pad_token=pad_token,
+        sae_fingerprint=sae_fingerprint(sae),
+        sae_d_in=math.d_in,
+        sae_num_latents=math.num_latents,
+        concept_names=[c.name for c in found],
+        concept_features={c.name: c.features for c in found},
+        top_n=int(top_n),
+        skip_positions=skip_positions,
+        calibration=calibration,
+        target_scores=target_scores,
+        retain_scores=retain_scores,
+        extra={"positions": positions, "concepts_without_features": empty, "n_retain_prompts": len(retain_prompts)},
+    )
+
+
+class ClassifierReport(NamedTuple):
+    """Detection quality of the zero-shot classifier on labelled prompts."""
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    precision: float
+    """``tp / (tp + fp)`` (1.0 when nothing was detected)."""
+    recall: float
+    """``tp / (tp + fn)``: fraction of concept prompts detected."""
+    false_positive_rate: float
+    """``fp / (fp + tn)``: fraction of other prompts wrongly edited."""
+    concept_scores: Tensor
+    """Scores of the concept prompts."""
+    other_scores: Tensor
+    """Scores of the other prompts."""
+
+
+def classifier_report(concept_scores: Tensor, other_scores: Tensor, tau: float | None) -> ClassifierReport:
+    """Precision / recall / false-positive rate of ``score >= tau`` on concept vs other prompts."""
+    pos = concept_scores >= tau if tau is not None else torch.ones_like(concept_scores, dtype=torch.bool)
+    neg = other_scores >= tau if tau is not None else torch.ones_like(other_scores, dtype=torch.bool)
+    tp, fn = int(pos.sum()), int((~pos).sum())
+    fp, tn = int(neg.sum()), int((~neg).sum())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    fpr = fp / (fp + tn) if fp + tn else 0.0
+    return ClassifierReport(tp, fp, fn, tn, precision, recall, fpr, concept_scores, other_scores)
+
+
+class Whitening(NamedTuple):
+    """An affine map ``x' = (x - mean) @ forward`` with its inverse ``x = x' @ inverse + mean``."""
+
+    mean: Tensor
+    forward: Tensor
+    inverse: Tensor
+
+
+@torch.no_grad()
+def fit_whitening(rows: Tensor, eps: float = 1e-2) -> Whitening:
+    """ZCA whitening of ``rows [N, d]``; ``eps`` (relative to the mean variance) regularises
+    near-constant directions so they are not blown up."""
+    x = rows.double()
+    mean = x.mean(0)
+    cov = torch.cov((x - mean).T)
+    evals, evecs = torch.linalg.eigh(cov)
+    floor = eps * float(evals.clamp_min(0).mean())
+    scale = (evals.clamp_min(0) + floor).rsqrt()
+    fwd = (evecs * scale) @ evecs.T
+    inv = (evecs / scale) @ evecs.T
+    return Whitening(mean.float(), fwd.float(), inv.float())
+
+
+@torch.no_grad()
+def fold_whitening(sae: SparseAutoencoder, w: Whitening) -> SparseAutoencoder:
+    """Turn an SAE trained on whitened rows into one that reads raw rows (the same function).
+
+    With ``x' = (x - m) @ A`` and ``x = x' @ A^-1 + m`` (``A`` symmetric), the raw-space SAE has
+    ``W_enc = W_enc' @ A``, ``b_dec = m + b_dec' @ A^-1``, ``W_dec = W_dec' @ A^-1`` and the
+    same ``b_enc``, so codes and reconstructions are exactly those of the whitened SAE.
+    Decoder rows are no longer unit norm; nothing at inference needs them to be.
+    """
+    folded = copy.deepcopy(sae)
+    a, a_inv, m = w.forward.to(sae.W_dec), w.inverse.to(sae.W_dec), w.mean.to(sae.W_dec)
+    folded.encoder.weight.copy_(sae.encoder.weight @ a)
+    folded.W_dec.copy_(sae.W_dec @ a_inv)
+    folded.b_dec.copy_(m + sae.b_dec @ a_inv)
+    folded.cfg = replace(sae.cfg, normalize_decoder=False, extra=dict(sae.cfg.extra, whitened=True))
+    return folded
+
+
+def train_text_sae(
+    source: TextLayerSource,
+    prompts: Sequence[str],
+    cfg: TrainConfig,
+    total_steps: int,
+    *,
+    prompts_per_step: int = 64,
+    positions: str = "all",
+    whiten: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> SparseAutoencoder:
+    """Train a TopK SAE on ``source``'s layer, with activations computed on the fly from ``prompts``.
+
+    The stream is :func:`~sae_core.itd.text.residual_token_batches` (shuffled prompts, every token
+    position by default, as the reference trains); the trainer re-chunks it to ``cfg.batch_size``
+    tokens per step. The SAE records the layer path as its hookpoint.
+
+    ``whiten=True`` trains in ZCA-whitened coordinates (fitted on one pass over ``prompts``) and
+    folds the map back into the weights (:func:`fold_whitening`): the result reads raw
+    activations like any SAE, but its training loss weighted every direction of the residual
+    equally, so concept directions of small variance (next to a few dominant ones) get latents.
+    """
+    prompts = list(prompts)
+    probe = source.residual(prompts[:1])
+    d_in = int(probe.hidden.shape[-1])
+    if cfg.hookpoint is None:
+        cfg = replace(cfg, hookpoint=source.layer_path)
+    whitening = None
+    if whiten:
+        rows = torch.cat(list(residual_token_batches(source, prompts, prompts_per_step=256, positions=positions, epochs=1)))
+        whitening = fit_whitening(rows)
+    trainer = SaeTrainer(cfg, d_in)
+
+    def stream(start_token: int):
+        # The trainer asks for the stream from ``start_token`` on; the prompt stream is
+        # deterministic, so it is replayed and the consumed tokens are dropped here.
+        batches = residual_token_batches(
+            source, prompts, prompts_per_step=prompts_per_step, seed=cfg.seed, positions=positions, device=cfg.device
+        )
+        skip = start_token
+        for batch in batches:
+            if skip >= batch.shape[0]:
+                skip -= batch.shape[0]
+                continue
+            batch = batch[skip:]
+            skip = 0
+            if whitening is not None:
+                batch = (batch - whitening.mean.to(batch)) @ whitening.forward.to(batch)
+            yield batch
+
+    sae = trainer.train(stream, total_steps, checkpoint_dir=checkpoint_dir, progress=progress)
+    return fold_whitening(sae, whitening) if whitening is not None else sae

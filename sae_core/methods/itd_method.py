@@ -1,0 +1,391 @@
+"""ItD on MiniCanvas: the text-encoder SAE, concept interpretation and the ``itd`` bench method.
+
+Importing this module registers ``itd`` with :func:`sae_core.minicanvas.methods.register_method`.
+
+The SAE reads the residual stream after a middle layer of the MiniCanvas text encoder
+(``text_model.encoder.layers.2`` of 4, as ItD reads layer 8 of CLIP-L's 12). It is trained on
+the fly on every MiniCanvas prompt (all object x style prompts, the unstyled prompts, the empty
+prompt used for classifier-free guidance, and a few rephrasings made of words the tokenizer
+knows) in the deployment padding convention (MiniCanvas pads to its fixed length with ``<pad>``
+and passes no attention mask). A shipped copy lives in ``sae_core/minicanvas/weights/``; it is
+used only when it was trained for the exact text encoder that is loaded (a fingerprint of the
+text-encoder weights is stored with it), otherwise a copy is trained (well under a minute on a
+CPU) and cached in ``$SAE_CORE_CACHE`` (default ``~/.cache/sae_core``).
+
+Erasing a style (or an object): the concept's prompts are the target prompts; the retain
+prompts are every other MiniCanvas prompt (other styles' / objects' prompts, the unstyled
+prompts for a style, and the empty prompt). Several concepts at once use the union of their
+feature sets and one threshold. The edited canvas encodes text with the ItD hook installed on
+its text encoder; prompts the classifier does not flag, including the empty unconditional
+prompt, get bit-exact embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..formats import load_sae, save_sae
+from ..itd import (
+    ClassifierReport,
+    ItDConcepts,
+    ItDGate,
+    PromptBatch,
+    TextLayerSource,
+    build_concepts,
+    classifier_report,
+    patch_text_encoder,
+    score_prompts,
+    train_text_sae,
+)
+from ..minicanvas.data import OBJECTS, STYLES, styled_prompt, unstyled_prompt
+from ..minicanvas.methods import register_method, validate_concepts
+from ..sae import SparseAutoencoder
+
+__all__ = [
+    "MiniCanvasItDConfig",
+    "ItDCanvasReport",
+    "build_canvas_concepts",
+    "canvas_prompts",
+    "concept_prompt_sets",
+    "itd_method",
+    "load_or_train_sae",
+    "text_encoder_fingerprint",
+    "text_source",
+]
+
+SHIPPED_SAE = "itd_text_sae.safetensors"
+"""File name of the shipped SAE inside ``sae_core/minicanvas/weights/``."""
+
+KINDS = ("style", "object")
+
+
+@dataclass
+class MiniCanvasItDConfig:
+    """ItD settings for MiniCanvas (SAE shape and training, interpretation, the edit)."""
+
+    layer: int = 2
+    """Text-encoder layer whose output the SAE reads (0-based; the encoder has 4)."""
+
+    num_latents: int = 1024
+    """SAE width (8x the 128-wide residual)."""
+
+    k: int = 8
+    """Active latents per token."""
+
+    train_steps: int = 1000
+    """SAE optimiser steps."""
+
+    batch_tokens: int = 512
+    """Tokens per SAE training step."""
+
+    prompts_per_step: int = 32
+    """Prompts encoded per activation batch while training."""
+
+    lr: float = 1e-3
+    """Peak SAE learning rate (linear decay to 0)."""
+
+    whiten: bool = True
+    """Train the SAE in whitened coordinates and fold the map into its weights (see
+    :func:`sae_core.itd.train_text_sae`)."""
+
+    train_positions: str = "all"
+    """Token positions the SAE trains on: ``"all"`` (as the reference) or ``"content"`` (BOS..EOS)."""
+
+    seed: int = 0
+    """SAE initialisation / prompt-shuffle seed."""
+
+    top_n: int = 32
+    """``n`` of ``Top_n`` in the interpretation (4k; the reference uses 2k-4k)."""
+
+    scale: float = -8.0
+    """Strength ``s`` applied to the concept features (reference: -8)."""
+
+    margin: float = 0.99
+    """``tau = margin * min target score`` (reference: 0.99)."""
+
+    error_mode: str = "reconstruct"
+    """``"reconstruct"`` (reference) or ``"preserve"``."""
+
+    positions: str = "all"
+    """Positions counted for ``a(p)``: ``"all"`` non-BOS positions of the padded sequence or ``"content"`` (1..EOS)."""
+
+    def train_key(self) -> dict[str, Any]:
+        """The fields that determine the trained SAE (with the text encoder's fingerprint)."""
+        keys = ("layer", "num_latents", "k", "train_steps", "batch_tokens", "prompts_per_step", "lr", "whiten", "train_positions", "seed")
+        return {key: getattr(self, key) for key in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+
+_VARIATIONS_STYLED = ("a picture of a {o} in {s} style", "a {s} {o}", "a drawing of a {o} in {s} style")
+_VARIATIONS_PLAIN = ("a picture of a {o}", "a {o}", "{o}")
+_VARIATIONS_STYLE_ONLY = ("an image in {s} style", "{s} style")
+
+
+def canvas_prompts(variations: bool = True) -> list[str]:
+    """Every MiniCanvas prompt: object x style, unstyled, the empty prompt, plus rephrasings."""
+    prompts = [styled_prompt(o, s) for o in OBJECTS for s in STYLES] + [unstyled_prompt(o) for o in OBJECTS] + [""]
+    if variations:
+        prompts += [t.format(o=o, s=s) for t in _VARIATIONS_STYLED for o in OBJECTS for s in STYLES]
+        prompts += [t.format(o=o) for t in _VARIATIONS_PLAIN for o in OBJECTS]
+        prompts += [t.format(s=s) for t in _VARIATIONS_STYLE_ONLY for s in STYLES]
+    return list(dict.fromkeys(prompts))
+
+
+class PromptSets(NamedTuple):
+    """Prompts of an erasure task."""
+
+    targets: dict[str, list[str]]
+    """Concept name -> the MiniCanvas prompts showing it."""
+
+    retain: list[str]
+    """Every other MiniCanvas prompt (including the empty prompt)."""
+
+
+def concept_prompt_sets(kind: str, concepts: Sequence[str]) -> PromptSets:
+    """Target prompts of ``concepts`` (styles or objects) and the retain prompts (all others)."""
+    if kind not in KINDS:
+        raise ValueError(f"ItD on MiniCanvas erases a 'style' or an 'object', got kind={kind!r}")
+    names = STYLES if kind == "style" else OBJECTS
+    if not concepts:
+        raise ValueError("ItD: the concept list is empty")
+    unknown = [c for c in concepts if c not in names]
+    if unknown:
+        raise ValueError(f"unknown MiniCanvas {kind}(s) {unknown}; expected some of {list(names)}")
+    targets: dict[str, list[str]] = {}
+    for c in concepts:
+        if kind == "style":
+            targets[c] = [styled_prompt(o, c) for o in OBJECTS]
+        else:
+            targets[c] = [styled_prompt(c, s) for s in STYLES] + [unstyled_prompt(c)]
+    taken = {p for ps in targets.values() for p in ps}
+    retain = [p for p in canvas_prompts(variations=False) if p not in taken]
+    return PromptSets(targets, retain)
+
+
+# ---------------------------------------------------------------------------------------------
+# the canvas's text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_parts(canvas: Any) -> tuple[nn.Module, Any]:
+    """(text encoder module, tokenizer) of a MiniCanvas."""
+    encoder = getattr(canvas, "text_encoder", None)
+    tokenizer = getattr(canvas, "tokenizer", None)
+    if not isinstance(encoder, nn.Module) or tokenizer is None:
+        raise TypeError(f"ItD needs a MiniCanvas with .text_encoder and .tokenizer, got {type(canvas).__name__}")
+    return encoder, tokenizer
+
+
+def _tokenize_fn(tokenizer: Any):
+    def tokenize(prompts: Sequence[str]) -> PromptBatch:
+        out = tokenizer(list(prompts))
+        return PromptBatch(out.input_ids, out.attention_mask.bool())
+
+    return tokenize
+
+
+def _run(model: nn.Module, batch: PromptBatch) -> Any:
+    device = next(model.parameters()).device
+    return model(batch.input_ids.to(device))  # no attention mask, as MiniCanvas encodes
+
+
+def text_source(canvas: Any, layer: int = 2, batch_size: int = 128) -> TextLayerSource:
+    """The ItD view of a canvas's text encoder: the layer, the fixed padding and no mask."""
+    encoder, tokenizer = _text_parts(canvas)
+    return TextLayerSource(encoder, layer, _tokenize_fn(tokenizer), run=_run, pad_to=int(tokenizer.max_length), batch_size=batch_size)
+
+
+@torch.no_grad()
+def text_encoder_fingerprint(text_encoder: nn.Module) -> str:
+    """Hash of the text encoder's weights (rounded to fp16, so fp16/fp32 copies agree)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(text_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        t = tensor.detach().cpu()
+        h.update((t.to(torch.float16) if t.is_floating_point() else t).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SAE_CORE_CACHE", Path.home() / ".cache" / "sae_core")) / "minicanvas"
+
+
+def _weights_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "minicanvas" / "weights"
+
+
+def _matches(sae: SparseAutoencoder, key: dict[str, Any]) -> bool:
+    return sae.cfg.extra.get("itd_train_key") == key
+
+
+def load_or_train_sae(
+    canvas: Any,
+    cfg: MiniCanvasItDConfig | None = None,
+    *,
+    cache: bool = True,
+    progress: bool = True,
+) -> SparseAutoencoder:
+    """The MiniCanvas text SAE: the shipped file or the cache when they match this text encoder
+    and ``cfg``, otherwise trained now (and cached)."""
+    cfg = cfg or MiniCanvasItDConfig()
+    encoder, _ = _text_parts(canvas)
+    key = dict(cfg.train_key(), text_encoder=text_encoder_fingerprint(encoder))
+    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
+    cached = _cache_dir() / f"itd_text_sae_{digest}.safetensors"
+    device = next(encoder.parameters()).device
+    for path in (_weights_dir() / SHIPPED_SAE, cached):
+        if path.is_file():
+            sae = load_sae(path, device=device)
+            if _matches(sae, key):
+                return sae.eval().requires_grad_(False)
+    sae = train_canvas_sae(canvas, cfg, progress=progress)
+    sae.cfg.extra["itd_train_key"] = key
+    if cache:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_sae(sae, cached, layout="file")
+        except OSError as exc:  # a read-only home is not fatal
+            print(f"ItD: could not cache the MiniCanvas SAE at {cached}: {exc}", file=sys.stderr)
+    return sae
+
+
+def train_canvas_sae(canvas: Any, cfg: MiniCanvasItDConfig | None = None, *, progress: bool = True) -> SparseAutoencoder:
+    """Train the MiniCanvas text SAE (activations on the fly from :func:`canvas_prompts`)."""
+    cfg = cfg or MiniCanvasItDConfig()
+    source = text_source(canvas, cfg.layer)
+    train_cfg = TrainConfig(
+        batch_size=cfg.batch_tokens,
+        lr=cfg.lr,
+        k=cfg.k,
+        num_latents=cfg.num_latents,
+        batch_topk=False,
+        seed=cfg.seed,
+        log_every=100,
+        checkpoint_every=0,
+        device=str(next(source.model.parameters()).device),
+        hookpoint=source.layer_path,
+        model_family="minicanvas",
+    )
+    with torch.random.fork_rng(devices=[]):
+        sae = train_text_sae(
+            source,
+            canvas_prompts(),
+            train_cfg,
+            cfg.train_steps,
+            prompts_per_step=cfg.prompts_per_step,
+            positions=cfg.train_positions,
+            whiten=cfg.whiten,
+            progress=progress,
+        )
+    return sae.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# interpretation + the edited canvas
+# ---------------------------------------------------------------------------------------------
+
+
+class ItDCanvasReport(NamedTuple):
+    """What the ``itd`` method built for one erasure, for logs and the bench."""
+
+    concepts: ItDConcepts
+    classifier: ClassifierReport
+    """Precision / recall / false-positive rate on the concept prompts vs every other MiniCanvas prompt."""
+
+    def summary(self) -> str:
+        c = self.classifier
+        return (
+            f"ItD classifier: precision={100 * c.precision:.1f}% recall={100 * c.recall:.1f}% "
+            f"fpr={100 * c.false_positive_rate:.1f}% ({c.tp}/{c.tp + c.fn} concept prompts, "
+            f"{c.fp}/{c.fp + c.tn} others flagged); features={self.concepts.features.numel()}; "
+            f"{self.concepts.calibration.summary()}"
+        )
+
+
+def build_canvas_concepts(
+    canvas: Any,
+    sae: SparseAutoencoder,
+    kind: str,
+    concepts: Sequence[str],
+    cfg: MiniCanvasItDConfig | None = None,
+) -> ItDCanvasReport:
+    """Interpret + calibrate ``concepts`` on the canvas and score every MiniCanvas prompt."""
+    cfg = cfg or MiniCanvasItDConfig()
+    sets = concept_prompt_sets(kind, list(concepts))
+    source = text_source(canvas, cfg.layer)
+    found = build_concepts(
+        sae,
+        source,
+        sets.targets,
+        sets.retain,
+        top_n=cfg.top_n,
+        scale=cfg.scale,
+        margin=cfg.margin,
+        error_mode=cfg.error_mode,
+        positions=cfg.positions,
+        pad_token="<pad>",
+    )
+    found.extra.update(kind=kind, model="minicanvas")
+    gate = ItDGate(sae, found.features, found.tau, found.scale, found.error_mode, found.skip_positions)
+    positives = [p for ps in sets.targets.values() for p in ps]
+    report = classifier_report(score_prompts(gate, source, positives), score_prompts(gate, source, sets.retain), found.tau)
+    return ItDCanvasReport(found, report)
+
+
+_OPTION_FIELDS = {f.name for f in fields(MiniCanvasItDConfig)}
+
+
+def itd_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
+    """The ``itd`` MiniCanvas method: returns a canvas whose text encoding runs the ItD edit.
+
+    Options are :class:`MiniCanvasItDConfig` fields (e.g. ``top_n=8``, ``scale=-4``,
+    ``error_mode="preserve"``) plus ``quiet=True`` to skip the classifier summary line.
+    """
+    quiet = bool(options.pop("quiet", False))
+    validate_concepts(canvas, kind, list(concepts))
+    unknown = sorted(set(options) - _OPTION_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown itd option(s) {unknown}; known: {sorted(_OPTION_FIELDS)}")
+    cfg = replace(MiniCanvasItDConfig(), **options)
+    sae = load_or_train_sae(canvas, cfg, progress=not quiet)
+    report = build_canvas_concepts(canvas, sae, kind, concepts, cfg)
+    if not quiet:
+        print(report.summary())
+    return _edited_canvas(canvas, sae, report)
+
+
+def _edited_canvas(canvas: Any, sae: SparseAutoencoder, report: ItDCanvasReport) -> Any:
+    """A copy of ``canvas`` whose text encoding runs under the ItD patch (the input canvas is untouched)."""
+    encoder, _ = _text_parts(canvas)
+    concepts = report.concepts
+    encode_default = canvas.encode_text_default
+
+    def encode_fn(prompts: list[str]) -> torch.Tensor:
+        with patch_text_encoder(encoder, sae, concepts, on_length_mismatch="error"):
+            return encode_default(prompts)
+
+    edited = canvas.replace(encode_fn=encode_fn)
+    edited.itd_report = report
+    edited.extra_metrics = {
+        "precision": report.classifier.precision,
+        "recall": report.classifier.recall,
+        "fpr": report.classifier.false_positive_rate,
+    }
+    return edited
+
+
+register_method("itd", itd_method)
