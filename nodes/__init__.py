@@ -23,6 +23,8 @@ log = logging.getLogger("concept_erasure")
 
 NODE_MODULES: list[str] = [
     "sae_nodes",
+    "amnesia",
+    "rece",
 ]
 """Node modules of this package, in menu order."""
 

@@ -53,6 +53,13 @@ def fisher_candidates(module_name: str, prefix: str = UNET_PREFIX) -> list[str]:
     return seen
 
 
+def _weight_shape(layer: LoRALayer) -> tuple[int, ...]:
+    """Shape of the adapted base weight: a wrapper's ``base.weight``, or ``weight_shape`` for
+    factors applied as a weight function (:class:`sae_core.lora.LoRADelta`)."""
+    shape = getattr(layer, "weight_shape", None)
+    return tuple(shape) if shape is not None else tuple(layer.base.weight.shape)
+
+
 def _lookup(name: str, layer: LoRALayer, fisher: Mapping[str, torch.Tensor]) -> torch.Tensor:
     for key in fisher_candidates(name):
         if key in fisher:
@@ -63,7 +70,7 @@ def _lookup(name: str, layer: LoRALayer, fisher: Mapping[str, torch.Tensor]) -> 
             f"no Fisher information for LoRA target {name!r} (looked for {fisher_candidates(name)}); "
             "the Fisher must cover every LoRA target -- compute it for these targets or pick targets it covers"
         )
-    shape = tuple(layer.base.weight.shape)
+    shape = _weight_shape(layer)
     if tuple(f.shape) != shape:
         raise ValueError(f"Fisher for LoRA target {name!r} has shape {tuple(f.shape)}, but the base weight has shape {shape}")
     return f

@@ -47,6 +47,7 @@ Command line: ``python -m sae_core.fisher convert SRC DST --targets xattn``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -130,8 +131,13 @@ def stratified_timesteps(k: int, total_timesteps: int = 1000, generator: Optiona
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator private to sample ``index`` of a run seeded with ``seed``."""
-    return torch.Generator().manual_seed((int(seed) % (1 << 31)) * (1 << 32) + int(index))
+    """The CPU generator private to sample ``index`` of a run seeded with ``seed``.
+
+    (seed, index) is hashed to the generator seed: torch's CPU generator keeps only the low
+    32 bits of its seed, so packing the run seed into the high bits would ignore it.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(index)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def fisher_params(root: nn.Module, targets: Union[str, Iterable[str]], prefix: str = UNET_PREFIX) -> dict[str, nn.Parameter]:

@@ -57,6 +57,7 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "LoRAConv2d",
+    "LoRADelta",
     "module_kind",
     "preset_matches",
     "unet_relative_name",
@@ -205,6 +206,73 @@ class LoRAConv2d(LoRALayer):
         # _conv_forward applies the base's stride/padding/dilation/padding_mode to A.
         h = self.base._conv_forward(x, self.down, None)
         return F.conv2d(h, self.up)
+
+
+class LoRADelta(nn.Module):
+    """LoRA factors applied as a function of a weight: ``w -> w + strength * scale * B @ A``.
+
+    For hosts that patch weights through weight functions instead of wrapping modules (ComfyUI's
+    ``ModelPatcher.add_weight_wrapper``): the model's modules stay untouched and shared, and
+    the same factors, ``delta_weight`` and exported keys as :class:`LoRALinear` /
+    :class:`LoRAConv2d` apply. Factor shapes: ``down`` [r, in] or [r, in, kh, kw], ``up``
+    [out, r] or [out, r, 1, 1]. The EWC penalty (``sae_core.ewc``) accepts it like a LoRA layer
+    (it reads :attr:`weight_shape`).
+
+    Attributes:
+        weight_shape: shape of the adapted weight (2-D Linear or 4-D Conv2d).
+        up, down, rank, alpha, scale, strength: as in :class:`LoRALayer`.
+    """
+
+    def __init__(
+        self,
+        weight_shape: Iterable[int],
+        rank: int,
+        alpha: Optional[float] = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(d) for d in weight_shape)
+        if len(shape) not in (2, 4):
+            raise ValueError(f"LoRADelta adapts 2-D (Linear) or 4-D (Conv2d) weights, got shape {shape}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        alpha = float(rank if alpha is None else alpha)
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+        self.weight_shape = shape
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.strength = 1.0
+        out_dim, in_shape = shape[0], shape[1:]
+        up_shape = (out_dim, rank) if len(shape) == 2 else (out_dim, rank, 1, 1)
+        # A is created on the CPU so that its initialisation does not depend on the device.
+        down = torch.empty(rank, *in_shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.down = nn.Parameter(down.to(device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.zeros(up_shape, device=device, dtype=dtype))
+
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The exact ``dW = scale * B @ A`` in :attr:`weight_shape` (strength not applied)."""
+        up, down = self.up, self.down
+        if dtype is not None:
+            up, down = up.to(dtype), down.to(dtype)
+        return (self.scale * (up.flatten(1) @ down.flatten(1))).reshape(self.weight_shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + strength * dW``, computed in fp32 and returned in the weight's dtype and device."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"LoRADelta for shape {self.weight_shape} applied to a weight of shape {tuple(weight.shape)}")
+        if self.strength == 0.0:
+            return weight
+        dw = self.delta_weight(torch.float32).to(weight.device)
+        return (weight.float() + self.strength * dw).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.weight_shape}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
 
 
 # --------------------------------------------------------------------------- selection

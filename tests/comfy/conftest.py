@@ -27,7 +27,7 @@ REPO_ROOT = HERE.parents[1]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
 SKIP_REASON = "COMFYUI_PATH not set: tests/comfy needs a ComfyUI checkout and its venv (see README)"
 
-PACK_NODE_IDS = ("CE_LoadSAE",)
+PACK_NODE_IDS = ("CE_LoadSAE", "CE_SAComputeFisher", "CE_SALoRATrain", "CE_RECEEditModel", "CE_SaveEditAsLoRA")
 """Node ids the pack must register in ComfyUI."""
 
 

@@ -1,0 +1,496 @@
+"""RECE / UCE nodes: RECE Edit Model and Save Edit as LoRA.
+
+* **RECE Edit Model** erases concepts from the wired MODEL with the closed-form UCE edit, optionally followed
+  by RECE epochs (``sae_core.rece``, method brief ``methods/rece.md``). It reads every cross-attention
+  ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve prompts with
+  the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of the model
+  with one ``("diff", (delta,))`` weight patch per projection, plus the edit itself (type ``CE_EDIT``: dense
+  deltas, their exact low-rank factors and a description).
+* **Save Edit as LoRA** writes a ``CE_EDIT`` as a LoRA file into ``models/loras`` (the stock LoraLoader finds
+  it there) and outputs it as ComfyUI's ``LORA_MODEL`` (for LoraModelLoader and Save LoRA Weights).
+
+How the weights are read. A ComfyUI model shares its ``nn.Module`` with every clone; after sampling, the
+module holds the weights of whichever clone was loaded last (with that clone's LoRAs applied). The node
+therefore never reads the module's current values: it asks the patcher for each key's original weight and
+this MODEL's own patches (``get_key_patches``) and applies them with ``comfy.lora.calculate_weight``, so
+upstream LoRAs count and other branches of the graph do not. Nothing of the input MODEL is modified.
+
+Token positions (brief section 1.4). UCE aligns the concept and the anchor from their last word token
+(last word -> last word, EOS -> EOS, padding -> padding); RECE's epochs use all 77 positions of the bare
+concept prompt against all 77 of the anchor. Preserve prompts (always including the empty prompt, the
+unconditional branch of classifier-free guidance) contribute all 77 positions. Only the first 77-token chunk
+of each prompt is used.
+
+Supported: SD1.x, SD2.x and SDXL UNets (every ``attn2`` layer; the context width is the CLIP's conditioning
+width: 768, 1024 or 2048). Other model families are refused with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+import folder_paths
+from sae_core.lora import save_lora
+from sae_core.rece import UCEStart, rece_edit, uce_preserve_scale, uce_start
+
+from .common import Progress, category, comfy_device, inp, node_id, throw_if_interrupted
+
+log = logging.getLogger("concept_erasure")
+
+EDIT_TYPE = "CE_EDIT"
+"""Socket type of a closed-form weight edit (a :class:`CEEdit`)."""
+
+LORA_MODEL_TYPE = "LORA_MODEL"
+"""ComfyUI's type of an in-memory LoRA (``comfy_extras/nodes_train.py``): a dict of tensors."""
+
+METHODS = ("rece", "uce")
+"""``uce``: the UCE edit alone; ``rece``: the UCE edit followed by ``epochs`` RECE epochs."""
+
+DEVICE_CHOICES = ("auto", "cpu")
+
+UNET_PREFIX = "diffusion_model."
+
+CHUNK = 77
+"""Tokens per CLIP chunk."""
+
+SUPPORTED_FAMILIES = ("SD15", "SD20", "SDXL", "SDXLRefiner")
+"""``comfy.supported_models`` classes (and their subclasses) whose cross-attention RECE edits."""
+
+_REFUSED_SUBCLASSES = ("SD_X4Upscaler", "LotusD")
+"""Subclasses of a supported family whose cross-attention does not read the text prompt."""
+
+_KV_RE = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
+
+
+# ---------------------------------------------------------------------------------------------
+# the edit object
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CEEdit:
+    """A closed-form edit of a UNet's weights (the ``CE_EDIT`` socket type).
+
+    Keys are the model's state-dict keys (``diffusion_model.….attn2.to_k.weight``).
+    """
+
+    deltas: dict[str, Tensor]
+    """``key -> dW`` (float32, CPU): added to the weight."""
+    factors: dict[str, tuple[Tensor, Tensor]]
+    """``key -> (up [out, r], down [r, in])`` (float32, CPU) with ``up @ down == dW`` up to float32 rounding."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """What was erased and how (method, concepts, anchor, preserve prompts, settings, model family)."""
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """The edit as a LoRA in ComfyUI's native naming, reproducing ``deltas`` exactly (float32).
+
+        Per weight ``<module>.weight``: ``<module>.lora_up.weight`` = up, ``<module>.lora_down.weight`` = down
+        and ``<module>.alpha`` = r (ComfyUI scales by ``alpha / r``, here exactly 1). When the factors would
+        take at least as much space as the weight itself (rank ``r >= out * in / (out + in)``, e.g. many
+        concepts or epochs) the delta is stored whole as ``<module>.diff``, which ComfyUI's LoRA loader
+        applies the same way.
+        """
+        sd: dict[str, Tensor] = {}
+        for key, (up, down) in self.factors.items():
+            if not key.endswith(".weight"):
+                raise ValueError(f"CE_EDIT: key {key!r} is not a weight key")
+            module = key[: -len(".weight")]
+            rank, (out, inp_) = int(down.shape[0]), tuple(self.deltas[key].shape)
+            if rank * (out + inp_) >= out * inp_:
+                sd[f"{module}.diff"] = self.deltas[key].detach().to("cpu", torch.float32).contiguous()
+                continue
+            sd[f"{module}.lora_up.weight"] = up.detach().to("cpu", torch.float32).contiguous()
+            sd[f"{module}.lora_down.weight"] = down.detach().to("cpu", torch.float32).contiguous()
+            sd[f"{module}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+        return sd
+
+    def __repr__(self) -> str:
+        meta = self.metadata
+        return (f"CEEdit({meta.get('method', '?')}: {meta.get('concepts', [])}, {len(self.deltas)} weights, "
+                f"max rank {max((int(d.shape[0]) for _, d in self.factors.values()), default=0)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def split_prompts(text: str) -> list[str]:
+    """Prompts separated by commas or new lines: stripped, empty ones dropped, duplicates removed."""
+    parts = re.split(r"[,\n]", text or "")
+    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+def model_family(model: Any) -> str:
+    """The model family name (``SD15``, ``SD20``, ``SDXL``, ...) if RECE supports it; ValueError otherwise."""
+    import comfy.supported_models as sm
+
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    name = type(config).__name__ if config is not None else type(base).__name__
+    families = tuple(getattr(sm, f) for f in SUPPORTED_FAMILIES)
+    if config is None or not isinstance(config, families) or name in _REFUSED_SUBCLASSES:
+        raise ValueError(f"model: RECE edits the text cross-attention of SD1.x, SD2.x and SDXL UNets; "
+                         f"this model is {name}, which is not supported")
+    if not any(_KV_RE.match(k) for k in base.state_dict().keys()):
+        raise ValueError(f"model: {name} has no cross-attention (attn2.to_k / attn2.to_v) weights to edit")
+    return name
+
+
+def cross_attention_keys(model: Any) -> list[str]:
+    """State-dict keys of every ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, in model order."""
+    keys = [k for k in model.model.state_dict().keys() if _KV_RE.match(k)]
+    if not keys:
+        raise ValueError("model: no cross-attention (attn2.to_k / attn2.to_v) weights found")
+    return keys
+
+
+@torch.no_grad()
+def effective_weights(model: Any, keys: list[str], device: torch.device) -> dict[str, Tensor]:
+    """This MODEL's weights for ``keys`` (original weight + its own patches, e.g. upstream LoRAs), float32.
+
+    Read through ``get_key_patches`` so that the weights another clone left in the shared module are never
+    used; nothing is written to the model.
+    """
+    import comfy.lora
+    import comfy.model_management as mm
+
+    patches = model.get_key_patches(UNET_PREFIX)
+    out: dict[str, Tensor] = {}
+    for key in keys:
+        if key not in patches:
+            raise ValueError(f"model: weight {key} is not in the model's state dict")
+        (weight, convert), *own = patches[key]
+        w = mm.cast_to_device(weight, device, torch.float32, copy=True)
+        w = convert(w, inplace=True)
+        if own:
+            w = comfy.lora.calculate_weight(own, w, key)
+        out[key] = w.to(torch.float32)
+    return out
+
+
+def _end_token(clip: Any, key: str) -> int:
+    tok = getattr(clip.tokenizer, f"clip_{key}", None) or getattr(clip.tokenizer, key, None)
+    end = getattr(tok, "end_token", None)
+    return int(end) if isinstance(end, int) else 49407
+
+
+def token_count(clip: Any, tokens: dict) -> int:
+    """Real tokens (BOS, words, EOS) of the first 77-token chunk of a ``clip.tokenize`` result."""
+    key = sorted(tokens)[0]
+    chunk = tokens[key][0]
+    end = _end_token(clip, key)
+    ids = [t[0] for t in chunk]
+    for i in range(1, len(ids)):
+        if isinstance(ids[i], int) and ids[i] == end:
+            return i + 1
+    return len(ids)
+
+
+@torch.no_grad()
+def encode_prompts(clip: Any, texts: list[str]) -> tuple[Tensor, list[int]]:
+    """``(encodings [n, 77, ctx] float32 CPU, real-token counts)`` through the CLIP's normal encode path."""
+    encs, counts = [], []
+    for text in texts:
+        tokens = clip.tokenize(text)
+        cond = clip.encode_from_tokens(tokens)
+        if isinstance(cond, (tuple, list)):
+            cond = cond[0]
+        if cond.dim() != 3 or cond.shape[1] < CHUNK:
+            raise ValueError(f"clip: encoding {text!r} gave conditioning of shape {tuple(cond.shape)}, "
+                             f"expected [1, 77*k, width]")
+        if cond.shape[1] > CHUNK:
+            log.warning("RECE: prompt %r is longer than one 77-token chunk; only the first chunk is used", text)
+        enc = cond[0, :CHUNK].detach().to("cpu", torch.float32)
+        if not torch.isfinite(enc).all():
+            raise ValueError(f"clip: encoding {text!r} produced NaN or Inf values; check the text encoder's weights "
+                             "and precision")
+        encs.append(enc)
+        counts.append(token_count(clip, tokens))
+    return torch.stack(encs), counts
+
+
+# ---------------------------------------------------------------------------------------------
+# the edit
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditSettings:
+    """Settings of RECE Edit Model (defaults: RECE's artist / hard-object setting)."""
+
+    method: str = "rece"
+    """``rece`` or ``uce``."""
+    epochs: int = 1
+    """RECE epochs after the UCE edit (ignored by ``uce``)."""
+    lambda_reg: float = 1e-3
+    """Ridge of RECE's adversarial embedding."""
+    erase_scale: float = 1.0
+    """``s_e`` of every edit."""
+    preserve_scale: float = -1.0
+    """``s_p`` of the UCE edit; negative: ``max(0.1, 1 / number of preserve prompts)``."""
+    uce_lambda: float = 0.5
+    """Ridge of the UCE edit towards the model's weights."""
+    rece_preserve_scale: float = 0.1
+    """``s_p`` of each RECE epoch."""
+    rece_lambda: float = 0.1
+    """Ridge of each RECE epoch towards that epoch's starting weights."""
+
+
+def compute_edit(model: Any, clip: Any, concepts: list[str], anchor: str, preserve: list[str],
+                 settings: EditSettings, device: torch.device, progress: Optional[Progress] = None) -> CEEdit:
+    """The closed-form edit of ``model``'s cross-attention for erasing ``concepts`` (not applied)."""
+    if settings.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
+    if not concepts:
+        raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
+    if clip is None:
+        raise ValueError("clip: no CLIP is wired (the checkpoint has no text encoder?); RECE needs it to encode "
+                         "the concepts")
+    family = model_family(model)
+    keys = cross_attention_keys(model)
+    preserve = list(dict.fromkeys([""] + [p for p in preserve if p not in concepts]))
+
+    t0 = time.perf_counter()
+    texts = concepts + [anchor] + preserve
+    enc, counts = encode_prompts(clip, texts)
+    throw_if_interrupted()
+    if progress is not None:
+        progress.update(1)
+    weights = effective_weights(model, keys, device)
+    throw_if_interrupted()
+    if progress is not None:
+        progress.update(1)
+    widths = sorted({int(w.shape[1]) for w in weights.values()})
+    if len(widths) != 1:
+        raise ValueError(f"model: the cross-attention layers read contexts of different widths {widths}")
+    if enc.shape[-1] != widths[0]:
+        raise ValueError(f"clip: the CLIP's conditioning is {enc.shape[-1]} wide but the model's cross-attention "
+                         f"reads {widths[0]}-wide context; wire the CLIP that belongs to this {family} model")
+
+    enc = enc.to(device)
+    n = len(concepts)
+    concept_enc, concept_counts = enc[:n], counts[:n]
+    anchor_enc, anchor_count = enc[n], counts[n]
+    preserve_enc = enc[n + 1:]
+    preserve_rows = preserve_enc.reshape(-1, enc.shape[-1])
+    s_p = settings.preserve_scale if settings.preserve_scale >= 0 else uce_preserve_scale(len(preserve))
+    start: UCEStart = uce_start(list(concept_enc), concept_counts, anchor_enc, anchor_count, list(preserve_enc),
+                                erase_scale=settings.erase_scale, preserve_scale=s_p, lam=settings.uce_lambda)
+    epochs = settings.epochs if settings.method == "rece" else 0
+    result = rece_edit(weights, list(concept_enc), anchor_enc, preserve_rows, start=start, epochs=int(epochs),
+                       lambda_reg=settings.lambda_reg, erase_scale=settings.erase_scale,
+                       preserve_scale=settings.rece_preserve_scale, lam=settings.rece_lambda,
+                       dtype=torch.float32, progress=True)
+    throw_if_interrupted()
+    if progress is not None:
+        progress.update(1)
+
+    deltas = {k: d.detach().to("cpu", torch.float32) for k, d in result.deltas.items()}
+    factors = {k: (u.detach().to("cpu", torch.float32), d.detach().to("cpu", torch.float32))
+               for k, (u, d) in result.factors.items()}
+    num = sum(float(d.double().pow(2).sum()) for d in deltas.values())
+    den = sum(float(w.double().pow(2).sum()) for w in weights.values())
+    metadata = {
+        "method": settings.method, "concepts": list(concepts), "anchor": anchor, "preserve": preserve,
+        "epochs": int(epochs), "lambda_reg": settings.lambda_reg, "erase_scale": settings.erase_scale,
+        "uce_preserve_scale": s_p, "uce_lambda": settings.uce_lambda,
+        "rece_preserve_scale": settings.rece_preserve_scale, "rece_lambda": settings.rece_lambda,
+        "model_family": family, "context_dim": widths[0], "num_weights": len(deltas),
+        "relative_change": (num / den) ** 0.5 if den > 0 else 0.0, "seconds": time.perf_counter() - t0,
+    }
+    return CEEdit(deltas, factors, metadata)
+
+
+def apply_edit(model: Any, edit: CEEdit, strength: float = 1.0) -> Any:
+    """A clone of ``model`` with every delta of ``edit`` as a ``("diff", (delta,))`` patch.
+
+    Raises ValueError if the model does not accept every key (ComfyUI drops unknown keys silently).
+    """
+    patched = model.clone()
+    patches = {k: ("diff", (d,)) for k, d in edit.deltas.items()}
+    accepted = set(patched.add_patches(patches, strength))
+    missing = sorted(set(patches) - accepted)
+    if missing:
+        raise ValueError(f"model: {len(missing)} edited weights were not accepted as patches, e.g. {missing[:3]}")
+    return patched
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------------------------
+
+
+class RECEEditModel:
+    """Erase concepts from a model's cross-attention in closed form (UCE, then RECE epochs)."""
+
+    DESCRIPTION = (
+        "Erases concepts (a style, an object, nudity, ...) from the model in seconds, without training: the "
+        "cross-attention key/value weights are edited in closed form so the concept reads like the anchor "
+        "prompt, while the preserve prompts keep their meaning (UCE), then RECE's epochs also erase the "
+        "embeddings that would still bring the concept back. Returns a patched copy of the model (the input "
+        "is not changed) and the edit, which Save Edit as LoRA can write as a LoRA file. "
+        "SD1.x, SD2.x and SDXL."
+    )
+    CATEGORY = category("rece")
+    RETURN_TYPES = ("MODEL", EDIT_TYPE)
+    RETURN_NAMES = ("model", "edit")
+    OUTPUT_TOOLTIPS = (
+        "A copy of the model with the edit applied as weight patches on every cross-attention key/value layer.",
+        "The edit (weight deltas and their exact low-rank factors); wire it to Save Edit as LoRA.",
+    )
+    FUNCTION = "edit"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": inp("MODEL", "The diffusion model to edit (SD1.x, SD2.x or SDXL). It is not modified."),
+                "clip": inp("CLIP", "The text encoder of the same checkpoint; it encodes the concepts, anchor and "
+                                    "preserve prompts exactly as for sampling (a CLIP Set Last Layer applies)."),
+                "concepts": inp("STRING", "Concepts to erase, one per line or comma-separated, written as you would "
+                                          "prompt them (e.g. 'Van Gogh style', 'church', 'nudity'). All are "
+                                          "erased together.", multiline=True, default="Van Gogh style"),
+                "anchor": inp("STRING", "What the concepts should turn into. Empty (default) means the "
+                                        "unconditional prompt; 'art' is the usual anchor for an artist's style.",
+                              default=""),
+                "preserve": inp("STRING", "Prompts whose meaning must not change, one per line or "
+                                          "comma-separated (e.g. other artists). The empty prompt is always "
+                                          "preserved.", multiline=True, default=""),
+                "method": inp(list(METHODS), "uce: the UCE closed-form edit only. rece: UCE followed by RECE's "
+                                             "epochs, which also erase the concept's adversarial embeddings "
+                                             "(more robust to prompt attacks).", default="rece"),
+                "epochs": inp("INT", "RECE epochs after the UCE edit (1 for styles and objects, 2-3 for nudity). "
+                                     "Ignored by uce.", default=1, min=0, max=20, step=1),
+                "lambda_reg": inp("FLOAT", "Ridge of RECE's adversarial embedding: 0.001 for styles and hard "
+                                           "objects, 0.1 for nudity and easy objects. Smaller erases more.",
+                                  default=0.001, min=0.0, max=100.0, step=0.0001, round=False),
+            },
+            "optional": {
+                "erase_scale": inp("FLOAT", "Advanced: weight of the erase term in every edit.", default=1.0,
+                                   min=0.0, max=100.0, step=0.01),
+                "preserve_scale": inp("FLOAT", "Advanced: weight of the preserve term in the UCE edit; -1 = "
+                                               "max(0.1, 1 / number of preserve prompts).", default=-1.0,
+                                      min=-1.0, max=100.0, step=0.01),
+                "uce_lambda": inp("FLOAT", "Advanced: how strongly the UCE edit stays close to the model's "
+                                           "weights.", default=0.5, min=0.0, max=100.0, step=0.01),
+                "rece_preserve_scale": inp("FLOAT", "Advanced: weight of the preserve term in each RECE epoch.",
+                                           default=0.1, min=0.0, max=100.0, step=0.01),
+                "rece_lambda": inp("FLOAT", "Advanced: how strongly each RECE epoch stays close to the weights "
+                                            "it starts from.", default=0.1, min=0.0, max=100.0, step=0.01),
+                "device": inp(list(DEVICE_CHOICES), "Where to solve: auto = ComfyUI's device; cpu = system "
+                                                    "memory (always float64).", default="auto"),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def edit(self, model: Any, clip: Any, concepts: str, anchor: str = "", preserve: str = "", method: str = "rece",
+             epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, preserve_scale: float = -1.0,
+             uce_lambda: float = 0.5, rece_preserve_scale: float = 0.1, rece_lambda: float = 0.1,
+             device: str = "auto", unique_id: Optional[str] = None) -> tuple[Any, CEEdit]:
+        names = split_prompts(concepts)
+        if not names:
+            raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
+        settings = EditSettings(method, int(epochs), float(lambda_reg), float(erase_scale), float(preserve_scale),
+                                float(uce_lambda), float(rece_preserve_scale), float(rece_lambda))
+        with Progress(4, "RECE edit", node_id=unique_id) as bar:
+            edit = compute_edit(model, clip, names, (anchor or "").strip(), split_prompts(preserve), settings,
+                                comfy_device(device), progress=bar)
+            patched = apply_edit(model, edit)
+            bar.update(1)
+        meta = edit.metadata
+        log.info("RECE Edit Model: %s erased %s from %d %s weights in %.2fs (relative change %.3g)",
+                 meta["method"], meta["concepts"], meta["num_weights"], meta["model_family"], meta["seconds"],
+                 meta["relative_change"])
+        return (patched, edit)
+
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/%]*$")
+
+
+def _check_prefix(prefix: str) -> str:
+    prefix = (prefix or "").strip().replace("\\", "/")
+    if prefix.endswith(".safetensors"):
+        prefix = prefix[: -len(".safetensors")]
+    parts = [p for p in prefix.split("/") if p]
+    if not parts or not _PREFIX_RE.match(prefix) or any(p in (".", "..") for p in parts):
+        raise ValueError(f"filename_prefix: {prefix!r} is not a usable name (letters, digits, space, _ . - and / "
+                         "for sub-folders of models/loras)")
+    return "/".join(parts)
+
+
+def save_edit_lora(edit: CEEdit, filename_prefix: str) -> tuple[str, dict[str, Tensor]]:
+    """Write ``edit`` as ``models/loras/<prefix>_NNNNN_.safetensors`` (atomically).
+
+    Returns the file name relative to the loras folder (as LoraLoader lists it) and the LoRA state dict.
+    """
+    if not isinstance(edit, CEEdit):
+        raise ValueError(f"edit: expected a CE_EDIT from RECE Edit Model, got {type(edit).__name__}")
+    prefix = _check_prefix(filename_prefix)
+    root = folder_paths.get_folder_paths("loras")[0]
+    os.makedirs(root, exist_ok=True)
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, os.path.abspath(root))
+    name = f"{filename}_{counter:05}_.safetensors"
+    path = os.path.join(folder, name)
+    sd = edit.lora_state_dict()
+    meta = {"concept_erasure_method": edit.metadata.get("method", "rece"),
+            "concept_erasure_edit": {k: v for k, v in edit.metadata.items()}}
+    save_lora(path, sd, metadata=meta)
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop("loras", None)
+    rel = os.path.join(subfolder, name) if subfolder else name
+    return rel.replace(os.sep, "/"), sd
+
+
+class SaveEditAsLoRA:
+    """Write a RECE/UCE edit as a LoRA file that the stock LoraLoader loads."""
+
+    DESCRIPTION = (
+        "Saves the edit from RECE Edit Model as a LoRA file in models/loras, so the stock Load LoRA node (or "
+        "any LoRA-aware tool) reproduces the edited model. The LoRA is exact and stored in float32: its rank "
+        "is the number of erased token rows (a layer whose factors would outweigh the weight is stored as a "
+        "plain weight difference instead). Also outputs the LoRA for LoraModelLoader / Save LoRA Weights."
+    )
+    CATEGORY = category("rece")
+    RETURN_TYPES = (LORA_MODEL_TYPE, "STRING")
+    RETURN_NAMES = ("lora", "lora_name")
+    OUTPUT_TOOLTIPS = (
+        "The edit as an in-memory LoRA (ComfyUI's LORA_MODEL: diffusion_model.* lora_up/lora_down/alpha).",
+        "The saved file's name as Load LoRA lists it.",
+    )
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "edit": inp(EDIT_TYPE, "The edit from RECE Edit Model."),
+                "filename_prefix": inp("STRING", "File name inside models/loras (sub-folders allowed); a counter "
+                                                 "and .safetensors are appended.", default="rece/erased"),
+            }
+        }
+
+    def save(self, edit: CEEdit, filename_prefix: str = "rece/erased") -> dict:
+        name, sd = save_edit_lora(edit, filename_prefix)
+        log.info("Save Edit as LoRA: wrote %s (%d weights)", name, len(edit.factors))
+        return {"ui": {"text": [name]}, "result": (sd, name)}
+
+
+NODE_CLASS_MAPPINGS = {
+    node_id("RECEEditModel"): RECEEditModel,
+    node_id("SaveEditAsLoRA"): SaveEditAsLoRA,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    node_id("RECEEditModel"): "RECE Edit Model",
+    node_id("SaveEditAsLoRA"): "Save Edit as LoRA",
+}

@@ -1,0 +1,282 @@
+"""Selective Amnesia nodes in a real ComfyUI, on a tiny SD1.x-structured model built with ComfyUI's classes.
+
+The model and text encoder are built inside ``torch.inference_mode()``, as a checkpoint loader
+node builds them, so their parameters are inference tensors as in a real graph.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+FISHER_ID = "CE_SAComputeFisher"
+TRAIN_ID = "CE_SALoRATrain"
+PROMPTS = "a photo of a cat\na photo of a dog"
+REMEMBER = "a house\na tree"
+
+torch.set_num_threads(1)
+
+
+def _tiny_model():
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+        "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 1, 1],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    cfg = comfy.supported_models.SD15(unet_config)
+    cfg.unet_config["num_heads"] = 2  # SD15 forces 8 heads; 32 channels need fewer
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # comfy.ops layers skip initialisation
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _tiny_clip():
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": {
+        "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 2}})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in clip.cond_stage_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return clip
+
+
+def _node_classes(comfy) -> dict:
+    """Core and pack nodes, plus ComfyUI's LoRA training extras (SaveLoRA, LoraModelLoader)."""
+    import comfy_extras.nodes_train as nodes_train
+
+    return {**nodes_train.NODE_CLASS_MAPPINGS, **comfy.nodes.NODE_CLASS_MAPPINGS}
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy):
+    with torch.inference_mode():
+        return _tiny_model(), _tiny_clip()
+
+
+def _probe(model, seed: int = 3) -> torch.Tensor:
+    """The model's x0 prediction on a fixed input (loads the model as sampling would)."""
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, 32, generator=g)
+    mm.load_models_gpu([model], force_full_load=True)
+    with torch.no_grad():
+        return model.model.apply_model(x, torch.tensor([1.0, 7.0]), c_crossattn=ctx).clone()
+
+
+def _fisher(comfy, model, clip, filename="t/fisher", samples=3, k=4):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[FISHER_ID]()
+    with torch.inference_mode():
+        (path,) = node.compute(model, clip, PROMPTS, samples, k, "xattn", 0, 2, 4.0, "euler", "normal", 64, 64, "fp32", filename)
+    return path
+
+
+def _train(comfy, model, clip, fisher, run, steps=4, lam=10.0):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
+    with torch.inference_mode():
+        return node.train(model, clip, "a photo of a cat, a cat", "a photo of a dog", REMEMBER, lam, 1.0, 2, steps, 1e-2, 1, 0,
+                          "xattn", 2, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", run, fisher_path=fisher)
+
+
+@pytest.fixture(scope="module")
+def fisher_file(comfy, tiny):
+    return _fisher(comfy, *tiny)
+
+
+def test_compute_fisher_writes_target_fisher(comfy, tiny, fisher_file):
+    from sae_core.fisher import load_fisher
+    from sae_core.lora import select_targets
+
+    model, clip = tiny
+    path = Path(fisher_file)
+    assert path.is_file() and path.parent == comfy.base / "models" / "sae_fisher" / "t"
+    f = load_fisher(path)
+    assert f.count == 3
+    want = {f"{n}.weight" for n in select_targets(model.model, "xattn")}
+    assert set(f.fisher) == want and len(want) == 28
+    assert all(torch.isfinite(v).all() and (v >= 0).all() for v in f.fisher.values())
+    assert sum(float(v.sum()) for v in f.fisher.values()) > 0
+    assert not model.patches and not model.weight_wrapper_patches
+    # same settings: the complete file is reused as is
+    mtime = path.stat().st_mtime_ns
+    assert _fisher(comfy, model, clip) == fisher_file and path.stat().st_mtime_ns == mtime
+    assert "t/fisher.safetensors" in comfy.folder_paths.get_filename_list("sae_fisher")
+
+
+def test_train_leaves_input_unchanged_and_lora_loads_everywhere(comfy, tiny, fisher_file, caplog):
+    import comfy.lora as comfy_lora
+    import comfy.sd as comfy_sd
+    import safetensors.torch
+
+    model, clip = tiny
+    before = _probe(model)
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, lora, curve = _train(comfy, model, clip, fisher_file, "main")
+
+    # the input MODEL is untouched: same patches (none), same weights, same outputs
+    assert not model.patches and not model.weight_wrapper_patches
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
+    assert not any(getattr(m, "weight_function", []) for m in model.model.modules())
+    assert torch.equal(_probe(model), before)
+
+    # the output MODEL carries the LoRA as patches and behaves differently
+    assert patched is not model and len(patched.patches) == 28
+    after = _probe(patched)
+    assert not torch.allclose(after, before)
+    assert torch.equal(_probe(model), before)  # loading the patched clone did not leak into the input
+
+    # LORA_MODEL: ComfyUI's native keys, one up/down/alpha triple per cross-attention projection
+    modules = {k[: -len(".lora_up.weight")] for k in lora if k.endswith(".lora_up.weight")}
+    assert len(modules) == 28 and len(lora) == 3 * 28
+    assert all(m.startswith("diffusion_model.") and ".attn2.to_" in m for m in modules)
+    assert any(lora[f"{m}.lora_up.weight"].abs().sum() > 0 for m in modules)
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= float(curve.min()) <= float(curve.max()) <= 1
+
+    # ComfyUI's own loader matches every key (no "not loaded" warnings) and reproduces the node's model
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    with caplog.at_level(logging.WARNING):
+        loaded = comfy_lora.load_lora(lora, key_map)
+        via_loader, _ = comfy_sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    assert len(loaded) == 28
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    torch.testing.assert_close(_probe(via_loader), after, rtol=1e-5, atol=1e-6)
+
+    # LoraModelLoader (LORA_MODEL input) and SaveLoRA -> stock LoraLoader from the loras folder
+    (via_lml,) = _node_classes(comfy)["LoraModelLoader"]().load_lora_model(model, lora, 1.0)
+    torch.testing.assert_close(_probe(via_lml), after, rtol=1e-5, atol=1e-6)
+    _node_classes(comfy)["SaveLoRANode"]().save(lora, "loras/sa_test")
+    saved = sorted((comfy.base / "output" / "loras").glob("sa_test*.safetensors"))
+    assert saved
+    assert set(safetensors.torch.load_file(str(saved[-1]))) == set(lora)
+    name = saved[-1].name
+    comfy.folder_paths.add_model_folder_path("loras", str(comfy.base / "output" / "loras"))  # as ComfyUI's main.py does
+    assert name in comfy.folder_paths.get_filename_list("loras")
+    (via_file, _) = comfy.nodes.LoraLoader().load_lora(model, clip, name, 1.0, 0.0)
+    torch.testing.assert_close(_probe(via_file), after, rtol=1e-5, atol=1e-6)
+    assert torch.equal(_probe(model), before)
+
+
+def test_training_resumes_after_an_interrupt(comfy, tiny, fisher_file, monkeypatch):
+    import comfy.model_management as mm  # binds only ``mm``: the ``comfy`` fixture stays usable
+
+    model, clip = tiny
+    _, straight, _ = _train(comfy, model, clip, fisher_file, "straight", steps=4)
+
+    amnesia = comfy.nodes_pkg.amnesia
+    calls = {"n": 0}
+
+    def interrupt_during_training():
+        calls["n"] += 1
+        # two generation polls (surrogate, replay), then one poll per training step: stop before step 3
+        if calls["n"] >= 5:
+            mm.interrupt_current_processing(True)
+            return True
+        return False
+
+    monkeypatch.setattr(amnesia, "interrupt_requested", interrupt_during_training)
+    with pytest.raises(mm.InterruptProcessingException):
+        _train(comfy, model, clip, fisher_file, "resumed", steps=4)
+    ckpt = Path(comfy.folder_paths.get_output_directory()) / "selective_amnesia" / "resumed" / "checkpoint.safetensors"
+    assert ckpt.is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:
+        assert f.metadata()["step"] == "2"
+    monkeypatch.undo()
+    assert not mm.processing_interrupted()
+    _, resumed, _ = _train(comfy, model, clip, fisher_file, "resumed", steps=4)
+    assert set(resumed) == set(straight)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_lambda_matters_and_fisher_must_cover_targets(comfy, tiny, fisher_file):
+    model, clip = tiny
+    _, with_ewc, _ = _train(comfy, model, clip, fisher_file, "lam10", steps=3, lam=10.0)
+    _, no_ewc, _ = _train(comfy, model, clip, None, "lam0", steps=3, lam=0.0)
+    assert any(not torch.equal(with_ewc[k], no_ewc[k]) for k in with_ewc)
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
+    with torch.inference_mode(), pytest.raises(FileNotFoundError, match="fisher_path"):
+        node.train(model, clip, "a cat", "a dog", REMEMBER, 5.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 2, 1, 2, 4.0, "euler",
+                   "normal", 64, 64, "fp32", "nofisher")
+    with torch.inference_mode(), pytest.raises(ValueError, match="no Fisher for"):
+        node.train(model, clip, "a cat", "a dog", REMEMBER, 5.0, 1.0, 2, 2, 1e-2, 1, 0, "noxattn", 2, 1, 2, 4.0, "euler",
+                   "normal", 64, 64, "fp32", "wrongtargets", fisher_path=fisher_file)
+
+
+def test_unsupported_model_is_refused(comfy):
+    import comfy.model_patcher as comfy_model_patcher
+    import comfy.supported_models as comfy_supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": 64, "num_classes": "sequential", "in_channels": 4, "model_channels": 32, "num_res_blocks": [1],
+        "transformer_depth": [1], "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+        "context_dim": 32, "transformer_depth_output": [1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    cfg = comfy_supported_models.SDXL(unet_config)
+    cfg.unet_config["num_heads"] = 2
+    cfg.unet_config["num_head_channels"] = -1
+    with torch.inference_mode():
+        sdxl = comfy_model_patcher.ModelPatcher(cfg.get_model({}, device="meta"), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="SD1.x/SD2.x"):
+        comfy.nodes_pkg.amnesia.check_model(sdxl)
+
+
+def test_workflow_matches_the_node_definitions(comfy):
+    wf = json.loads((comfy.repo_root / "workflows" / "selective_amnesia.json").read_text())
+    mappings = _node_classes(comfy)
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert {FISHER_ID, TRAIN_ID, "CheckpointLoaderSimple", "KSampler", "VAEDecode", "SaveImage"} <= {n["type"] for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        assert n["type"] in mappings, n["type"]
+        spec = mappings[n["type"]].INPUT_TYPES()
+        entries = {**spec.get("required", {}), **spec.get("optional", {})}
+        sockets = {i["name"] for i in n["inputs"]}
+        widgets = []
+        for name, entry in entries.items():
+            io_type, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            is_widget = isinstance(io_type, list) or (io_type in ("INT", "FLOAT", "STRING", "BOOLEAN") and not opts.get("forceInput"))
+            if is_widget and name not in sockets:
+                widgets.append((name, io_type, opts))
+            elif not is_widget:
+                assert name in sockets or name in spec.get("optional", {}), f"{n['type']} lacks socket {name}"
+        expected = len(widgets) + sum(1 for _, _, o in widgets if o.get("control_after_generate"))
+        assert len(n["widgets_values"]) == expected, (n["type"], n["widgets_values"], [w[0] for w in widgets])
+        values = iter(n["widgets_values"])
+        for name, io_type, opts in widgets:
+            v = next(values)
+            if isinstance(io_type, list) and n["type"] != "CheckpointLoaderSimple":
+                assert v in io_type, (n["type"], name, v)
+            if opts.get("control_after_generate"):
+                next(values)
+        outs = mappings[n["type"]].RETURN_TYPES
+        assert [o["type"] for o in n["outputs"]] == list(outs), n["type"]
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        assert by_id[src]["outputs"][sslot]["type"] == typ and lid in by_id[src]["outputs"][sslot]["links"]
+        assert by_id[dst]["inputs"][dslot]["type"] == typ and by_id[dst]["inputs"][dslot]["link"] == lid
+    # the graph: checkpoint -> Compute Fisher -> LoRA Train -> KSampler -> VAEDecode -> SaveImage
+    edges = {(by_id[s]["type"], by_id[d]["type"]) for _, s, _, d, _, _ in wf["links"]}
+    chain = ["CheckpointLoaderSimple", FISHER_ID, TRAIN_ID, "KSampler", "VAEDecode", "SaveImage"]
+    assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges

@@ -1,0 +1,398 @@
+"""RECE Edit Model and Save Edit as LoRA in a real ComfyUI, on tiny models built with ComfyUI's own classes.
+
+The UNets are SD1.x / SD2.x / SDXL-structured (``comfy.supported_models`` configs with tiny channel counts and
+a 32-wide context) with random weights; the text encoders are ComfyUI's CLIP classes with small configs and
+the shipped tokenizers. Models are built inside ``torch.inference_mode()`` as a checkpoint loader builds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+EDIT_ID = "CE_RECEEditModel"
+SAVE_ID = "CE_SaveEditAsLoRA"
+CONCEPTS = "a cat, a dog"
+PRESERVE = "a house\na tree"
+CTX = 32
+"""Context width of the SD2 / SDXL test models."""
+WIDE = 256
+"""Context width of the SD1 test model: wide enough for a one-concept UCE edit (75 token rows) to be stored as
+low-rank LoRA factors rather than as a whole weight difference."""
+
+torch.set_num_threads(1)
+
+_BASE_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": CTX, "transformer_depth_output": [1, 1, 1, 1],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def _init_(params, seed: int) -> None:
+    """Random weights (comfy.ops layers skip initialisation)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in params:
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02
+                        + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+
+
+def _patcher(cfg, seed: int = 0, device: str = "cpu"):
+    import comfy.model_patcher
+
+    cfg.unet_config["num_heads"] = 2
+    cfg.unet_config["num_head_channels"] = -1
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, device=device)
+    if device != "meta":
+        _init_(model.named_parameters(), seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def tiny_sd15(seed: int = 0):
+    import comfy.supported_models
+
+    return _patcher(comfy.supported_models.SD15({**_BASE_UNET, "model_channels": 128, "context_dim": WIDE}), seed)
+
+
+def tiny_sd20(seed: int = 0):
+    import comfy.supported_models
+
+    return _patcher(comfy.supported_models.SD20({**_BASE_UNET, "use_linear_in_transformer": True}), seed)
+
+
+def tiny_sdxl(seed: int = 0):
+    import comfy.supported_models
+
+    unet = {**_BASE_UNET, "adm_in_channels": 64, "num_classes": "sequential", "num_res_blocks": [1],
+            "transformer_depth": [1], "channel_mult": [1], "transformer_depth_output": [1, 1],
+            "use_linear_in_transformer": True}
+    return _patcher(comfy.supported_models.SDXL(unet), seed)
+
+
+def _clip(tokenizer, model, options: dict, seed: int = 1):
+    import comfy.sd
+    import comfy.supported_models_base
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model), model_options=options)
+    _init_(clip.cond_stage_model.named_parameters(), seed)
+    return clip
+
+
+def _small(width: int, layers: int = 1, **extra) -> dict:
+    return {"hidden_size": width, "num_hidden_layers": layers, "intermediate_size": 2 * width,
+            "num_attention_heads": 2, **extra}
+
+
+def tiny_sd1_clip(width: int = WIDE):
+    import comfy.sd1_clip
+
+    return _clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": _small(width)})
+
+
+def tiny_sd2_clip():
+    import comfy.text_encoders.sd2_clip as sd2
+
+    return _clip(sd2.SD2Tokenizer, sd2.SD2ClipModel, {"clip_h_model_config": _small(CTX, 3, projection_dim=CTX)})
+
+
+def tiny_sdxl_clip():
+    import comfy.sdxl_clip
+
+    half = CTX // 2
+    return _clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
+                 {"clip_l_model_config": _small(half, 3), "clip_g_model_config": _small(half, 3, projection_dim=half)})
+
+
+def _probe(model, seed: int = 3, width: int = WIDE) -> torch.Tensor:
+    """The model's x0 prediction on a fixed input (loads the model as sampling does)."""
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, width, generator=g)
+    mm.load_models_gpu([model], force_full_load=True)
+    with torch.no_grad():
+        return model.model.apply_model(x, torch.tensor([1.0, 7.0]), c_crossattn=ctx).clone()
+
+
+def _loaded_weights(model) -> dict[str, torch.Tensor]:
+    """The weights ComfyUI computes for ``model`` when it loads it (its patches applied)."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model], force_full_load=True)
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def _kv_keys(model) -> list[str]:
+    return [k for k in model.model.state_dict() if ".attn2.to_k.weight" in k or ".attn2.to_v.weight" in k]
+
+
+def _run(comfy, model, clip, concepts=CONCEPTS, method="rece", epochs=1, lambda_reg=1e-3, **advanced):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[EDIT_ID]()
+    with torch.inference_mode():
+        return node.edit(model, clip, concepts, "", PRESERVE, method, epochs, lambda_reg, device="cpu", **advanced)
+
+
+def split(text: str) -> list[str]:
+    return [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
+
+
+def _save(comfy, edit, prefix="rece_test/erased"):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[SAVE_ID]()
+    with torch.inference_mode():
+        return node.save(edit, prefix)
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy):
+    with torch.inference_mode():
+        return tiny_sd15(), tiny_sd1_clip()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def test_edit_patches_a_clone_and_leaves_the_input_alone(comfy, tiny):
+    model, clip = tiny
+    before = _probe(model)
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, edit = _run(comfy, model, clip)
+
+    # the input MODEL is untouched: no patches, same weights, same outputs
+    assert patched is not model and not model.patches
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
+    assert torch.equal(_probe(model), before)
+
+    # the clone carries one diff patch per attn2 to_k/to_v (7 attention blocks here), nothing else
+    keys = _kv_keys(model)
+    assert len(keys) == 14 and set(patched.patches) == set(keys) == set(edit.deltas)
+    assert all(len(p) == 1 and p[0][1][0] == "diff" for p in patched.patches.values())
+    assert all(edit.deltas[k].abs().max() > 0 for k in keys)
+
+    # its effective weights are base + delta, and it samples differently
+    loaded = _loaded_weights(patched)
+    for k, v in loaded.items():
+        want = state[k] + edit.deltas[k] if k in edit.deltas else state[k]
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(_probe(patched), before)
+    assert torch.equal(_probe(model), before)  # loading the clone did not leak into the input
+
+    # the edit: exact low-rank factors (rank <= erase rows), description
+    meta = edit.metadata
+    assert meta["model_family"] == "SD15" and meta["context_dim"] == WIDE and meta["concepts"] == ["a cat", "a dog"]
+    assert meta["preserve"] == ["", "a house", "a tree"] and meta["method"] == "rece" and meta["epochs"] == 1
+    # UCE rows: 77 - (last word index) per concept ("a cat": 2 words -> 75); RECE: 77 per concept and epoch
+    bound = 2 * 75 + 2 * 77
+    for k in keys:
+        up, down = edit.factors[k]
+        assert down.shape[0] == min(bound, WIDE)
+        assert _rel(up @ down, edit.deltas[k]) < 1e-5
+
+
+def test_uce_and_rece_differ_and_are_deterministic(comfy, tiny):
+    model, clip = tiny
+    _, uce = _run(comfy, model, clip, method="uce")
+    _, rece = _run(comfy, model, clip, method="rece", epochs=2)
+    _, again = _run(comfy, model, clip, method="rece", epochs=2)
+    assert uce.metadata["epochs"] == 0
+    assert any(not torch.allclose(uce.deltas[k], rece.deltas[k]) for k in uce.deltas)
+    assert all(torch.equal(rece.deltas[k], again.deltas[k]) for k in rece.deltas)
+
+
+def test_reads_original_weights_not_the_live_module(comfy, tiny):
+    """After another clone was loaded, the shared module holds that clone's weights; the node must not use them."""
+    model, clip = tiny
+    patched, first = _run(comfy, model, clip, concepts="a bird")
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    _loaded_weights(patched)  # now the live module holds patched weights
+    k0 = _kv_keys(model)[0]
+    assert not torch.equal(model.model.state_dict()[k0], state[k0])  # the hazard the node must avoid
+    _, second = _run(comfy, model, clip, concepts="a bird")
+    assert all(torch.equal(first.deltas[k], second.deltas[k]) for k in first.deltas)
+
+    # an upstream LoRA-like patch counts: the edit is computed from W + R and both patches apply
+    upstream = model.clone()
+    g = torch.Generator().manual_seed(9)
+    extra = {k0: torch.randn(state[k0].shape, generator=g) * 0.05}
+    assert upstream.add_patches({k: ("diff", (v,)) for k, v in extra.items()}) == [k0]
+    eff = comfy.nodes_pkg.rece.effective_weights(upstream, [k0, _kv_keys(model)[1]], torch.device("cpu"))
+    torch.testing.assert_close(eff[k0], state[k0] + extra[k0])
+    patched_up, on_upstream = _run(comfy, upstream, clip, concepts="a bird")
+    assert not torch.allclose(on_upstream.deltas[k0], first.deltas[k0])
+    assert len(patched_up.patches[k0]) == 2 and not model.patches
+    torch.testing.assert_close(_loaded_weights(patched_up)[k0], state[k0] + extra[k0] + on_upstream.deltas[k0],
+                               rtol=1e-6, atol=1e-7)
+    _probe(model)  # reload the input: restores the module's original weights
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
+
+
+@pytest.mark.parametrize("method,concepts,low_rank", [
+    ("uce", "a cat", True),  # 75 token rows: LoRA factors (up [out, 75], down [75, 256])
+    ("rece", CONCEPTS, False),  # 304 rows >= the 256-wide context: whole weight differences (.diff)
+])
+def test_saved_lora_loads_everywhere_and_reproduces_the_edit(comfy, tiny, caplog, method, concepts, low_rank):
+    import comfy.lora as comfy_lora
+    import comfy.sd as comfy_sd
+    import comfy_extras.nodes_train as nodes_train
+    import safetensors.torch
+    from safetensors import safe_open
+
+    model, clip = tiny
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, edit = _run(comfy, model, clip, concepts=concepts, method=method)
+    out = _save(comfy, edit)
+    lora, name = out["result"]
+    assert name.startswith("rece_test/erased_") and name.endswith(".safetensors")
+    path = comfy.base / "models" / "loras" / name
+    assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+    on_disk = safetensors.torch.load_file(str(path))
+    assert set(on_disk) == set(lora) and all(v.dtype == torch.float32 for v in on_disk.values())
+    keys = _kv_keys(model)
+    modules = [k[: -len(".weight")] for k in keys]
+    if low_rank:
+        assert set(lora) == {f"{m}.{s}" for m in modules for s in ("lora_up.weight", "lora_down.weight", "alpha")}
+        assert all(lora[f"{m}.lora_down.weight"].shape == (75, WIDE) for m in modules)
+    else:
+        assert set(lora) == {f"{m}.diff" for m in modules}
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["concept_erasure_edit"])["concepts"] == split(concepts)
+
+    def check(loaded_model, label):
+        assert set(loaded_model.patches) == set(keys), label
+        weights = _loaded_weights(loaded_model)
+        for k in keys:
+            assert _rel(weights[k] - state[k], edit.deltas[k]) <= 1e-4, (label, k)
+
+    # ComfyUI's loader matches every key (no "lora key not loaded") and reproduces the deltas
+    key_map = comfy_lora.model_lora_keys_unet(model.model, {})
+    with caplog.at_level(logging.WARNING):
+        assert len(comfy_lora.load_lora(on_disk, key_map)) == len(keys)
+        via_sd, _ = comfy_sd.load_lora_for_models(model, None, on_disk, 1.0, 0)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    check(via_sd, "load_lora_for_models")
+
+    # the stock LoraLoader finds the file in models/loras
+    assert name in comfy.folder_paths.get_filename_list("loras")
+    with torch.inference_mode():
+        via_loader, _ = comfy.nodes.LoraLoader().load_lora(model, clip, name, 1.0, 0.0)
+    check(via_loader, "LoraLoader")
+
+    # LORA_MODEL: ComfyUI's LoraModelLoader and SaveLoRA accept it
+    with torch.inference_mode():
+        (via_lml,) = nodes_train.LoraModelLoader().load_lora_model(model, lora, 1.0)
+    check(via_lml, "LoraModelLoader")
+    nodes_train.SaveLoRA().save(lora, "loras/rece_native")
+    assert sorted((comfy.base / "output" / "loras").glob("rece_native*.safetensors"))
+    _probe(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
+
+    # a second save gets the next counter; a bad prefix is refused
+    _, name2 = _save(comfy, edit)["result"]
+    assert name2 != name and (comfy.base / "models" / "loras" / name).is_file()
+    with pytest.raises(ValueError, match="filename_prefix"):
+        _save(comfy, edit, prefix="../outside")
+
+
+@pytest.mark.parametrize("family", ["SD20", "SDXL"])
+def test_sd2_and_sdxl_every_attn2_layer(comfy, family):
+    with torch.inference_mode():
+        model, clip = (tiny_sd20(), tiny_sd2_clip()) if family == "SD20" else (tiny_sdxl(), tiny_sdxl_clip())
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, edit = _run(comfy, model, clip, concepts="a castle")
+    keys = _kv_keys(model)
+    assert keys and set(patched.patches) == set(keys) == set(edit.deltas)
+    assert edit.metadata["model_family"] == family and edit.metadata["context_dim"] == CTX
+    loaded = _loaded_weights(patched)
+    for k in keys:
+        torch.testing.assert_close(loaded[k], state[k] + edit.deltas[k], rtol=1e-6, atol=1e-7)
+    assert not model.patches
+
+
+def test_clear_errors(comfy, tiny):
+    import comfy.model_patcher as comfy_model_patcher
+    import comfy.supported_models as comfy_supported_models
+
+    model, clip = tiny
+    with pytest.raises(ValueError, match="concept list is empty"):
+        _run(comfy, model, clip, concepts=" ,\n ,")
+    with torch.inference_mode():
+        narrow = tiny_sd1_clip(width=16)
+    with pytest.raises(ValueError, match="16 wide.*256"):
+        _run(comfy, model, narrow)
+    with pytest.raises(ValueError, match="no CLIP"):
+        _run(comfy, model, None)
+    cfg = comfy_supported_models.Stable_Zero123({**_BASE_UNET, "in_channels": 8, "context_dim": WIDE})
+    cfg.unet_config["num_heads"] = 2
+    with torch.no_grad():
+        base = cfg.get_model({"cc_projection.weight": torch.zeros(WIDE, WIDE + 4), "cc_projection.bias": torch.zeros(WIDE)},
+                             device="meta")
+    other = comfy_model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="Stable_Zero123, which is not supported"):
+        _run(comfy, other, clip)
+    assert not model.patches
+
+
+def _core_and_pack_nodes(comfy) -> dict:
+    import comfy_extras.nodes_train as nodes_train
+
+    return {**nodes_train.NODE_CLASS_MAPPINGS, **comfy.nodes.NODE_CLASS_MAPPINGS}
+
+
+def test_workflow_matches_the_node_definitions(comfy):
+    wf = json.loads((comfy.repo_root / "workflows" / "rece_erase.json").read_text())
+    mappings = _core_and_pack_nodes(comfy)
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert len(by_id) == len(wf["nodes"]) and wf["last_node_id"] >= max(by_id)
+    assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    for n in wf["nodes"]:
+        assert n["type"] in mappings, n["type"]
+        spec = mappings[n["type"]].INPUT_TYPES()
+        entries = {**spec.get("required", {}), **spec.get("optional", {})}
+        sockets = {i["name"] for i in n.get("inputs", [])}
+        widgets = []
+        for name, entry in entries.items():
+            io_type, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            is_widget = isinstance(io_type, list) or (io_type in ("INT", "FLOAT", "STRING", "BOOLEAN")
+                                                      and not opts.get("forceInput"))
+            if is_widget and name not in sockets:
+                widgets.append((name, io_type, opts))
+            elif not is_widget:
+                assert name in sockets or name in spec.get("optional", {}), f"{n['type']} lacks socket {name}"
+        expected = len(widgets) + sum(1 for _, _, o in widgets if o.get("control_after_generate"))
+        assert len(n["widgets_values"]) == expected, (n["type"], n["widgets_values"], [w[0] for w in widgets])
+        values = iter(n["widgets_values"])
+        for name, io_type, opts in widgets:
+            v = next(values)
+            if isinstance(io_type, list) and n["type"] != "CheckpointLoaderSimple":
+                assert v in io_type, (n["type"], name, v)
+            elif io_type == "INT":
+                assert isinstance(v, int) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
+            elif io_type == "FLOAT":
+                assert isinstance(v, (int, float)) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
+            elif io_type == "STRING":
+                assert isinstance(v, str), (n["type"], name, v)
+            if opts.get("control_after_generate"):
+                next(values)
+        outs = mappings[n["type"]].RETURN_TYPES
+        assert [o["type"] for o in n.get("outputs", [])] == list(outs), n["type"]
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        assert by_id[src]["outputs"][sslot]["type"] == typ and lid in by_id[src]["outputs"][sslot]["links"]
+        assert by_id[dst]["inputs"][dslot]["type"] == typ and by_id[dst]["inputs"][dslot]["link"] == lid
+    for n in wf["nodes"]:  # every socket's link exists
+        for i in n.get("inputs", []):
+            assert i["link"] is None or any(link[0] == i["link"] for link in wf["links"]), (n["type"], i)
+    edges = {(by_id[s]["type"], by_id[d]["type"]) for _, s, _, d, _, _ in wf["links"]}
+    chain = ["CheckpointLoaderSimple", EDIT_ID, "KSampler", "VAEDecode", "SaveImage"]
+    assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
+    assert (EDIT_ID, SAVE_ID) in edges

@@ -1,0 +1,143 @@
+"""The ``uce`` / ``rece`` MiniCanvas plug-in on a randomly initialised MiniCanvas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_core.closed_form import uce_solve_reference
+from sae_core.methods import rece_method as plugin
+from sae_core.minicanvas.canvas import MiniCanvas
+from sae_core.minicanvas.diffusion import NoiseSchedule
+from sae_core.minicanvas.methods import get_method, load_method_modules, registered_methods
+from sae_core.minicanvas.text_encoder import TextEncoderConfig, build_text_encoder
+from sae_core.minicanvas.tokenizer import WordTokenizer
+from sae_core.minicanvas.unet import MiniUNet, UNetConfig
+from sae_core.rece import uce_token_rows
+
+torch.set_num_threads(1)
+
+
+def tiny_canvas(seed: int = 0, width: int = 16) -> MiniCanvas:
+    """A randomly initialised, very small MiniCanvas (no judges)."""
+    torch.manual_seed(seed)
+    tok = WordTokenizer.default()
+    te = build_text_encoder(TextEncoderConfig(hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=2 * width), tok)
+    unet = MiniUNet(UNetConfig(model_channels=8, channel_mult=(1, 2), attention_levels=(0, 1), num_heads=2,
+                               context_dim=width, groups=4))
+    torch.nn.init.normal_(unet.out[-1].weight, std=0.05)  # MiniUNet zero-inits its head
+    canvas = MiniCanvas(unet, te, tok, NoiseSchedule(), config={"sampling": {"steps": 4, "cfg": 2.0}})
+    for m in (unet, te):
+        m.eval().requires_grad_(False)
+    return canvas
+
+
+def forward(canvas: MiniCanvas, prompts=("an image of a star in striped style", "an image of a ring")) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(len(prompts), 3, 8, 8, generator=g)
+    with torch.no_grad():
+        return canvas.unet(x, torch.tensor([10, 500]), canvas.encode_text(list(prompts)))
+
+
+@pytest.fixture(scope="module")
+def canvas() -> MiniCanvas:
+    return tiny_canvas()
+
+
+def test_registered_through_the_plugin_loader():
+    load_method_modules()
+    assert {"uce", "rece"} <= set(registered_methods())
+    assert get_method("rece") is plugin.rece_method and get_method("uce") is plugin.uce_method
+
+
+@pytest.mark.parametrize("method,kind,concepts", [("rece", "style", ["striped"]), ("uce", "object", ["star"]),
+                                                  ("rece", "object", ["star", "ring"])])
+def test_edit_leaves_input_unchanged_and_touches_only_attn2_kv(canvas, method, kind, concepts):
+    before_sd = {k: v.clone() for k, v in canvas.unet.state_dict().items()}
+    before = forward(canvas)
+    edited = get_method(method)(canvas, kind, concepts)
+
+    # the input canvas is untouched
+    assert edited.unet is not canvas.unet
+    assert all(torch.equal(v, before_sd[k]) for k, v in canvas.unet.state_dict().items())
+    assert torch.equal(forward(canvas), before)
+    assert edited.text_encoder is canvas.text_encoder and not edited.hooks
+
+    # only attn2 to_k/to_v changed, every one of them changed
+    after_sd = edited.unet.state_dict()
+    changed = {k for k, v in after_sd.items() if not torch.equal(v, before_sd[k])}
+    kv = set(plugin.canvas_projection_weights(canvas.unet))
+    assert kv and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in kv)
+    assert changed == kv
+    assert not torch.equal(forward(edited), before)
+
+    # rank of every delta <= number of erase rows (UCE: the last-token slices; RECE: + L rows per concept and epoch)
+    rep = edited.rece_report
+    mask = canvas.tokenize(rep.concept_texts).attention_mask
+    anchor_final = int(canvas.tokenize([rep.anchor]).attention_mask.sum()) - 2
+    length = mask.shape[1]
+    uce_rows = sum(length - max(int(m.sum()) - 2, anchor_final) for m in mask)
+    epochs = rep.recipe["epochs"]
+    bound = uce_rows + epochs * length * len(rep.concept_texts)
+    for k in kv:
+        delta = (after_sd[k].double() - before_sd[k].double())
+        assert int(torch.linalg.matrix_rank(delta, rtol=1e-6)) <= bound
+        assert rep.ranks[k] == min(bound, delta.shape[1])
+
+
+def test_uce_matches_the_plain_per_matrix_solve(canvas):
+    """epochs=0: every delta equals the textbook solve W_new = mat1 mat2^-1 (float64 reference)."""
+    edited = plugin.uce_method(canvas, "style", ["dotted"])
+    rep = edited.rece_report
+    assert rep.concept_texts == ["dotted style"] and rep.anchor == ""
+    assert rep.preserve_texts[0] == "" and "striped style" in rep.preserve_texts and len(rep.preserve_texts) == 8
+    texts = rep.concept_texts + [rep.anchor] + rep.preserve_texts
+    enc = canvas.encode_text(texts).double()
+    mask = canvas.tokenize(texts).attention_mask
+    erase, anchor = uce_token_rows(enc[0], mask[0], enc[1], mask[1])
+    preserve = enc[2:].reshape(-1, enc.shape[-1])
+    new_sd = edited.unet.state_dict()
+    for k, w in plugin.canvas_projection_weights(canvas.unet).items():
+        w64 = w.double()
+        want = uce_solve_reference(w64, erase, anchor @ w64.T, preserve, erase_scale=1.0,
+                                   preserve_scale=max(0.1, 1 / 8), lam=0.5)
+        torch.testing.assert_close(new_sd[k].double(), want, rtol=1e-5, atol=1e-6)
+        # the erased rows now read (nearly) like the anchor's: closer than before the edit
+        assert (erase @ new_sd[k].double().T - anchor @ w64.T).norm() < (erase @ w64.T - anchor @ w64.T).norm()
+
+
+def test_rece_epochs_add_to_the_uce_edit(canvas):
+    uce = plugin.uce_method(canvas, "object", ["heart"])
+    rece = plugin.rece_method(canvas, "object", ["heart"], epochs=2, lambda_reg=0.1)
+    r1 = plugin.rece_method(canvas, "object", ["heart"], epochs=1, lambda_reg=0.1)
+    kv = list(plugin.canvas_projection_weights(canvas.unet))
+    sd_u, sd_r, sd_1 = uce.unet.state_dict(), rece.unet.state_dict(), r1.unet.state_dict()
+    assert any(not torch.equal(sd_u[k], sd_r[k]) for k in kv)
+    assert any(not torch.allclose(sd_1[k], sd_r[k]) for k in kv)
+    # deterministic
+    again = plugin.rece_method(canvas, "object", ["heart"], epochs=2, lambda_reg=0.1)
+    assert all(torch.equal(again.unet.state_dict()[k], sd_r[k]) for k in kv)
+
+
+def test_texts_and_options(canvas):
+    recipe = plugin.RECERecipe(preserve="all")
+    concepts, preserve = plugin.edit_texts(canvas, "object", ["star"], recipe)
+    assert concepts == ["an image of a star"]
+    assert "" in preserve and "an image of a ring" in preserve and "striped style" in preserve
+    assert "an image of a star" not in preserve
+    concepts, preserve = plugin.edit_texts(canvas, "style", ["neon"], plugin.RECERecipe(
+        concept_template="{concept} style|an image in {concept} style", preserve="empty"))
+    assert concepts == ["neon style", "an image in neon style"] and preserve == [""]
+    with pytest.raises(ValueError, match="unknown rece option"):
+        plugin.rece_method(canvas, "style", ["striped"], epoch=2)
+    with pytest.raises(ValueError, match="unknown style"):
+        plugin.rece_method(canvas, "style", ["baroque"])
+    with pytest.raises(ValueError, match="concept_template"):
+        plugin.rece_method(canvas, "style", ["striped"], concept_template="no placeholder")
+    with pytest.raises(ValueError, match="preserve"):
+        plugin.rece_method(canvas, "style", ["striped"], preserve="most")
+    with pytest.raises(ValueError, match="epochs"):
+        plugin.rece_method(canvas, "style", ["striped"], epochs=-1)
+    edited = plugin.rece_method(canvas, "style", ["striped"], preserve="none", uce_tokens="all", epochs=0)
+    assert edited.rece_report.preserve_texts == []
