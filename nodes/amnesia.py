@@ -398,6 +398,8 @@ class SAComputeFisher:
                                default=100, min=1, max=100000),
                 "timesteps_per_sample": inp("INT", "K stratified timesteps per sample (1000 = the reference's full sum; fewer is faster and scaled to the same level).",
                                             default=50, min=1, max=1000),
+                "timestep_batch": inp("INT", "Timesteps per backward pass (lower it if memory runs out; the result is the same "
+                                      "gradient of the sum).", default=10, min=1, max=1000),
                 "targets": inp(list(TARGET_PRESETS), "Which weights the LoRA adapts: xattn = cross-attention (identities, objects), "
                                "noxattn = everything but cross-attention (nudity, styles), full = all layers.", default="xattn"),
                 "seed": inp("INT", "Seed of the sample noise and of the timesteps/noise of the estimate.", default=0, min=0, max=0xFFFFFFFF),
@@ -409,7 +411,8 @@ class SAComputeFisher:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def compute(self, model: Any, clip: Any, prompts: str, samples: int, timesteps_per_sample: int, targets: str, seed: int,
+    def compute(self, model: Any, clip: Any, prompts: str, samples: int, timesteps_per_sample: int, timestep_batch: int,
+                targets: str, seed: int,
                 sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int, height: int,
                 precision: str, filename: str, unique_id: Optional[str] = None) -> tuple[str]:
         ms = check_model(model)
@@ -423,7 +426,8 @@ class SAComputeFisher:
         k = min(int(timesteps_per_sample), big_t)
         settings = {"model": model_fingerprint(model), "prompts": prompt_list, "samples": int(samples), "seed": int(seed),
                     "sample_steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler,
-                    "width": int(width), "height": int(height), "targets": targets, "precision": precision}
+                    "width": int(width), "height": int(height), "targets": targets, "precision": precision,
+                    "timestep_batch": int(timestep_batch)}
         if out_path.is_file():
             try:
                 existing = load_fisher(out_path)
@@ -469,6 +473,7 @@ class SAComputeFisher:
                 est = compute_fisher(
                     loss_fn, params, items, timesteps_per_sample=k, total_timesteps=big_t, out_path=out_path,
                     resume=True, progress=True, should_stop=interrupt_requested, seed=int(seed), save_every=10,
+                    chunk_size=int(timestep_batch),
                     callback=lambda c, n: progress.update_absolute(int(samples) + c),
                     metadata={_FISHER_SETTINGS_KEY: json.dumps(settings, sort_keys=True), "targets_preset": targets,
                               "origin": "CE_SAComputeFisher"},
@@ -511,7 +516,8 @@ class SALoRATrain:
                                         multiline=True, default="a middle aged man"),
                 "remember_prompts": inp("STRING", "Prompts to keep intact, one per line (generative replay).", multiline=True,
                                         default="a photo of a dog\na landscape painting\na portrait of a woman\na city street at night"),
-                "lam": inp("FLOAT", "EWC weight lambda (reference: 50 with the Fisher of Compute Fisher; 0 disables EWC).",
+                "lam": inp("FLOAT", "EWC weight lambda (reference: 50 with a Fisher on the reference scale, which Compute Fisher keeps; 0 disables "
+                           "EWC). If the loss curve shows the surrogate term not falling, the penalty is too strong: lower it.",
                            default=50.0, min=0.0, max=1e9, step=0.1),
                 "gamma": inp("FLOAT", "Weight of the replay term (reference: 1; 0 disables replay).", default=1.0, min=0.0, max=100.0, step=0.05),
                 "rank": inp("INT", "LoRA rank.", default=8, min=1, max=256),

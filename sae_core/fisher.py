@@ -306,6 +306,7 @@ def compute_fisher(
     save_every: int = 20,
     callback: Optional[Callable[[int, Optional[int]], None]] = None,
     metadata: Optional[Mapping[str, object]] = None,
+    chunk_size: Optional[int] = None,
 ) -> FisherEstimate:
     """Diagonal Fisher of ``params`` (see the module docstring for the estimator).
 
@@ -329,6 +330,9 @@ def compute_fisher(
         save_every: samples between intermediate saves.
         callback: ``callback(count, total)`` after every sample (e.g. a ComfyUI ProgressBar).
         metadata: extra metadata written to the file.
+        chunk_size: timesteps per backward pass (memory bound); ``loss_fn`` is called once per
+            chunk (drawing that chunk's noise from the same generator) and the gradients of the
+            chunks are summed, which is the gradient of the sum. None: all K at once.
 
     Returns:
         ``{key: F}`` in fp32 on the parameters' devices (a :class:`FisherEstimate`).
@@ -347,6 +351,8 @@ def compute_fisher(
         raise ValueError(f"timesteps_per_sample must be in [1, {big_t}], got {k}")
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     names = list(params)
     plist = [params[n] for n in names]
     expected = {"format": FISHER_FORMAT, "timesteps_per_sample": str(k), "total_timesteps": str(big_t), "seed": str(int(seed))}
@@ -405,13 +411,20 @@ def compute_fisher(
                     break
                 gen = sample_generator(seed, count)
                 t = stratified_timesteps(k, big_t, gen)
-                losses = loss_fn(sample, t, gen)
-                if not isinstance(losses, torch.Tensor) or losses.reshape(-1).shape[0] != k:
-                    got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                    raise ValueError(f"loss_fn must return a Tensor of {k} per-timestep losses, got {got}")
-                if not torch.isfinite(losses).all():
-                    raise ValueError(f"loss_fn returned a non-finite loss for sample {count}")
-                grads = torch.autograd.grad(losses.sum() * scale, plist, allow_unused=True)
+                grads = None
+                step = k if not chunk_size else int(chunk_size)
+                for c0 in range(0, k, step):  # the gradient of the sum, accumulated chunk by chunk
+                    t_chunk = t[c0 : c0 + step]
+                    losses = loss_fn(sample, t_chunk, gen)
+                    if not isinstance(losses, torch.Tensor) or losses.reshape(-1).shape[0] != t_chunk.shape[0]:
+                        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                        raise ValueError(f"loss_fn must return a Tensor of {t_chunk.shape[0]} per-timestep losses, got {got}")
+                    if not torch.isfinite(losses).all():
+                        raise ValueError(f"loss_fn returned a non-finite loss for sample {count}")
+                    part = torch.autograd.grad(losses.sum() * scale, plist, allow_unused=True)
+                    grads = part if grads is None else tuple(
+                        a if b is None else (b if a is None else a + b) for a, b in zip(grads, part))
+                assert grads is not None
                 unused = [n for n, g in zip(names, grads) if g is None]
                 if unused:
                     raise ValueError(f"these Fisher parameters do not influence the loss (wrong model or targets?): {unused[:5]}")

@@ -172,6 +172,23 @@ def test_lora_delta_matches_the_module_wrapper_and_the_penalty():
         conv(torch.ones(4, 3))
 
 
+def test_chunked_fisher_equals_one_backward_pass():
+    """compute_fisher(chunk_size=c) sums the chunks' gradients: the gradient of the sum over all K."""
+    from sae_core.fisher import compute_fisher
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    xs = [torch.randn(3) for _ in range(5)]
+
+    def loss_fn(x, t, gen):  # deterministic in t, so chunking cannot change the draws
+        return torch.stack([(lin(x * (1 + ti.item() / 10)) ** 2).sum() for ti in t])
+
+    kw = dict(timesteps_per_sample=7, total_timesteps=20, progress=False, seed=1)
+    whole = compute_fisher(loss_fn, {"w": lin.weight}, xs, **kw)
+    chunked = compute_fisher(loss_fn, {"w": lin.weight}, xs, chunk_size=3, **kw)
+    torch.testing.assert_close(chunked["w"], whole["w"], rtol=1e-5, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- training
 
 

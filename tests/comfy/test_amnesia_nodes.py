@@ -89,7 +89,7 @@ def _probe(model, seed: int = 3) -> torch.Tensor:
 def _fisher(comfy, model, clip, filename="t/fisher", samples=3, k=4):
     node = comfy.nodes.NODE_CLASS_MAPPINGS[FISHER_ID]()
     with torch.inference_mode():
-        (path,) = node.compute(model, clip, PROMPTS, samples, k, "xattn", 0, 2, 4.0, "euler", "normal", 64, 64, "fp32", filename)
+        (path,) = node.compute(model, clip, PROMPTS, samples, k, 3, "xattn", 0, 2, 4.0, "euler", "normal", 64, 64, "fp32", filename)
     return path
 
 
