@@ -315,6 +315,7 @@ def train_text_sae(
     prompts_per_step: int = 64,
     positions: str = "all",
     whiten: bool = False,
+    whiten_eps: float = 1e-2,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
 ) -> SparseAutoencoder:
@@ -328,6 +329,7 @@ def train_text_sae(
     folds the map back into the weights (:func:`fold_whitening`): the result reads raw
     activations like any SAE, but its training loss weighted every direction of the residual
     equally, so concept directions of small variance (next to a few dominant ones) get latents.
+    ``whiten_eps`` (see :func:`fit_whitening`) damps that: larger values whiten less.
     """
     prompts = list(prompts)
     probe = source.residual(prompts[:1])
@@ -337,7 +339,7 @@ def train_text_sae(
     whitening = None
     if whiten:
         rows = torch.cat(list(residual_token_batches(source, prompts, prompts_per_step=256, positions=positions, epochs=1)))
-        whitening = fit_whitening(rows)
+        whitening = fit_whitening(rows, eps=whiten_eps)
     trainer = SaeTrainer(cfg, d_in)
 
     def stream(start_token: int):

@@ -98,6 +98,9 @@ class MiniCanvasItDConfig:
     """Train the SAE in whitened coordinates and fold the map into its weights (see
     :func:`sae_core.itd.train_text_sae`)."""
 
+    whiten_eps: float = 1e-2
+    """Whitening floor relative to the mean variance (larger: closer to raw coordinates)."""
+
     train_positions: str = "all"
     """Token positions the SAE trains on: ``"all"`` (as the reference) or ``"content"`` (BOS..EOS)."""
 
@@ -121,7 +124,7 @@ class MiniCanvasItDConfig:
 
     def train_key(self) -> dict[str, Any]:
         """The fields that determine the trained SAE (with the text encoder's fingerprint)."""
-        keys = ("layer", "num_latents", "k", "train_steps", "batch_tokens", "prompts_per_step", "lr", "whiten", "train_positions", "seed")
+        keys = ("layer", "num_latents", "k", "train_steps", "batch_tokens", "prompts_per_step", "lr", "whiten", "whiten_eps", "train_positions", "seed")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -289,6 +292,7 @@ def train_canvas_sae(canvas: Any, cfg: MiniCanvasItDConfig | None = None, *, pro
             prompts_per_step=cfg.prompts_per_step,
             positions=cfg.train_positions,
             whiten=cfg.whiten,
+            whiten_eps=cfg.whiten_eps,
             progress=progress,
         )
     return sae.eval().requires_grad_(False)
