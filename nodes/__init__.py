@@ -25,6 +25,8 @@ NODE_MODULES: list[str] = [
     "sae_nodes",
     "amnesia",
     "rece",
+    "itd",
+    "saeuron",
 ]
 """Node modules of this package, in menu order."""
 

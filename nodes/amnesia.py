@@ -402,7 +402,7 @@ class SAComputeFisher:
                                       "gradient of the sum).", default=10, min=1, max=1000),
                 "targets": inp(list(TARGET_PRESETS), "Which weights the LoRA adapts: xattn = cross-attention (identities, objects), "
                                "noxattn = everything but cross-attention (nudity, styles), full = all layers.", default="xattn"),
-                "seed": inp("INT", "Seed of the sample noise and of the timesteps/noise of the estimate.", default=0, min=0, max=0xFFFFFFFF),
+                "seed": inp("INT", "Seed of the sample noise and of the timesteps/noise of the estimate.", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
                 **_sampler_inputs(),
                 "precision": inp(list(PRECISIONS), "Compute precision of the gradients (fp32 is exact; bf16 saves memory).", default="fp32"),
                 "filename": inp("STRING", "File name in models/sae_fisher (without .safetensors). An existing file with the same settings is reused or continued.",
@@ -524,7 +524,7 @@ class SALoRATrain:
                 "steps": inp("INT", "Optimiser steps (raise it and re-queue to continue a finished run).", default=500, min=1, max=1000000),
                 "lr": inp("FLOAT", "AdamW learning rate.", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7),
                 "batch": inp("INT", "Surrogate examples per step (as many replay examples are added).", default=2, min=1, max=64),
-                "seed": inp("INT", "Seed of the LoRA initialisation, the sample noise and the training draws.", default=0, min=0, max=0xFFFFFFFF),
+                "seed": inp("INT", "Seed of the LoRA initialisation, the sample noise and the training draws.", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
                 "targets": inp(list(TARGET_PRESETS), "Weights the LoRA adapts; the Fisher must cover them (same preset as Compute Fisher).", default="xattn"),
                 "surrogate_samples": inp("INT", "Surrogate images to generate.", default=32, min=1, max=10000),
                 "replay_per_prompt": inp("INT", "Replay images to generate per remember prompt.", default=8, min=1, max=1000),

@@ -27,7 +27,10 @@ REPO_ROOT = HERE.parents[1]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
 SKIP_REASON = "COMFYUI_PATH not set: tests/comfy needs a ComfyUI checkout and its venv (see README)"
 
-PACK_NODE_IDS = ("CE_LoadSAE", "CE_SAComputeFisher", "CE_SALoRATrain", "CE_RECEEditModel", "CE_SaveEditAsLoRA")
+PACK_NODE_IDS = ("CE_LoadSAE", "CE_SAComputeFisher", "CE_SALoRATrain", "CE_RECEEditModel", "CE_SaveEditAsLoRA",
+                 "CE_ItDPromptClassifier",
+                 "CE_CollectSAEActivations", "CE_TrainSAE", "CE_SAeUronConceptFeatures", "CE_SAeUronConceptBlock",
+                 "CE_DownloadSAE")
 """Node ids the pack must register in ComfyUI."""
 
 

@@ -1,0 +1,186 @@
+"""Every workflow in workflows/ matches the node definitions ComfyUI loads (core, comfy_extras and this pack).
+
+A UI-format workflow stores widget values by position (``widgets_values``), so a node whose inputs
+changed silently shifts every value after the change. For each node of each workflow this checks:
+
+* the node type exists;
+* ``widgets_values`` has one entry per widget input in ``INPUT_TYPES`` order (required, then optional),
+  plus the frontend's extra "control after generate" entry for seed inputs, and each value fits its
+  widget (combo choice, number range, type);
+* socket inputs exist with the right types, required sockets are linked, outputs match ``RETURN_TYPES``;
+* links agree with both ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+"""Input types the frontend shows as widgets (a list of strings is a combo too)."""
+
+SEED_NAMES = ("seed", "noise_seed")
+"""INT inputs that get a control widget unless they say ``control_after_generate: False`` (frontend rule)."""
+
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+"""Combo values naming model files: their choices depend on what is installed, so membership is not checked."""
+
+
+def test_there_are_workflows():
+    assert WORKFLOWS, "workflows/ holds no .json workflow"
+
+
+@pytest.fixture(scope="module")
+def node_classes(comfy) -> dict:
+    """Core nodes, every comfy_extras node that imports here, and the pack's nodes."""
+    asyncio.run(comfy.nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    return dict(comfy.nodes.NODE_CLASS_MAPPINGS)
+
+
+def _is_widget(entry) -> bool:
+    io_type = entry[0]
+    opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+    if opts.get("forceInput"):
+        return False
+    return isinstance(io_type, (list, tuple)) or io_type in WIDGET_TYPES
+
+
+def _has_control(name: str, entry) -> bool:
+    opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+    if entry[0] != "INT":
+        return False
+    flag = opts.get("control_after_generate")
+    return bool(flag) if flag is not None else name in SEED_NAMES
+
+
+def check_widgets(node: dict, spec: dict) -> list[str]:
+    """Problems with one node's ``widgets_values`` (empty when it matches ``spec``)."""
+    entries = [(name, entry) for section in ("required", "optional") for name, entry in (spec.get(section) or {}).items()]
+    widgets = [(name, entry) for name, entry in entries if _is_widget(entry)]
+    expected = len(widgets) + sum(_has_control(name, entry) for name, entry in widgets)
+    values = list(node.get("widgets_values") or [])
+    label = f"node {node['id']} ({node['type']})"
+    if len(values) != expected:
+        names = [n + (" (+control)" if _has_control(n, e) else "") for n, e in widgets]
+        return [f"{label}: {len(values)} widget values for {expected} widgets {names}: {values}"]
+    problems = []
+    it = iter(values)
+    for name, entry in widgets:
+        v = next(it)
+        io_type, opts = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
+        where = f"{label}.{name} = {v!r}"
+        if isinstance(io_type, (list, tuple)) or io_type == "COMBO":
+            choices = list(io_type) if isinstance(io_type, (list, tuple)) else list(opts.get("options", []))
+            if choices and v not in choices and not str(v).endswith(MODEL_FILE_SUFFIXES):
+                problems.append(f"{where}: not one of {choices[:12]}")
+        elif io_type == "INT":
+            if isinstance(v, bool) or not isinstance(v, int):
+                problems.append(f"{where}: not an int")
+            elif not opts.get("min", v) <= v <= opts.get("max", v):
+                problems.append(f"{where}: outside [{opts.get('min')}, {opts.get('max')}]")
+        elif io_type == "FLOAT":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                problems.append(f"{where}: not a number")
+            elif not opts.get("min", v) <= v <= opts.get("max", v):
+                problems.append(f"{where}: outside [{opts.get('min')}, {opts.get('max')}]")
+        elif io_type == "BOOLEAN" and not isinstance(v, bool):
+            problems.append(f"{where}: not a boolean")
+        elif io_type == "STRING" and not isinstance(v, str):
+            problems.append(f"{where}: not a string")
+        if _has_control(name, entry):
+            c = next(it)
+            if c not in CONTROL_VALUES:
+                problems.append(f"{label}.{name}: control value {c!r} is not one of {CONTROL_VALUES}")
+    return problems
+
+
+def check_workflow(wf: dict, classes: dict) -> list[str]:
+    """Every problem of a UI-format workflow against ``classes`` (node id -> class)."""
+    problems: list[str] = []
+    nodes = wf.get("nodes", [])
+    by_id = {n["id"]: n for n in nodes}
+    if len(by_id) != len(nodes):
+        problems.append("duplicate node ids")
+    if nodes and wf.get("last_node_id", 0) < max(by_id):
+        problems.append(f"last_node_id {wf.get('last_node_id')} < largest node id {max(by_id)}")
+    links = {link[0]: link for link in wf.get("links", [])}
+    if links and wf.get("last_link_id", 0) < max(links):
+        problems.append(f"last_link_id {wf.get('last_link_id')} < largest link id {max(links)}")
+
+    for n in nodes:
+        label = f"node {n['id']} ({n['type']})"
+        cls = classes.get(n["type"])
+        if cls is None:
+            problems.append(f"{label}: unknown node type")
+            continue
+        spec = cls.INPUT_TYPES()
+        problems += check_widgets(n, spec)
+        required = spec.get("required") or {}
+        sockets = {name: entry for section in ("required", "optional")
+                   for name, entry in (spec.get(section) or {}).items() if not _is_widget(entry)}
+        given = {i["name"]: i for i in n.get("inputs", [])}
+        for name, inp in given.items():
+            if "widget" in inp:  # a widget with a socket: its value stays in widgets_values
+                continue
+            if name not in sockets:
+                problems.append(f"{label}: input '{name}' is not a socket of the node")
+            elif inp.get("type") != sockets[name][0] and sockets[name][0] != "*":
+                problems.append(f"{label}: input '{name}' has type {inp.get('type')}, the node wants {sockets[name][0]}")
+            if inp.get("link") is not None and inp["link"] not in links:
+                problems.append(f"{label}: input '{name}' refers to missing link {inp['link']}")
+        for name, entry in sockets.items():
+            if name in required and (name not in given or given[name].get("link") is None):
+                problems.append(f"{label}: required input '{name}' ({entry[0]}) is not connected")
+        outs = [o.get("type") for o in n.get("outputs", [])]
+        if outs != list(cls.RETURN_TYPES):
+            problems.append(f"{label}: outputs {outs} != RETURN_TYPES {list(cls.RETURN_TYPES)}")
+
+    for lid, src, sslot, dst, dslot, typ in links.values():
+        if src not in by_id or dst not in by_id:
+            problems.append(f"link {lid}: missing end node")
+            continue
+        outs, ins = by_id[src].get("outputs", []), by_id[dst].get("inputs", [])
+        if sslot >= len(outs) or outs[sslot].get("type") != typ or lid not in (outs[sslot].get("links") or []):
+            problems.append(f"link {lid}: source slot {src}:{sslot} does not match ({typ})")
+        if dslot >= len(ins) or ins[dslot].get("type") != typ or ins[dslot].get("link") != lid:
+            problems.append(f"link {lid}: target slot {dst}:{dslot} does not match ({typ})")
+    return problems
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_matches_node_definitions(node_classes, path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    assert wf.get("version") is not None and isinstance(wf.get("nodes"), list), f"{path.name}: not a UI-format workflow"
+    problems = check_workflow(wf, node_classes)
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def test_checker_catches_shifted_widgets(node_classes):
+    """The checker itself: a dropped widget value, a bad combo value and a wrong link type are reported."""
+    wf = json.loads((REPO_ROOT / "workflows" / "saeuron_concept_block.json").read_text(encoding="utf-8"))
+    block = next(n for n in wf["nodes"] if n["type"] == "CE_SAeUronConceptBlock")
+    assert not check_workflow(wf, node_classes)
+    block["widgets_values"] = block["widgets_values"][:-1]
+    assert any("widget values" in p for p in check_workflow(wf, node_classes))
+    block["widgets_values"] = ["output_blocks.5.1", "Van Gogh", -1.0, "best", 1, 99.999, "conventional", False, "none"]
+    assert any("selection" in p and "not one of" in p for p in check_workflow(wf, node_classes))
+    wf["links"][0][5] = "CLIP"
+    assert any(p.startswith("link 1:") for p in check_workflow(wf, node_classes))
+
+
+def test_saeuron_workflow_chain(node_classes):
+    wf = json.loads((REPO_ROOT / "workflows" / "saeuron_concept_block.json").read_text(encoding="utf-8"))
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    edges = {(by_id[s]["type"], by_id[d]["type"]) for _, s, _, d, _, _ in wf["links"]}
+    chain = ["CheckpointLoaderSimple", "CE_SAeUronConceptBlock", "KSampler", "VAEDecode", "SaveImage"]
+    assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
+    assert ("CE_LoadSAE", "CE_SAeUronConceptBlock") in edges
+    assert ("CE_SAeUronConceptFeatures", "CE_SAeUronConceptBlock") in edges
