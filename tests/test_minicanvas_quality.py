@@ -32,8 +32,7 @@ def test_judges_on_fresh_heldout_set(canvas):
     assert (pred.styles.numpy() == data.styles).mean() >= 0.98
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped weights are still below the 90%/90% bar (issue 3): "
-                   "the training run needs more steps than it has had so far")
+
 def test_base_model_meets_quality_bar(canvas):
     specs = evaluation_prompts(unstyled=False)
     assert len(specs) == len(OBJECTS) * len(STYLES)

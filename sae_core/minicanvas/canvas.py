@@ -94,8 +94,8 @@ class MiniCanvas:
         self.objects: tuple[str, ...] = tuple(self.config.get("objects", OBJECTS))
         self.styles: tuple[str, ...] = tuple(self.config.get("styles", STYLES))
         sampling = self.config.get("sampling", {})
-        self.default_steps: int = int(sampling.get("steps", 25))
-        self.default_cfg: float = float(sampling.get("cfg", 4.0))
+        self.default_steps: int = int(sampling.get("steps", 20))
+        self.default_cfg: float = float(sampling.get("cfg", 7.0))
         self.context = SamplingContext()
         self.hooks: list[tuple[str, BlockHook]] = []
         self.encode_fn: Callable[[list[str]], torch.Tensor] | None = None
