@@ -52,6 +52,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, seeds: str) -> None:
     p.add_argument("--weights", type=Path, default=None, help="MiniCanvas weights folder (default: shipped)")
 
 
+DEMO_METHODS = ("uce", "rece", "saeuron", "itd")
+"""Methods the demo runs by default: the ones that erase in seconds from the shipped assets."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m sae_core", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("out/minicanvas_demo.png"), help="PNG grid path")
     d.add_argument("--style", default="striped", help="style erased by each method (default striped)")
     d.add_argument("--object", default="star", help="object erased by each method (default star)")
-    d.add_argument("--methods", default=None, help="comma-separated subset of the registered methods")
+    d.add_argument("--methods", default=None,
+                   help=f"comma-separated registered methods, or 'all' (default: those of {','.join(DEMO_METHODS)} "
+                        "that are registered; amnesia trains a LoRA per erasure and takes minutes)")
     _add_sampling_args(d, "0,1,2,3")
     b = sub.add_parser("bench", help="UA/IRA/CRA of one erasure method on MiniCanvas")
     b.add_argument("--method", required=True, help="registered method name")
@@ -199,8 +205,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = save_png(grid, a.out)
     print(f"wrote {out}", flush=True)
 
-    methods = _load_methods()
-    if a.methods:
+    registered = methods = _load_methods()
+    if a.methods is None:
+        methods = [m for m in DEMO_METHODS if m in registered]
+    elif a.methods.strip() != "all":
         wanted = [m.strip() for m in a.methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in methods]
         if unknown:
@@ -208,7 +216,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
             return EXIT_UNKNOWN_METHOD
         methods = wanted
     if not methods:
-        print("no erasure method is registered yet: skipping the erasure table", flush=True)
+        why = ("no erasure method is registered yet" if not registered else
+               f"none of the default demo methods ({', '.join(DEMO_METHODS)}) is registered; pick with --methods")
+        print(f"{why}: skipping the erasure table", flush=True)
         print(f"demo finished in {time.perf_counter() - t_start:.1f}s")
         return 0
 

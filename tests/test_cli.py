@@ -115,9 +115,14 @@ def test_module_entry_point_help():
 def test_demo_with_a_method_prints_table_and_before_after(empty_registry, perfect_judging, tmp_path, capsys):
     registry.register_method("identity", lambda canvas, kind, concepts, **o: canvas.replace())
     out = tmp_path / "demo.png"
-    assert cli.main(["demo", "--out", str(out), "--seeds", "0", "--style", "ocean", "--object", "heart"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--seeds", "0", "--style", "ocean", "--object", "heart",
+                     "--methods", "identity"]) == 0
     text = capsys.readouterr().out
     rows = [l.split() for l in text.splitlines() if l.startswith("identity")]
     assert [r[1] for r in rows] == ["style:ocean", "object:heart"]
     assert all(r[2:5] == ["0.0", "100.0", "100.0"] for r in rows)
     assert (tmp_path / "demo_erasure.png").is_file()
+    # by default the demo runs only its fast methods, so a method outside that list is left out
+    assert "identity" not in cli.DEMO_METHODS
+    assert cli.main(["demo", "--out", str(out), "--seeds", "0", "--steps", "2"]) == 0
+    assert "none of the default demo methods" in capsys.readouterr().out
