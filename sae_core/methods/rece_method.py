@@ -44,6 +44,7 @@ __all__ = [
     "RECERecipe",
     "RECEReport",
     "RECE_RECIPE",
+    "RECE_STYLE_DEFAULTS",
     "UCE_RECIPE",
     "apply_deltas",
     "canvas_projection_weights",
@@ -100,6 +101,13 @@ RECE_RECIPE = RECERecipe()
 
 UCE_RECIPE = replace(RECE_RECIPE, epochs=0)
 """Default recipe of ``uce``."""
+
+RECE_STYLE_DEFAULTS: dict[str, Any] = {"epochs": 3, "preserve": "all"}
+"""``rece`` defaults for styles (before the caller's options). MiniCanvas' text encoder carries the
+object in every token after the object word, the style tokens included, so an edit that preserves
+only the other styles also damages the object of the erased style's prompts (object accuracy on
+them 67% with 1 epoch); preserving the object texts too and running RECE's 3 epochs keeps it at 98%
+and erases more (UA 92% against 86%, all eight styles)."""
 
 
 class RECEReport(NamedTuple):
@@ -266,6 +274,8 @@ def rece_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> 
     Returns a copy of the canvas with an edited deepcopy of the UNet and a :class:`RECEReport` as
     ``rece_report``; ``options`` are :class:`RECERecipe` fields.
     """
+    if kind == "style":
+        options = {**RECE_STYLE_DEFAULTS, **options}
     return _run(canvas, kind, concepts, _recipe(RECE_RECIPE, options, "rece"), "rece")
 
 
