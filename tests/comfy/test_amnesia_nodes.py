@@ -21,57 +21,11 @@ REMEMBER = "a house\na tree"
 torch.set_num_threads(1)
 
 
-def _tiny_model():
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-        "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 1, 1],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-    cfg = comfy.supported_models.SD15(unet_config)
-    cfg.unet_config["num_heads"] = 2  # SD15 forces 8 heads; 32 channels need fewer
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # comfy.ops layers skip initialisation
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-
-def _tiny_clip():
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": {
-        "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 2}})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in clip.cond_stage_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return clip
-
-
 def _node_classes(comfy) -> dict:
     """Core and pack nodes, plus ComfyUI's LoRA training extras (SaveLoRA, LoraModelLoader)."""
     import comfy_extras.nodes_train as nodes_train
 
     return {**nodes_train.NODE_CLASS_MAPPINGS, **comfy.nodes.NODE_CLASS_MAPPINGS}
-
-
-@pytest.fixture(scope="module")
-def tiny(comfy):
-    with torch.inference_mode():
-        return _tiny_model(), _tiny_clip()
 
 
 def _probe(model, seed: int = 3) -> torch.Tensor:

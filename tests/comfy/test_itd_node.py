@@ -12,6 +12,7 @@ node's interpretation, calibration and gating can be checked exactly without tra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 import re
 
@@ -360,48 +361,11 @@ def test_sdxl_edits_clip_l_only(comfy):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_workflow_matches_the_node_definitions(comfy):
-    wf = json.loads((comfy.repo_root / "workflows" / "itd_prompt_classifier.json").read_text())
-    mappings = comfy.nodes.NODE_CLASS_MAPPINGS
+def test_workflow_wiring():
+    """The classifier feeds the positive prompt only (tests/comfy/test_workflows.py checks every
+    workflow against the node definitions)."""
+    wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "itd_prompt_classifier.json").read_text())
     by_id = {n["id"]: n for n in wf["nodes"]}
-    assert len(by_id) == len(wf["nodes"]) and wf["last_node_id"] >= max(by_id)
-    assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
-    for n in wf["nodes"]:
-        assert n["type"] in mappings, n["type"]
-        spec = mappings[n["type"]].INPUT_TYPES()
-        entries = {**spec.get("required", {}), **spec.get("optional", {})}
-        sockets = {i["name"] for i in n.get("inputs", [])}
-        widgets = []
-        for name, entry in entries.items():
-            io_type, opts = entry[0], (entry[1] if len(entry) > 1 else {})
-            is_widget = isinstance(io_type, list) or (io_type in ("INT", "FLOAT", "STRING", "BOOLEAN")
-                                                      and not opts.get("forceInput"))
-            if is_widget and name not in sockets:
-                widgets.append((name, io_type, opts))
-            elif not is_widget:
-                assert name in sockets or name in spec.get("optional", {}), f"{n['type']} lacks socket {name}"
-        expected = len(widgets) + sum(1 for _, _, o in widgets if o.get("control_after_generate"))
-        assert len(n["widgets_values"]) == expected, (n["type"], n["widgets_values"], [w[0] for w in widgets])
-        values = iter(n["widgets_values"])
-        for name, io_type, opts in widgets:
-            v = next(values)
-            if isinstance(io_type, list) and n["type"] not in ("CheckpointLoaderSimple", "CE_LoadSAE"):
-                assert v in io_type, (n["type"], name, v)
-            elif io_type == "INT":
-                assert isinstance(v, int) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
-            elif io_type == "FLOAT":
-                assert isinstance(v, (int, float)) and opts.get("min", v) <= v <= opts.get("max", v), (n["type"], name, v)
-            elif io_type == "STRING":
-                assert isinstance(v, str), (n["type"], name, v)
-            if opts.get("control_after_generate"):
-                next(values)
-        assert [o["type"] for o in n.get("outputs", [])] == list(mappings[n["type"]].RETURN_TYPES), n["type"]
-    for lid, src, sslot, dst, dslot, typ in wf["links"]:
-        assert by_id[src]["outputs"][sslot]["type"] == typ and lid in by_id[src]["outputs"][sslot]["links"]
-        assert by_id[dst]["inputs"][dslot]["type"] == typ and by_id[dst]["inputs"][dslot]["link"] == lid
-    for n in wf["nodes"]:
-        for i in n.get("inputs", []):
-            assert i["link"] is None or any(link[0] == i["link"] for link in wf["links"]), (n["type"], i)
 
     def source_of(node, socket):
         link = next(i["link"] for i in node["inputs"] if i["name"] == socket)
