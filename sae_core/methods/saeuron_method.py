@@ -1,21 +1,25 @@
 """SAeUron on MiniCanvas: the ``saeuron`` method of ``python -m sae_core bench``.
 
-What ships (package data under ``sae_core/minicanvas/weights/``):
+Like the reference, which hooks ``up.1.1`` for objects and ``up.1.2`` for styles, each kind has its
+own SAE on its own up-path cross-attention block (:attr:`SAeUronRecipe.blocks`): styles on
+``output_blocks.3.1`` (the last transformer of the 16x16 level, followed by the Upsample, as SD's
+``output_blocks.5.1``), objects on ``output_blocks.2.1`` (as SD's ``output_blocks.4.1``). What ships
+(package data under ``sae_core/minicanvas/weights/``), per kind:
 
-* ``saeuron_sae.safetensors``: a TopK SAE trained on the output of one up-path cross-attention
-  block (:attr:`SAeUronRecipe.block`), with activations from every DDIM step of every
-  MiniCanvas prompt (conditional CFG branch), trained with :class:`sae_core.trainer.SaeTrainer`;
-* ``saeuron_stats_style.safetensors`` / ``saeuron_stats_object.safetensors``: SAeUron's
-  per-step concept statistics for every style and every object.
+* ``saeuron_sae_<kind>.safetensors``: a TopK SAE trained on the block's output, with activations
+  from every DDIM step of every MiniCanvas prompt (conditional CFG branch), trained with
+  :class:`sae_core.trainer.SaeTrainer`;
+* ``saeuron_stats_<kind>.safetensors``: SAeUron's per-step concept statistics of every style (or
+  object) in that SAE's latents.
 
 The files record a fingerprint of the MiniCanvas UNet they were built for. If the model
-weights change, the method rebuilds them (about a minute on two CPU cores) into a cache folder
+weights change, the method rebuilds them (several minutes on two CPU cores) into a cache folder
 (``$SAE_CORE_CACHE`` or ``~/.cache/sae_core``) and reuses that cache afterwards.
 
-Rebuild the shipped files::
+Rebuild the shipped files, or screen intervention settings::
 
     python -m sae_core.methods.saeuron_method build            # writes into the package weights
-    python -m sae_core.methods.saeuron_method sweep --kind style --gamma -1,-2 --top-n 1,2
+    python -m sae_core.methods.saeuron_method sweep --kind style --gamma=-1,-2 --top-n 1,2 --fast
 
 Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
 ``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``.
@@ -54,16 +58,18 @@ __all__ = [
     "unet_fingerprint",
 ]
 
-SAE_FILE = "saeuron_sae.safetensors"
-STATS_FILES = {"style": "saeuron_stats_style.safetensors", "object": "saeuron_stats_object.safetensors"}
+KINDS = ("style", "object")
+SAE_FILES = {kind: f"saeuron_sae_{kind}.safetensors" for kind in KINDS}
+STATS_FILES = {kind: f"saeuron_stats_{kind}.safetensors" for kind in KINDS}
 
 
 @dataclass
 class SAeUronRecipe:
     """How the MiniCanvas SAeUron assets are built and applied."""
 
-    block: str = "output_blocks.2.1"
-    """Hooked UNet block: an up-path SpatialTransformer on the 16x16 grid."""
+    blocks: dict[str, str] = field(default_factory=lambda: {"style": "output_blocks.3.1",
+                                                            "object": "output_blocks.2.1"})
+    """Hooked UNet block per kind: the two up-path SpatialTransformers of the 16x16 grid."""
     expansion_factor: int = 16
     """SAE latents per activation dimension (SAeUron: 16)."""
     k: int = 8
@@ -84,8 +90,10 @@ class SAeUronRecipe:
     """Tokens without firing after which a latent counts as dead (AuxK)."""
     seed: int = 0
     """SAE initialisation seed."""
-    style: dict[str, Any] = field(default_factory=lambda: {"gamma": -1.0, "top_n": 2})
-    """Default intervention options for styles."""
+    style: dict[str, Any] = field(default_factory=lambda: {"gamma": -2.0, "top_n": 2})
+    """Default intervention options for styles (from ``sweep --kind style --fast`` over gamma -1, -2 x
+    top_n 1, 2, 4, 8: -1/2 leaves a quarter of the styles' images intact, -2/2 erases 94% and keeps 96%
+    of the others)."""
     object: dict[str, Any] = field(default_factory=lambda: {"gamma": -1.0, "top_n": 2})
     """Default intervention options for objects."""
 
@@ -110,12 +118,14 @@ def unet_fingerprint(unet: torch.nn.Module) -> str:
 
 @dataclass
 class SAeUronAssets:
-    """A trained SAE and its concept statistics for one MiniCanvas model."""
+    """A trained SAE and its concept statistics for one kind (style or object) of one MiniCanvas model."""
 
+    kind: str
+    """``"style"`` or ``"object"``."""
     sae: Any
     """The SparseAutoencoder (per-token TopK)."""
-    stats: dict[str, ConceptStats]
-    """``{"style": ..., "object": ...}``."""
+    stats: ConceptStats
+    """Per-step statistics of every concept of the kind."""
     block: str
     """Hooked block."""
     folder: Path
@@ -139,15 +149,44 @@ def _prompt_table() -> list[tuple[str, int, int]]:
     return rows
 
 
-def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe = RECIPE,
-                 progress: bool = True) -> SAeUronAssets:
-    """Collect activations, train the SAE, compute style and object statistics, and save them.
+def _check_kinds(kinds: Any) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be among {KINDS}, got {kinds}")
+    return kinds
 
-    One sampling pass serves both the SAE's training data and the statistics: every prompt
-    (64 styled + 8 unstyled) with every seed of the recipe, all DDIM steps, conditional rows.
+
+def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe = RECIPE,
+                 progress: bool = True, kinds: Any = KINDS) -> dict[str, SAeUronAssets]:
+    """Collect activations, train an SAE per hooked block, compute the statistics, and save them.
+
+    One sampling pass per block serves both the SAE's training data and the statistics: every
+    prompt (64 styled + 8 unstyled) with every seed of the recipe, all DDIM steps, conditional rows.
+    Kinds that share a block share its SAE (saved once per kind).
     """
     out_dir = Path(out_dir)
-    canvas.get_block(recipe.block)  # clear error for an unknown block name
+    kinds = _check_kinds(kinds)
+    by_block: dict[str, list[str]] = {}
+    for kind in kinds:
+        block = recipe.blocks[kind]
+        canvas.get_block(block)  # clear error for an unknown block name
+        by_block.setdefault(block, []).append(kind)
+    fp = unet_fingerprint(canvas.unet)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for block, block_kinds in by_block.items():
+        sae, stats = _build_block(canvas, block, block_kinds, recipe, fp, progress)
+        sae.cfg.extra["unet_fingerprint"] = fp
+        sae.cfg.extra["recipe"] = recipe.to_dict()
+        for kind in block_kinds:
+            save_sae(sae, out_dir / SAE_FILES[kind], layout="file")
+            stats[kind].save(out_dir / STATS_FILES[kind], dtype=torch.float16)
+    # reload what was written (fp16 statistics) so a fresh build behaves exactly like a later load
+    return {kind: _read_assets(out_dir, kind, canvas.device) for kind in kinds}
+
+
+def _build_block(canvas: Any, block: str, kinds: list[str], recipe: SAeUronRecipe, fp: str,
+                 progress: bool) -> tuple[Any, dict[str, ConceptStats]]:
     table = _prompt_table()
     items = [(p, s) for s in recipe.seeds for p, _, _ in table]  # seed-major: one sampler call per seed
     cfg = canvas.default_cfg if recipe.cfg is None else recipe.cfg
@@ -167,13 +206,13 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="saeuron-acts-") as tmp:
         store = Path(tmp) / "acts"
-        with capture(base.unet, recipe.block) as probe:  # the block's width, from one 1-step sample
+        with capture(base.unet, block) as probe:  # the block's width, from one 1-step sample
             base.sample([table[0][0]], [0], 1, cfg)
         d = int(probe.tensors[0].shape[1])
         with ActivationWriter(store, d=d, dtype="float32", shard_tokens=1 << 17,
                               metadata_columns=("step", "timestep", "cond", "prompt_index", "position"),
-                              attrs={"hookpoint": recipe.block}) as writer:
-            collect_block_activations(sample_fn, base.unet, recipe.block, items, recipe.steps, writer,
+                              attrs={"hookpoint": block}) as writer:
+            collect_block_activations(sample_fn, base.unet, block, items, recipe.steps, writer,
                                       state=state, batch_size=len(table), progress=progress)
         reader = ActivationReader(store)
         t_collect = time.perf_counter() - t0
@@ -181,7 +220,7 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
         train_cfg = TrainConfig(batch_size=recipe.batch_tokens, lr=recipe.lr, k=recipe.k,
                                 expansion_factor=recipe.expansion_factor, batch_topk=True, seed=recipe.seed,
                                 dead_feature_threshold=recipe.dead_feature_threshold, log_every=100,
-                                device=str(canvas.device), hookpoint=recipe.block, model_family="minicanvas")
+                                device=str(canvas.device), hookpoint=block, model_family="minicanvas")
         trainer = SaeTrainer(train_cfg, d)
         epochs = reader.iter_epochs(recipe.batch_tokens, drop_last=True, seed=recipe.seed)
         sae = trainer.train((batch for _, batch in epochs), recipe.train_steps, progress=progress)
@@ -190,34 +229,29 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
 
         hw = len(reader) // (len(items) * recipe.steps)
         stats = {}
-        for kind, names, col in (("style", STYLES, 2), ("object", OBJECTS, 1)):
+        for kind in kinds:
+            names, col = (STYLES, 2) if kind == "style" else (OBJECTS, 1)
             per_item = [row[col] for _ in recipe.seeds for row in table]
             stats[kind] = concept_stats_from_store(
                 reader, sae, list(names), per_item, recipe.steps, hw, schedule=timesteps,
-                progress=progress, attrs={"kind": kind, "recipe": recipe.to_dict(),
-                                          "unet_fingerprint": unet_fingerprint(canvas.unet)})
+                progress=progress, attrs={"kind": kind, "recipe": recipe.to_dict(), "unet_fingerprint": fp})
     t_stats = time.perf_counter() - t0 - t_collect - t_train
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sae.cfg.extra["unet_fingerprint"] = unet_fingerprint(canvas.unet)
-    sae.cfg.extra["recipe"] = recipe.to_dict()
-    save_sae(sae, out_dir / SAE_FILE, layout="file")
-    for kind, st in stats.items():
-        st.save(out_dir / STATS_FILES[kind], dtype=torch.float16)
     if progress:
-        print(f"SAeUron assets for {recipe.block}: {len(reader)} tokens (d={d}), SAE {sae.cfg.num_latents} "
-              f"latents k={sae.cfg.k}, final FVU {fvu:.4f}; collect {t_collect:.0f}s, train {t_train:.0f}s, "
-              f"stats {t_stats:.0f}s -> {out_dir}", flush=True)
-    # reload what was written (fp16 statistics) so a fresh build behaves exactly like a later load
-    return _read_assets(out_dir, canvas.device)
+        print(f"SAeUron assets for {block} ({', '.join(kinds)}): {len(reader)} tokens (d={d}), SAE "
+              f"{sae.cfg.num_latents} latents k={sae.cfg.k}, final FVU {fvu:.4f}; collect {t_collect:.0f}s, "
+              f"train {t_train:.0f}s, stats {t_stats:.0f}s", flush=True)
+    return sae, stats
 
 
-def _read_assets(folder: Path, device: Any) -> SAeUronAssets:
-    sae = load_sae(folder / SAE_FILE, device=device)
-    stats = {kind: ConceptStats.load(folder / name) for kind, name in STATS_FILES.items()}
-    for st in stats.values():
-        st.check_sae(sae)
-    return SAeUronAssets(sae, stats, sae.cfg.hookpoint or RECIPE.block, folder)
+def _has_files(folder: Path, kind: str) -> bool:
+    return (folder / SAE_FILES[kind]).is_file() and (folder / STATS_FILES[kind]).is_file()
+
+
+def _read_assets(folder: Path, kind: str, device: Any) -> SAeUronAssets:
+    sae = load_sae(folder / SAE_FILES[kind], device=device)
+    stats = ConceptStats.load(folder / STATS_FILES[kind])
+    stats.check_sae(sae)
+    return SAeUronAssets(kind, sae, stats, sae.cfg.hookpoint or RECIPE.blocks[kind], folder)
 
 
 def _cache_dir(fingerprint: str) -> Path:
@@ -225,31 +259,33 @@ def _cache_dir(fingerprint: str) -> Path:
     return root / "saeuron_minicanvas" / fingerprint
 
 
-_LOADED: dict[tuple[str, str], SAeUronAssets] = {}
+_LOADED: dict[tuple[str, str, str], SAeUronAssets] = {}
 
 
-def load_assets(canvas: Any, folder: str | os.PathLike | None = None, progress: bool = True) -> SAeUronAssets:
-    """The SAE and statistics for ``canvas``: from ``folder`` (default: the package weights) when
-    they match the canvas' UNet, else from (or built into) the cache folder."""
+def load_assets(canvas: Any, kind: str, folder: str | os.PathLike | None = None,
+                progress: bool = True) -> SAeUronAssets:
+    """The SAE and statistics of ``kind`` for ``canvas``: from ``folder`` (default: the package
+    weights) when they match the canvas' UNet, else from (or built into) the cache folder."""
+    (kind,) = _check_kinds([kind])
     fp = unet_fingerprint(canvas.unet)
-    key = (str(folder), fp)
+    key = (str(folder), kind, fp)
     if key in _LOADED:
         return _LOADED[key]
     candidates = [Path(folder)] if folder is not None else [mc_files.WEIGHTS_DIR, _cache_dir(fp)]
     assets = None
     for where in candidates:
-        if (where / SAE_FILE).is_file() and all((where / n).is_file() for n in STATS_FILES.values()):
-            found = _read_assets(where, canvas.device)
+        if _has_files(where, kind):
+            found = _read_assets(where, kind, canvas.device)
             if found.sae.cfg.extra.get("unet_fingerprint") == fp:
                 assets = found
                 break
     if assets is None:
-        if folder is not None and (Path(folder) / SAE_FILE).is_file():
-            raise ValueError(f"{folder}: the SAeUron files were built for another MiniCanvas model")
+        if folder is not None and (Path(folder) / SAE_FILES[kind]).is_file():
+            raise ValueError(f"{folder}: the SAeUron {kind} files were built for another MiniCanvas model")
         target = Path(folder) if folder is not None else _cache_dir(fp)
-        print(f"SAeUron: no SAE/statistics for this MiniCanvas model yet; building them in {target}",
+        print(f"SAeUron: no {kind} SAE/statistics for this MiniCanvas model yet; building them in {target}",
               file=sys.stderr, flush=True)
-        assets = build_assets(canvas, target, progress=progress)
+        assets = build_assets(canvas, target, progress=progress, kinds=[kind])[kind]
     _LOADED[key] = assets
     return assets
 
@@ -265,17 +301,17 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
                     assets_dir: str | None = None) -> Any:
     """Erase ``concepts`` (styles or objects) from ``canvas`` with SAeUron.
 
-    Returns a copy of the canvas with a hook on the SAE's block; the hook maps the sampler's
+    Returns a copy of the canvas with a hook on the kind's SAE block; the hook maps the sampler's
     timestep to the statistics' nearest step, so any ``--steps`` works. Defaults for ``gamma``
     and ``top_n`` come from :data:`RECIPE` (``percentile`` replaces ``top_n`` when given).
     """
     concepts = validate_concepts(canvas, kind, concepts)
-    assets = load_assets(canvas, assets_dir)
+    assets = load_assets(canvas, kind, assets_dir)
     defaults = RECIPE.style if kind == "style" else RECIPE.object
     gamma = float(defaults["gamma"] if gamma is None else gamma)
     if percentile is None and top_n is None:
         top_n = int(defaults["top_n"])
-    hook = SAeUronHook(assets.sae, assets.stats[kind], concepts, gamma=gamma, top_n=top_n,
+    hook = SAeUronHook(assets.sae, assets.stats, concepts, gamma=gamma, top_n=top_n,
                        percentile=percentile, error_mode=error_mode, cond_only=bool(cond_only))
 
     def block_hook(_module: Any, _inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -287,7 +323,6 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
 
 
 register_method("saeuron", saeuron_factory)
-
 
 # ---------------------------------------------------------------------------------------------
 # command line: build and sweep
@@ -323,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the SAE and statistics")
     b.add_argument("--out", type=Path, default=mc_files.WEIGHTS_DIR)
-    b.add_argument("--block", default=RECIPE.block)
+    b.add_argument("--style-block", default=RECIPE.blocks["style"])
+    b.add_argument("--object-block", default=RECIPE.blocks["object"])
+    b.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to build")
     b.add_argument("--train-steps", type=int, default=RECIPE.train_steps)
     b.add_argument("--k", type=int, default=RECIPE.k)
     b.add_argument("--expansion", type=int, default=RECIPE.expansion_factor)
@@ -346,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     canvas = MiniCanvas.load(a.weights)
     if a.command == "build":
-        recipe = SAeUronRecipe(block=a.block, train_steps=a.train_steps, k=a.k, expansion_factor=a.expansion)
-        build_assets(canvas, a.out, recipe)
+        recipe = SAeUronRecipe(blocks={"style": a.style_block, "object": a.object_block},
+                               train_steps=a.train_steps, k=a.k, expansion_factor=a.expansion)
+        build_assets(canvas, a.out, recipe, kinds=a.kinds.split(","))
         return 0
-    assets = load_assets(canvas, a.assets)
+    assets = load_assets(canvas, a.kind, a.assets)
     names = list(canvas.styles if a.kind == "style" else canvas.objects)
     concepts = names if a.concepts is None else a.concepts.split(",")
     specs = evaluation_prompts()
