@@ -141,3 +141,14 @@ def test_texts_and_options(canvas):
         plugin.rece_method(canvas, "style", ["striped"], epochs=-1)
     edited = plugin.rece_method(canvas, "style", ["striped"], preserve="none", uce_tokens="all", epochs=0)
     assert edited.rece_report.preserve_texts == []
+
+
+def test_rece_erases_an_object_in_every_phrasing_by_default(canvas):
+    rep = plugin.rece_method(canvas, "object", ["star"], epochs=0).rece_report
+    assert rep.concept_texts == ["an image of a star"] + [f"an image of a star in {s} style" for s in canvas.styles]
+    assert "an image of a ring in neon style" in rep.preserve_texts
+    assert not any("star" in t for t in rep.preserve_texts)
+    # a caller's template replaces the default; uce keeps the single unstyled phrase
+    rep = plugin.rece_method(canvas, "object", ["star"], epochs=0, concept_template="an image of a {concept}").rece_report
+    assert rep.concept_texts == ["an image of a star"]
+    assert plugin.uce_method(canvas, "object", ["star"]).rece_report.concept_texts == ["an image of a star"]
