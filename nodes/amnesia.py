@@ -47,7 +47,7 @@ from sae_core.fisher import compute_fisher, eps_mse_loss_fn, load_fisher
 from sae_core.formats import atomic_write
 from sae_core.lora import TARGET_PRESETS, LoRADelta, lora_state_dict, select_targets
 
-from .common import Progress, category, inp, interrupt_requested, node_id, throw_if_interrupted
+from .common import Progress, category, inp, interrupt_requested, node_id, sampler_choices, throw_if_interrupted
 
 log = logging.getLogger("concept_erasure")
 
@@ -354,12 +354,7 @@ def _device(model: Any) -> torch.device:
 
 
 def _sampler_inputs() -> dict[str, tuple]:
-    try:
-        import comfy.samplers
-
-        samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
-    except ImportError:  # outside ComfyUI (pack inspection, docs): the defaults only
-        samplers, schedulers = ["euler"], ["normal"]
+    samplers, schedulers = sampler_choices()
     return {
         "sample_steps": inp("INT", "Sampling steps used to generate the training samples.", default=20, min=1, max=200),
         "cfg": inp("FLOAT", "Classifier-free guidance scale of the generated samples (the reference uses 7.5).",

@@ -263,6 +263,16 @@ def inp(io_type: Any, tooltip: str, **options: Any) -> tuple:
     return (io_type, {"tooltip": tooltip, **options})
 
 
+def sampler_choices() -> tuple[list[str], list[str]]:
+    """ComfyUI's sampler and scheduler names (``["euler"], ["normal"]`` outside ComfyUI, for pack inspection)."""
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:
+        return ["euler"], ["normal"]
+
+
 def missing_tooltips(node_cls: type) -> list[str]:
     """Names of visible inputs of a V1 node class that lack a tooltip (empty list when all have one)."""
     spec: Mapping[str, Mapping[str, Any]] = node_cls.INPUT_TYPES()

@@ -71,6 +71,7 @@ from .common import (
     interrupt_requested,
     node_id,
     register_sae_folder,
+    sampler_choices,
     throw_if_interrupted,
     torch_dtype,
 )
@@ -499,12 +500,7 @@ def _model_family(model: Any) -> str:
 
 
 def _sampler_inputs(steps: int = 20, cfg: float = 7.5) -> dict[str, tuple]:
-    try:
-        import comfy.samplers
-
-        samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
-    except ImportError:  # outside ComfyUI (pack inspection): the defaults only
-        samplers, schedulers = ["euler"], ["normal"]
+    samplers, schedulers = sampler_choices()
     return {
         "steps": inp("INT", "Sampling steps of every generation; the step index recorded with each activation "
                             "is a position in this schedule.", default=steps, min=1, max=1000),
