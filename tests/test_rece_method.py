@@ -148,7 +148,9 @@ def test_rece_erases_an_object_in_every_phrasing_by_default(canvas):
     assert rep.concept_texts == ["an image of a star"] + [f"an image of a star in {s} style" for s in canvas.styles]
     assert "an image of a ring in neon style" in rep.preserve_texts
     assert not any("star" in t for t in rep.preserve_texts)
+    assert rep.anchor == plugin.RECE_OBJECT_ANCHOR and plugin.rece_method(canvas, "style", ["neon"], epochs=0).rece_report.anchor == ""
     # a caller's template replaces the default; uce keeps the single unstyled phrase
-    rep = plugin.rece_method(canvas, "object", ["star"], epochs=0, concept_template="an image of a {concept}").rece_report
-    assert rep.concept_texts == ["an image of a star"]
+    rep = plugin.rece_method(canvas, "object", ["star"], epochs=0, concept_template="an image of a {concept}",
+                             anchor="").rece_report
+    assert rep.concept_texts == ["an image of a star"] and rep.anchor == ""
     assert plugin.uce_method(canvas, "object", ["star"]).rece_report.concept_texts == ["an image of a star"]
