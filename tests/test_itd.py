@@ -534,6 +534,7 @@ def test_minicanvas_prompt_sets():
 def test_minicanvas_itd_method(tmp_path, monkeypatch):
     canvas = _minicanvas()
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path))
+    from sae_core.methods.itd_method import DEFAULT_SCALE as plugin_defaults
     from sae_core.methods.itd_method import concept_prompt_sets, itd_method
     from sae_core.minicanvas.methods import get_method
 
@@ -547,6 +548,7 @@ def test_minicanvas_itd_method(tmp_path, monkeypatch):
     after = edited.encode_text(prompts)
     report = edited.itd_report.classifier
     assert report.tp + report.fn == 8 and report.recall == 1.0  # calibration prompts are always detected
+    assert edited.itd_report.concepts.scale == plugin_defaults["style"]
     flagged = torch.cat([report.concept_scores, report.other_scores]) >= edited.itd_report.concepts.tau
     for b in range(len(prompts)):
         if flagged[b]:
@@ -563,6 +565,9 @@ def test_minicanvas_itd_method(tmp_path, monkeypatch):
     monkeypatch.setattr(plugin, "train_canvas_sae", lambda *a, **k: pytest.fail("the cached SAE was not reused"))
     again = plugin.load_or_train_sae(canvas, plugin.MiniCanvasItDConfig(train_steps=40), progress=False)
     assert sae_fingerprint(again) == edited.itd_report.concepts.sae_fingerprint
+    # the kind's default strength, unless given
+    assert itd_method(canvas, "object", ["star"], train_steps=40, quiet=True).itd_report.concepts.scale == plugin_defaults["object"]
+    assert itd_method(canvas, "object", ["star"], train_steps=40, scale=-4.0, quiet=True).itd_report.concepts.scale == -4.0
     with pytest.raises(ValueError, match="unknown"):
         itd_method(canvas, "style", ["baroque"], quiet=True)
     with pytest.raises(ValueError, match="unknown itd option"):
