@@ -48,7 +48,7 @@ from ..itd import (
     train_text_sae,
 )
 from ..minicanvas.data import OBJECTS, STYLES, styled_prompt, unstyled_prompt
-from ..minicanvas.methods import register_method, validate_concepts
+from ..minicanvas.methods import KINDS, register_method, validate_concepts
 from ..sae import SparseAutoencoder
 
 __all__ = [
@@ -66,9 +66,6 @@ __all__ = [
 
 SHIPPED_SAE = "itd_text_sae.safetensors"
 """File name of the shipped SAE inside ``sae_core/minicanvas/weights/``."""
-
-KINDS = ("style", "object")
-
 
 DEFAULT_SCALE: dict[str, float] = {"style": -8.0, "object": -1.0}
 """Strength ``s`` per kind. Styles use the reference's -8 (UA, IRA and CRA 100% over the eight

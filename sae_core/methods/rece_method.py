@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from ..minicanvas.data import styled_prompt, unstyled_prompt
 from ..minicanvas.methods import register_method, validate_concepts
 from ..rece import RECEResult, rece_edit, uce_preserve_scale, uce_start
 
@@ -118,8 +119,7 @@ def object_templates(canvas: Any) -> str:
     """``rece``'s default concept texts for objects (``|``-separated templates): the object's unstyled
     prompt and its prompt in every style of ``canvas``; the preserve texts are then the same phrasings
     of the other objects. See :data:`RECE_OBJECT_ANCHOR` for the results."""
-    return "|".join([DEFAULT_TEMPLATES["object"]] + [f"an image of a {{concept}} in {style} style"
-                                                     for style in canvas.styles])
+    return "|".join([unstyled_prompt("{concept}")] + [styled_prompt("{concept}", style) for style in canvas.styles])
 
 
 RECE_OBJECT_ANCHOR = "an image of a"

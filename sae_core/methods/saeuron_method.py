@@ -44,7 +44,7 @@ from ..config import TrainConfig
 from ..formats import load_sae, save_sae
 from ..minicanvas import files as mc_files
 from ..minicanvas.data import OBJECTS, STYLES, prompt_for
-from ..minicanvas.methods import register_method, validate_concepts
+from ..minicanvas.methods import KINDS, register_method, validate_concepts
 from ..saeuron import ConceptStats, SAeUronHook, collect_block_activations, concept_stats_from_store
 from ..store import ActivationReader, ActivationWriter
 from ..trainer import SaeTrainer
@@ -58,7 +58,6 @@ __all__ = [
     "unet_fingerprint",
 ]
 
-KINDS = ("style", "object")
 SAE_FILES = {kind: f"saeuron_sae_{kind}.safetensors" for kind in KINDS}
 STATS_FILES = {kind: f"saeuron_stats_{kind}.safetensors" for kind in KINDS}
 
@@ -366,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--expansion", type=int, default=RECIPE.expansion_factor)
     s = sub.add_parser("sweep", help="UA/IRA/CRA over a grid of gamma x top_n")
     s.add_argument("--assets", type=Path, default=None, help="folder of built assets (default: shipped)")
-    s.add_argument("--kind", choices=("style", "object"), required=True)
+    s.add_argument("--kind", choices=KINDS, required=True)
     s.add_argument("--gamma", type=_floats, default=[-1.0])
     s.add_argument("--top-n", type=_ints, default=[1])
     s.add_argument("--concepts", default=None, help="comma-separated subset (default: all)")

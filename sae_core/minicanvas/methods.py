@@ -31,6 +31,9 @@ from typing import Any, Callable
 MethodFactory = Callable[..., Any]
 """``factory(canvas, kind, concepts, **options) -> edited canvas``."""
 
+KINDS = ("style", "object")
+"""What a MiniCanvas method erases: styles or objects."""
+
 METHOD_PACKAGE = "sae_core.methods"
 """Package whose modules register MiniCanvas methods when imported."""
 
@@ -92,7 +95,7 @@ def load_method_modules(package: str = METHOD_PACKAGE, verbose: bool = False) ->
 
 def validate_concepts(canvas: Any, kind: str, concepts: list[str]) -> list[str]:
     """Check ``kind`` and that every concept exists on ``canvas``; returns the concept list."""
-    if kind not in ("style", "object"):
+    if kind not in KINDS:
         raise ValueError(f"kind must be 'style' or 'object', got {kind!r}")
     names = canvas.styles if kind == "style" else canvas.objects
     if not concepts:
