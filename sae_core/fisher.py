@@ -35,11 +35,15 @@ is the underlying loss.
 Converter
 ---------
 :func:`convert_fisher_pickle` turns a pickled ``{name: tensor}`` Fisher into our safetensors
-format, keeping only the LoRA targets. It reads the source with
-``torch.load(weights_only=True)`` only and never falls back to unrestricted unpickling.
-Note: ``torch.load(weights_only=True)`` reads files written by ``torch.save``; a file
-written with plain ``pickle.dump`` (as the reference's ``combine_fisher_dict.py`` does) is
-refused with an explanation.
+format, keeping only the LoRA targets. It never unpickles without restriction:
+
+* a ``torch.save`` file is read with ``torch.load(weights_only=True)``;
+* a plain ``pickle.dump`` file (how the reference's ``combine_fisher_dict.py`` writes the
+  published SD v1.4 Fisher) pickles each tensor as a call to ``torch.storage._load_from_bytes``,
+  which would run ``torch.load(weights_only=False)`` on the embedded bytes, so weights-only
+  loading refuses the file. :func:`load_plain_tensor_pickle` reads it with an allow-list
+  unpickler instead: dicts, ``OrderedDict``, the tensor rebuild function and storages, each
+  storage's bytes read with ``torch.load(weights_only=True)``. Any other global is refused.
 
 Command line: ``python -m sae_core.fisher convert SRC DST --targets xattn``.
 """
@@ -47,7 +51,10 @@ Command line: ``python -m sae_core.fisher convert SRC DST --targets xattn``.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
+import io
+import pickle
 import json
 import math
 import os
@@ -78,6 +85,7 @@ __all__ = [
     "save_fisher",
     "load_fisher",
     "convert_fisher_pickle",
+    "load_plain_tensor_pickle",
     "main",
 ]
 
@@ -459,6 +467,61 @@ def compute_fisher(
 # --------------------------------------------------------------------------- converter
 
 
+def _storage_from_bytes(data: bytes) -> object:
+    """A storage pickled by ``torch.save`` inside a plain pickle, read weights-only."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"storage payload must be bytes, got {type(data).__name__}")
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def _encode(obj: object, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes (text codecs only)."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode({type(obj).__name__}, {encoding!r})")
+    return obj.encode(encoding, errors)
+
+
+_PLAIN_PICKLE_GLOBALS: dict[tuple[str, str], Callable[..., object]] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("_codecs", "encode"): _encode,
+}
+
+
+class _TensorDictUnpickler(pickle.Unpickler):
+    """Resolves only the globals a pickled ``{name: tensor}`` dict needs; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
+        try:
+            return _PLAIN_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a tensor pickle") from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("persistent ids are not allowed in a plain tensor pickle")
+
+
+def load_plain_tensor_pickle(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``{name: tensor}`` dict written with plain ``pickle.dump``, without running code.
+
+    Only dicts, ``OrderedDict``, ``torch._utils._rebuild_tensor_v2`` and storages are
+    accepted; every storage's embedded ``torch.save`` bytes are read with
+    ``torch.load(weights_only=True)``. Raises ``ValueError`` for anything else.
+    """
+    src = os.fspath(path)
+    try:
+        with open(src, "rb") as f:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                obj = _TensorDictUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{src}: not a plain pickle of tensors ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{src}: expected a dict of name -> tensor, got {type(obj).__name__}")
+    return dict(obj)
+
+
 def _raw_pickle_protocol(path: str) -> Optional[int]:
     """Protocol of a file that starts like a plain ``pickle.dump`` (not a torch.save zip)."""
     with open(path, "rb") as f:
@@ -501,8 +564,9 @@ def convert_fisher_pickle(
 ) -> dict[str, tuple[int, ...]]:
     """Convert a pickled ``{name: tensor}`` Fisher (e.g. the SD v1.4 one) to our safetensors format.
 
-    The source is read with ``torch.load(weights_only=True, map_location="cpu")`` and
-    nothing else; if that fails, a ValueError explains why and nothing is written.
+    A ``torch.save`` file is read with ``torch.load(weights_only=True, map_location="cpu")``; a
+    plain ``pickle.dump`` file (the published SD v1.4 Fisher) with :func:`load_plain_tensor_pickle`.
+    Nothing else is tried; if both fail, a ValueError explains why and nothing is written.
     Keys ``model.diffusion_model.*`` are renamed ``diffusion_model.*``; a file whose keys have
     no ``diffusion_model.`` prefix is taken to be UNet-relative. Only the weights of
     ``targets`` (a preset, matched by name and by tensor rank: 2-D Linear, 4-D Conv2d, or a
@@ -519,22 +583,27 @@ def convert_fisher_pickle(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # protocol notices; failures raise below
             obj = torch.load(src_s, weights_only=True, map_location="cpu", mmap=is_zip)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not safely loadable"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not safely loadable this way"
         reason = str(exc).strip().splitlines()
         reason_s = next((ln for ln in reversed(reason) if "WeightsUnpickler error" in ln or "Unsupported" in ln), reason[0] if reason else type(exc).__name__)
         proto = None if is_zip else _raw_pickle_protocol(src_s)
-        hint = ""
-        if proto is not None:
-            hint = (
-                f" The file looks like a plain pickle.dump() file (protocol {proto}), which is how the reference writes "
-                "full_fisher_dict.pkl; weights-only loading reads torch.save() files only."
-            )
-        raise ValueError(
-            f"{src_s}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: {reason_s}).{hint} "
-            "This converter never falls back to unrestricted unpickling, which can run arbitrary code. "
-            "Re-save the dict with torch.save() in an isolated environment if you trust its source, "
-            "or compute the Fisher for your model with compute_fisher()."
-        ) from exc
+        if proto is None:
+            raise ValueError(
+                f"{src_s}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: {reason_s}). "
+                "This converter never falls back to unrestricted unpickling, which can run arbitrary code. "
+                "Re-save the dict with torch.save() in an isolated environment if you trust its source, "
+                "or compute the Fisher for your model with compute_fisher()."
+            ) from exc
+        try:
+            obj = load_plain_tensor_pickle(src_s)
+        except ValueError as exc2:
+            raise ValueError(
+                f"{src_s}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: {reason_s}), "
+                f"nor as a plain pickle.dump() file of tensors (protocol {proto}): {exc2}. "
+                "This converter never falls back to unrestricted unpickling, which can run arbitrary code. "
+                "Re-save the dict with torch.save() in an isolated environment if you trust its source, "
+                "or compute the Fisher for your model with compute_fisher()."
+            ) from exc2
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError(f"{src_s}: expected a non-empty dict of name -> tensor, got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -576,8 +645,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sae_core.fisher convert SRC DST --targets xattn``."""
     parser = argparse.ArgumentParser(prog="python -m sae_core.fisher", description="Fisher information files for Selective Amnesia.")
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="convert a pickled {name: tensor} Fisher (torch.save format) to safetensors")
-    conv.add_argument("src", help="source .pkl/.pt file (read with torch.load(weights_only=True) only)")
+    conv = sub.add_parser("convert", help="convert a pickled {name: tensor} Fisher (torch.save or plain pickle) to safetensors")
+    conv.add_argument("src", help="source .pkl/.pt file (never unpickled without restriction)")
     conv.add_argument("dst", help="destination .safetensors file")
     conv.add_argument("--targets", default="xattn",
                       help=f"a preset ({', '.join(TARGET_PRESETS)}) or comma-separated module names (default: xattn)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import io
 import pickle
 
 import pytest
@@ -283,11 +284,50 @@ def test_convert_refuses_unsafe_pickles(tmp_path):
     with pytest.raises(ValueError, match="never falls back"):
         convert_fisher_pickle(tmp_path / "ns.pt", tmp_path / "out.safetensors", "xattn")
 
-    # The reference writes its Fisher with plain pickle.dump, which weights-only loading cannot read.
-    with open(tmp_path / "raw.pkl", "wb") as f:
-        pickle.dump({"diffusion_model.a.attn2.to_k.weight": torch.ones(2, 2)}, f, protocol=pickle.HIGHEST_PROTOCOL)
-    with pytest.raises(ValueError, match=r"pickle\.dump"):
-        convert_fisher_pickle(tmp_path / "raw.pkl", tmp_path / "out.safetensors", "xattn")
+    # A plain pickle.dump file may only hold tensors: any other global is refused before it runs.
+    with open(tmp_path / "raw_evil.pkl", "wb") as f:
+        pickle.dump({"diffusion_model.a.attn2.to_k.weight": torch.ones(2, 2), "x": Payload(marker)}, f)
+    with pytest.raises(ValueError, match=r"plain pickle\.dump\(\) file.*open is not allowed"):
+        convert_fisher_pickle(tmp_path / "raw_evil.pkl", tmp_path / "out.safetensors", "xattn")
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+    # ... and a storage's embedded bytes are read weights-only, so code hidden there does not run either.
+    buf = io.BytesIO()
+    torch.save({"x": Payload(marker)}, buf, _use_new_zipfile_serialization=False)
+    with open(tmp_path / "raw_storage.pkl", "wb") as f:
+        pickle.dump({"diffusion_model.a.attn2.to_k.weight": StoragePayload(buf.getvalue())}, f)
+    with pytest.raises(ValueError, match="never falls back"):
+        convert_fisher_pickle(tmp_path / "raw_storage.pkl", tmp_path / "out.safetensors", "xattn")
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+class StoragePayload:
+    """Pickles as the storage loader applied to arbitrary ``torch.save`` bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_convert_reads_plain_pickle_dump(tmp_path, protocol):
+    """The reference's combine_fisher_dict.py writes the published Fisher with pickle.dump."""
+    g = torch.Generator().manual_seed(1)
+    src = {"model." + k: torch.rand(s, generator=g) for k, s in KEYS.items()}
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    src[key] = src[key].t()  # a non-contiguous view keeps its values
+    with open(tmp_path / "full_fisher_dict.pkl", "wb") as f:
+        pickle.dump(src, f, protocol=protocol)
+    with pytest.raises(Exception):  # what makes the dedicated reader necessary
+        torch.load(tmp_path / "full_fisher_dict.pkl", weights_only=True)
+    kept = convert_fisher_pickle(tmp_path / "full_fisher_dict.pkl", tmp_path / "x.safetensors", "xattn")
+    assert len(kept) == 2
+    f = load_fisher(tmp_path / "x.safetensors")
+    for k in kept:
+        torch.testing.assert_close(f.fisher[k], src["model." + k], rtol=0, atol=0)
     with pytest.raises(FileNotFoundError):
         convert_fisher_pickle(tmp_path / "nope.pkl", tmp_path / "out.safetensors", "xattn")
 
