@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CAPTURE_WHICH",
     "ActivationCollector",
     "Capture",
     "CollectedRows",
@@ -150,7 +151,7 @@ class Capture:
     Attributes:
         path: the hooked module's dotted path.
         module: the hooked module.
-        which: ``"output"`` or ``"input"``.
+        which: ``"output"``, ``"input"`` or ``"diff"``.
         tensors: recorded tensors, one per forward call, in call order (empty when a callback
             ``fn`` was given: the callback received them instead).
         calls: how many times the hook fired.
@@ -179,6 +180,10 @@ def _first_tensor(value: Any, what: str, path: str) -> Tensor:
     return value
 
 
+CAPTURE_WHICH = ("output", "input", "diff")
+"""What :func:`capture` can record of a block."""
+
+
 @contextlib.contextmanager
 def capture(
     root: nn.Module,
@@ -198,7 +203,9 @@ def capture(
         which: ``"output"`` hooks the module's output (a forward hook); ``"input"`` hooks its
             first positional input (a forward pre-hook; falls back to the first tensor keyword
             argument when called with keywords only). Tuple/list values contribute their first
-            element, so blocks that return ``(hidden_states,)`` work.
+            element, so blocks that return ``(hidden_states,)`` work. ``"diff"`` records the
+            block's update, output minus first positional input (SAeUron's ``output_or_diff="diff"``;
+            the two must have the same shape).
         fn: optional callback. When given it receives each detached tensor instead of it being
             appended to ``Capture.tensors``; if it raises, the exception propagates out of the
             model's forward (and the hook is still removed).
@@ -210,8 +217,8 @@ def capture(
     The hook is always removed when the block exits, also when the model raised.
     Recording never modifies the value the model sees.
     """
-    if which not in ("output", "input"):
-        raise ValueError(f"capture: which must be 'output' or 'input', got {which!r}")
+    if which not in CAPTURE_WHICH:
+        raise ValueError(f"capture: which must be one of {CAPTURE_WHICH}, got {which!r}")
     module = get_submodule(root, path)
     record = Capture(path, module, which)
 
@@ -231,6 +238,18 @@ def capture(
             take(output)
 
         handle = module.register_forward_hook(output_hook)
+    elif which == "diff":
+        def diff_hook(_module: nn.Module, args: tuple, output: Any) -> None:
+            out = _first_tensor(output, "output", path)
+            if not args:
+                raise ValueError(f"capture(which='diff'): '{path}' was called without a positional input")
+            x = _first_tensor(args, "input", path)
+            if x.shape != out.shape:
+                raise ValueError(f"capture(which='diff'): '{path}' maps {tuple(x.shape)} to {tuple(out.shape)}; "
+                                 "its update (output - input) is only defined for equal shapes")
+            take(out.detach() - x.detach())
+
+        handle = module.register_forward_hook(diff_hook)
     else:
         def input_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             if args:
@@ -332,8 +351,8 @@ class ActivationCollector:
         stop_forward: bool = False,
         check_finite: bool = True,
     ) -> None:
-        if which not in ("output", "input"):
-            raise ValueError(f"ActivationCollector: which must be 'output' or 'input', got {which!r}")
+        if which not in CAPTURE_WHICH:
+            raise ValueError(f"ActivationCollector: which must be one of {CAPTURE_WHICH}, got {which!r}")
         get_submodule(root, path)  # fail early on a wrong path
         self.root = root
         self.path = path

@@ -111,6 +111,24 @@ def test_capture_tuple_output_and_input(net):
     assert hook_count(net) == 0
 
 
+def test_capture_diff_is_the_block_update(net):
+    x = torch.randn(2, 3, 4, 4)
+    h0 = net.output_blocks[0][0](net.conv_in(x))
+    block = net.output_blocks[0][1]
+    with capture(net, "output_blocks.0.1", which="diff") as rec:
+        y = net(x)
+    torch.testing.assert_close(rec.tensors[0], block.proj(h0), rtol=1e-6, atol=1e-6)  # (proj(h) + h) - h
+    assert torch.equal(net(x), y) and hook_count(net) == 0
+    # a module whose output has another shape than its input has no update
+    with pytest.raises(ValueError, match="only defined for equal shapes"):
+        with capture(net, "output_blocks.1.2", which="diff"):
+            net(x)
+    assert hook_count(net) == 0
+    with pytest.raises(ValueError, match="which must be one of"):
+        with capture(net, "output_blocks.0.1", which="delta"):
+            pass
+
+
 def test_capture_options_copy_cast_and_callback(net):
     x = torch.randn(2, 3, 4, 4)
     got = []

@@ -131,6 +131,29 @@ def test_bit_exact_when_nothing_fires():
         assert torch.equal(x, x_before)  # the input was not modified in place
 
 
+def test_update_mode_edits_the_block_update():
+    """SAeUron on a block's update d = out - x_in: the block returns x_in + edit(d)."""
+    sae = make_sae()
+    stats = make_stats(sae)
+    g = torch.Generator().manual_seed(8)
+    x_in = torch.randn(4, C, H, W, generator=g)
+    d = torch.randn(4, C, H, W, generator=g)
+    out = x_in + d
+    hook = SAeUronHook(sae, stats, ["a"], gamma=-2.0, top_n=3)
+    for t in range(stats.num_steps):
+        y = hook.on_update(x_in, out, t)
+        assert hook.last_fired.any()
+        torch.testing.assert_close(y, x_in + dense_reference(sae, out - x_in, hook.table.step(t), "conventional"),
+                                   rtol=1e-4, atol=1e-5)
+    # nothing fires: the block's own output object comes back
+    huge = ConceptStats(stats.concepts, stats.means + 1e6, stats.counts, sae_fingerprint=stats.sae_fingerprint)
+    quiet = SAeUronHook(sae, huge, ["a"], gamma=-2.0, top_n=3)
+    assert quiet.on_update(x_in, out, 0) is out
+    # the timestep form maps to the same step
+    t_val = float(stats.schedule[2])
+    torch.testing.assert_close(hook.update_at_timestep(x_in, out, t_val), hook.on_update(x_in, out, 2))
+
+
 def test_conventional_and_reference_differ_by_twice_the_error_where_nothing_fires():
     sae = make_sae()
     stats = make_stats(sae)

@@ -69,6 +69,9 @@ class SAeUronRecipe:
     blocks: dict[str, str] = field(default_factory=lambda: {"style": "output_blocks.3.1",
                                                             "object": "output_blocks.2.1"})
     """Hooked UNet block per kind: the two up-path SpatialTransformers of the 16x16 grid."""
+    sources: dict[str, str] = field(default_factory=lambda: {"style": "output", "object": "output"})
+    """What the SAE of each kind reads: the block's ``output`` (SAeUron's default) or its update
+    ``diff`` (output minus input, the reference's ``output_or_diff="diff"``)."""
     expansion_factor: int = 16
     """SAE latents per activation dimension (SAeUron: 16)."""
     k: int = 8
@@ -127,6 +130,8 @@ class SAeUronAssets:
     """Per-step statistics of every concept of the kind."""
     block: str
     """Hooked block."""
+    source: str
+    """What the SAE reads: the block's ``output`` or its update ``diff``."""
     folder: Path
     """Where the files live."""
 
@@ -166,16 +171,20 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
     """
     out_dir = Path(out_dir)
     kinds = _check_kinds(kinds)
-    by_block: dict[str, list[str]] = {}
+    by_block: dict[tuple[str, str], list[str]] = {}
     for kind in kinds:
         block = recipe.blocks[kind]
         canvas.get_block(block)  # clear error for an unknown block name
-        by_block.setdefault(block, []).append(kind)
+        source = recipe.sources.get(kind, "output")
+        if source not in ("output", "diff"):
+            raise ValueError(f"sources[{kind!r}] must be 'output' or 'diff', got {source!r}")
+        by_block.setdefault((block, source), []).append(kind)
     fp = unet_fingerprint(canvas.unet)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for block, block_kinds in by_block.items():
-        sae, stats = _build_block(canvas, block, block_kinds, recipe, fp, progress)
+    for (block, source), block_kinds in by_block.items():
+        sae, stats = _build_block(canvas, block, source, block_kinds, recipe, fp, progress)
         sae.cfg.extra["unet_fingerprint"] = fp
+        sae.cfg.extra["source"] = source
         sae.cfg.extra["recipe"] = recipe.to_dict()
         for kind in block_kinds:
             save_sae(sae, out_dir / SAE_FILES[kind], layout="file")
@@ -184,7 +193,7 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
     return {kind: _read_assets(out_dir, kind, canvas.device) for kind in kinds}
 
 
-def _build_block(canvas: Any, block: str, kinds: list[str], recipe: SAeUronRecipe, fp: str,
+def _build_block(canvas: Any, block: str, source: str, kinds: list[str], recipe: SAeUronRecipe, fp: str,
                  progress: bool) -> tuple[Any, dict[str, ConceptStats]]:
     table = _prompt_table()
     items = [(p, s) for s in recipe.seeds for p, _, _ in table]  # seed-major: one sampler call per seed
@@ -212,7 +221,7 @@ def _build_block(canvas: Any, block: str, kinds: list[str], recipe: SAeUronRecip
                               metadata_columns=("step", "timestep", "cond", "prompt_index", "position"),
                               attrs={"hookpoint": block}) as writer:
             collect_block_activations(sample_fn, base.unet, block, items, recipe.steps, writer,
-                                      state=state, batch_size=len(table), progress=progress)
+                                      state=state, batch_size=len(table), progress=progress, which=source)
         reader = ActivationReader(store)
         t_collect = time.perf_counter() - t0
 
@@ -236,7 +245,7 @@ def _build_block(canvas: Any, block: str, kinds: list[str], recipe: SAeUronRecip
                 progress=progress, attrs={"kind": kind, "recipe": recipe.to_dict(), "unet_fingerprint": fp})
     t_stats = time.perf_counter() - t0 - t_collect - t_train
     if progress:
-        print(f"SAeUron assets for {block} ({', '.join(kinds)}): {len(reader)} tokens (d={d}), SAE "
+        print(f"SAeUron assets for {block} {source} ({', '.join(kinds)}): {len(reader)} tokens (d={d}), SAE "
               f"{sae.cfg.num_latents} latents k={sae.cfg.k}, final FVU {fvu:.4f}; collect {t_collect:.0f}s, "
               f"train {t_train:.0f}s, stats {t_stats:.0f}s", flush=True)
     return sae, stats
@@ -250,7 +259,8 @@ def _read_assets(folder: Path, kind: str, device: Any) -> SAeUronAssets:
     sae = load_sae(folder / SAE_FILES[kind], device=device)
     stats = ConceptStats.load(folder / STATS_FILES[kind])
     stats.check_sae(sae)
-    return SAeUronAssets(kind, sae, stats, sae.cfg.hookpoint or RECIPE.blocks[kind], folder)
+    source = str(sae.cfg.extra.get("source", "output"))
+    return SAeUronAssets(kind, sae, stats, sae.cfg.hookpoint or RECIPE.blocks[kind], source, folder)
 
 
 def _cache_dir(fingerprint: str) -> Path:
@@ -313,8 +323,12 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
     hook = SAeUronHook(assets.sae, assets.stats, concepts, gamma=gamma, top_n=top_n,
                        percentile=percentile, error_mode=error_mode, cond_only=bool(cond_only))
 
-    def block_hook(_module: Any, _inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return hook.at_timestep(output, float(ctx.timestep), _cond_mask(ctx))
+    if assets.source == "diff":
+        def block_hook(_module: Any, inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
+            return hook.update_at_timestep(inputs[0], output, float(ctx.timestep), _cond_mask(ctx))
+    else:
+        def block_hook(_module: Any, _inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
+            return hook.at_timestep(output, float(ctx.timestep), _cond_mask(ctx))
 
     edited = canvas.with_hook(assets.block, block_hook)
     edited.saeuron_hook = hook  # for inspection (fired-token counters)
@@ -359,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, default=mc_files.WEIGHTS_DIR)
     b.add_argument("--style-block", default=RECIPE.blocks["style"])
     b.add_argument("--object-block", default=RECIPE.blocks["object"])
+    b.add_argument("--style-source", choices=("output", "diff"), default=RECIPE.sources["style"])
+    b.add_argument("--object-source", choices=("output", "diff"), default=RECIPE.sources["object"])
     b.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to build")
     b.add_argument("--train-steps", type=int, default=RECIPE.train_steps)
     b.add_argument("--k", type=int, default=RECIPE.k)
@@ -383,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     canvas = MiniCanvas.load(a.weights)
     if a.command == "build":
         recipe = SAeUronRecipe(blocks={"style": a.style_block, "object": a.object_block},
+                               sources={"style": a.style_source, "object": a.object_source},
                                train_steps=a.train_steps, k=a.k, expansion_factor=a.expansion)
         build_assets(canvas, a.out, recipe, kinds=a.kinds.split(","))
         return 0

@@ -115,6 +115,7 @@ def collect_block_activations(
     schedule: Sequence[float] | Tensor | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    which: str = "output",
 ) -> int:
     """Run ``sample_fn`` over ``prompts`` in batches and stream ``block``'s output tokens to ``writer``.
 
@@ -131,6 +132,8 @@ def collect_block_activations(
         schedule: per-step timesteps/sigmas, needed only when ``state()`` has no ``step_index``.
         batch_size: prompts per ``sample_fn`` call.
         progress: show a tqdm bar over batches.
+        which: ``"output"`` (the block's output, SAeUron's default) or ``"diff"`` (its update,
+            output minus input); see :func:`sae_core.capture.capture`.
 
     Returns:
         The number of rows written.
@@ -173,7 +176,7 @@ def collect_block_activations(
         written += tok.rows.shape[0]
 
     spans = _batches(len(prompts), batch_size)
-    with capture(root_module, block, fn=on_output, copy=False):
+    with capture(root_module, block, which, fn=on_output, copy=False):
         for lo, hi in tqdm(spans, desc=f"collect {block}", disable=not progress):
             offset = lo
             sample_fn(prompts[lo:hi])

@@ -329,6 +329,25 @@ class SAeUronHook:
         """Like calling the hook, with the step index found from the sampler's timestep/sigma."""
         return self(x, self.step_for(t), cond_mask)
 
+    def on_update(self, x_in: Tensor, out: Tensor, step_index: int,
+                  cond_mask: Tensor | Sequence[bool] | None = None) -> Tensor:
+        """Edited output of a block whose SAE reads the block's *update* ``d = out - x_in``.
+
+        SAeUron's ``output_or_diff="diff"`` hook point: ``d`` is edited like a block output and
+        the block returns ``x_in + d'``, written as ``out + (d' - d)`` so that ``out`` itself comes
+        back untouched when nothing fires.
+        """
+        d = out - x_in
+        edited = self(d, step_index, cond_mask)
+        if edited is d:
+            return out
+        return out + (edited - d)
+
+    def update_at_timestep(self, x_in: Tensor, out: Tensor, t: float | Tensor,
+                           cond_mask: Tensor | Sequence[bool] | None = None) -> Tensor:
+        """:meth:`on_update` with the step index found from the sampler's timestep/sigma."""
+        return self.on_update(x_in, out, self.step_for(t), cond_mask)
+
     def forward_hook(self, state: Callable[[], Any]) -> Callable[[nn.Module, Any, Any], Any]:
         """An ``nn.Module`` forward hook applying this edit.
 
