@@ -167,7 +167,7 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
 
     One sampling pass per block serves both the SAE's training data and the statistics: every
     prompt (64 styled + 8 unstyled) with every seed of the recipe, all DDIM steps, conditional rows.
-    Kinds that share a block share its SAE (saved once per kind).
+    Kinds that share a block and source share its SAE (saved once per kind).
     """
     out_dir = Path(out_dir)
     kinds = _check_kinds(kinds)
