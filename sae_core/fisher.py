@@ -54,10 +54,10 @@ import argparse
 import collections
 import hashlib
 import io
-import pickle
 import json
 import math
 import os
+import pickle
 import sys
 import warnings
 import zipfile
@@ -522,6 +522,13 @@ def load_plain_tensor_pickle(path: PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+_REFUSAL_ADVICE = (
+    "This converter never falls back to unrestricted unpickling, which can run arbitrary code. "
+    "Re-save the dict with torch.save() in an isolated environment if you trust its source, "
+    "or compute the Fisher for your model with compute_fisher()."
+)
+
+
 def _raw_pickle_protocol(path: str) -> Optional[int]:
     """Protocol of a file that starts like a plain ``pickle.dump`` (not a torch.save zip)."""
     with open(path, "rb") as f:
@@ -589,20 +596,14 @@ def convert_fisher_pickle(
         proto = None if is_zip else _raw_pickle_protocol(src_s)
         if proto is None:
             raise ValueError(
-                f"{src_s}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: {reason_s}). "
-                "This converter never falls back to unrestricted unpickling, which can run arbitrary code. "
-                "Re-save the dict with torch.save() in an isolated environment if you trust its source, "
-                "or compute the Fisher for your model with compute_fisher()."
+                f"{src_s}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: {reason_s}). " + _REFUSAL_ADVICE
             ) from exc
         try:
             obj = load_plain_tensor_pickle(src_s)
         except ValueError as exc2:
             raise ValueError(
                 f"{src_s}: cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: {reason_s}), "
-                f"nor as a plain pickle.dump() file of tensors (protocol {proto}): {exc2}. "
-                "This converter never falls back to unrestricted unpickling, which can run arbitrary code. "
-                "Re-save the dict with torch.save() in an isolated environment if you trust its source, "
-                "or compute the Fisher for your model with compute_fisher()."
+                f"nor as a plain pickle.dump() file of tensors (protocol {proto}): {exc2}. " + _REFUSAL_ADVICE
             ) from exc2
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError(f"{src_s}: expected a non-empty dict of name -> tensor, got {type(obj).__name__}")

@@ -6,7 +6,8 @@ own SAE on its own up-path cross-attention block (:attr:`SAeUronRecipe.blocks`):
 ``output_blocks.5.1``), objects on ``output_blocks.2.1`` (as SD's ``output_blocks.4.1``). What ships
 (package data under ``sae_core/minicanvas/weights/``), per kind:
 
-* ``saeuron_sae_<kind>.safetensors``: a TopK SAE trained on the block's output, with activations
+* ``saeuron_sae_<kind>.safetensors``: a TopK SAE trained on the block's output (or its update, see
+  :attr:`SAeUronRecipe.sources`), with activations
   from every DDIM step of every MiniCanvas prompt (conditional CFG branch), trained with
   :class:`sae_core.trainer.SaeTrainer`;
 * ``saeuron_stats_<kind>.safetensors``: SAeUron's per-step concept statistics of every style (or
@@ -60,6 +61,8 @@ __all__ = [
 
 SAE_FILES = {kind: f"saeuron_sae_{kind}.safetensors" for kind in KINDS}
 STATS_FILES = {kind: f"saeuron_stats_{kind}.safetensors" for kind in KINDS}
+SOURCES = ("output", "diff")
+"""What an SAE can read of its block: the output, or the update (output minus input)."""
 
 
 @dataclass
@@ -176,8 +179,8 @@ def build_assets(canvas: Any, out_dir: str | os.PathLike, recipe: SAeUronRecipe 
         block = recipe.blocks[kind]
         canvas.get_block(block)  # clear error for an unknown block name
         source = recipe.sources.get(kind, "output")
-        if source not in ("output", "diff"):
-            raise ValueError(f"sources[{kind!r}] must be 'output' or 'diff', got {source!r}")
+        if source not in SOURCES:
+            raise ValueError(f"sources[{kind!r}] must be one of {SOURCES}, got {source!r}")
         by_block.setdefault((block, source), []).append(kind)
     fp = unet_fingerprint(canvas.unet)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, default=mc_files.WEIGHTS_DIR)
     b.add_argument("--style-block", default=RECIPE.blocks["style"])
     b.add_argument("--object-block", default=RECIPE.blocks["object"])
-    b.add_argument("--style-source", choices=("output", "diff"), default=RECIPE.sources["style"])
-    b.add_argument("--object-source", choices=("output", "diff"), default=RECIPE.sources["object"])
+    b.add_argument("--style-source", choices=SOURCES, default=RECIPE.sources["style"])
+    b.add_argument("--object-source", choices=SOURCES, default=RECIPE.sources["object"])
     b.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to build")
     b.add_argument("--train-steps", type=int, default=RECIPE.train_steps)
     b.add_argument("--k", type=int, default=RECIPE.k)
