@@ -169,6 +169,7 @@ def eps_mse_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     alphas_cumprod: torch.Tensor,
+    target_fn: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Per-timestep eps-prediction MSE, mean over all elements of each row: ``Tensor[K]``.
 
@@ -181,6 +182,8 @@ def eps_mse_loss(
         t: ``LongTensor[K]`` timesteps.
         noise: ``[K, C, H, W]``, one draw per timestep.
         alphas_cumprod: ``[T]`` cumulative products of (1 - beta).
+        target_fn: ``target_fn(x_t, t, context, noise) -> [K, C, H, W]`` replaces the target
+            ``eps`` (e.g. a frozen teacher's prediction for some rows); called without gradients.
     """
     k = t.shape[0]
     if x0.dim() == noise.dim() - 1:
@@ -199,8 +202,14 @@ def eps_mse_loss(
             context = context.unsqueeze(0)
         if context.shape[0] == 1 and k != 1:
             context = context.expand(k, *context.shape[1:])
+    target = noise
+    if target_fn is not None:
+        with torch.no_grad():
+            target = target_fn(x_t, t_dev, context, noise).detach()
+        if target.shape != noise.shape:
+            raise ValueError(f"eps_mse_loss: target_fn returned {tuple(target.shape)}, expected {tuple(noise.shape)}")
     eps = denoiser(x_t, t_dev, context)
-    return (eps.float() - noise.float()).square().flatten(1).mean(1)
+    return (eps.float() - target.float()).square().flatten(1).mean(1)
 
 
 def eps_mse_loss_fn(

@@ -244,6 +244,38 @@ def test_surrogate_term_is_an_independent_eager_reference():
     assert not torch.equal(draws["s_noise"], draws["r_noise"])
 
 
+def test_base_replay_target_regresses_onto_the_frozen_model():
+    """replay_target='base': the replay term is the student's distance to the untouched model's eps."""
+    canvas = tiny_canvas()
+    cfg = AmnesiaConfig(steps=3, lr=2e-2, batch_size=3, lam=0.0, gamma=1.0, seed=5, replay_target="base")
+    trainer, unet, loras = make_trainer(canvas, cfg)
+    noisy, _, _ = make_trainer(canvas, AmnesiaConfig(**{**cfg.__dict__, "replay_target": "noise"}))
+    first, first_noisy = trainer.train_step(), noisy.train_step()
+    # B = 0: the student is the base model (up to the batch size's float reordering)
+    assert first["replay"] < 1e-9 * first_noisy["replay"]
+    assert first["surrogate"] == pytest.approx(first_noisy["surrogate"], rel=1e-6)  # the surrogate half is untouched
+    trainer.train_step()
+    assert all(a.strength == 1.0 for a in loras.values())  # the switch-off is undone
+    # an eager recomputation at the current factors, with the input canvas' UNet as the teacher
+    draws = trainer._draws(trainer.step)
+    inv = {i: p for p, i in trainer.prompt_index.items()}
+    ref = []
+    abar = canvas.schedule.alphas_cumprod
+    for i in range(3):
+        x0 = trainer.replay[int(draws["r_idx"][i])][None]
+        ctx = canvas.encode_text_default([inv[int(draws["r_ctx"][i])]])
+        t = draws["r_t"][i : i + 1]
+        a = abar[t].view(1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * draws["r_noise"][i : i + 1]
+        with torch.no_grad():
+            ref.append((unet(x_t, t, ctx) - canvas.unet(x_t, t, ctx)).square().mean())
+    rec = trainer.train_step()
+    assert rec["replay"] > 0.0
+    assert rec["replay"] == pytest.approx(torch.stack(ref).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="replay_target"):
+        AmnesiaConfig(replay_target="teacher").validate()
+
+
 def test_replay_data_does_not_leak_into_the_surrogate_term():
     canvas = tiny_canvas()
     cfg = AmnesiaConfig(steps=1, batch_size=3, lam=0.0, seed=4)

@@ -95,6 +95,8 @@ class AmnesiaRecipe:
     not portable between setups). See :data:`KIND_DEFAULTS` for what it trades."""
     gamma: float = 1.0
     """Replay weight (0 switches generative replay off)."""
+    replay_target: str = "noise"
+    """Replay regression target: ``noise`` (the reference) or ``base`` (the frozen model's prediction)."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA factors."""
     grad_clip: Optional[float] = 1.0
@@ -378,7 +380,7 @@ def amnesia_method(canvas: Any, kind: str, concepts: list[str], **options: Any) 
         loras = inject_lora(unet, recipe.targets, recipe.rank, recipe.alpha, generator=gen)
         config = AmnesiaConfig(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, lam=recipe.lam,
                                gamma=recipe.gamma, weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip,
-                               seed=recipe.seed, checkpoint_every=0)
+                               seed=recipe.seed, checkpoint_every=0, replay_target=recipe.replay_target)
         trainer = AmnesiaTrainer(config, unet, canvas.schedule.alphas_cumprod, canvas.encode_text_default, loras,
                                  surrogate, forget, replay=replay if recipe.gamma > 0 else None, fisher=fisher,
                                  device=canvas.device)
