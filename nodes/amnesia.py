@@ -8,7 +8,9 @@
 * **Selective Amnesia LoRA Train** generates surrogate samples (surrogate prompt) and replay
   samples (remember prompts) with the wired model, then trains a LoRA with the Selective
   Amnesia objective (``sae_core.amnesia``): surrogate eps-MSE under the forget prompts +
-  gamma * replay eps-MSE + lambda * EWC. It returns the model with the LoRA applied as regular
+  gamma * replay MSE + lambda * EWC, where the replay term regresses onto the wired model's own
+  prediction (``replay_target`` ``base``, the default) or onto the drawn noise (``noise``, the
+  reference). It returns the model with the LoRA applied as regular
   weight patches, the LoRA in ComfyUI's ``LORA_MODEL`` format (save it with "Save LoRA
   Weights"; the stock LoraLoader then loads it from ``output/loras``) and the loss curves.
 
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 
 import folder_paths
-from sae_core.amnesia import AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, generate_samples, loss_curve_image, split_prompts
+from sae_core.amnesia import REPLAY_TARGETS, AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, generate_samples, loss_curve_image, split_prompts
 from sae_core.fisher import compute_fisher, eps_mse_loss_fn, load_fisher
 from sae_core.formats import atomic_write
 from sae_core.lora import TARGET_PRESETS, LoRADelta, lora_state_dict, select_targets
@@ -531,6 +533,9 @@ class SALoRATrain:
             "optional": {
                 "fisher_path": inp("STRING", "Fisher file from Selective Amnesia Compute Fisher (path or name in models/sae_fisher). "
                                    "Needed when lam > 0.", forceInput=True),
+                "replay_target": inp(list(REPLAY_TARGETS), "What the replay term regresses onto: 'base' = the base model's own "
+                                     "prediction for the same noisy replay image (tighter retention, one extra forward pass per "
+                                     "step); 'noise' = the drawn noise, as the reference does.", default="base"),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -539,7 +544,7 @@ class SALoRATrain:
               gamma: float, rank: int, steps: int, lr: float, batch: int, seed: int, targets: str, surrogate_samples: int,
               replay_per_prompt: int, sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int,
               height: int, precision: str, run_name: str, fisher_path: Optional[str] = None,
-              unique_id: Optional[str] = None) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+              replay_target: str = "base", unique_id: Optional[str] = None) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
         ms = check_model(model)
         forget = split_prompts(forget_prompts)
         if not forget:
@@ -552,6 +557,8 @@ class SALoRATrain:
             raise ValueError("remember_prompts: give at least one prompt per line, or set gamma to 0")
         if targets not in TARGET_PRESETS:
             raise ValueError(f"targets must be one of {', '.join(TARGET_PRESETS)}, got {targets!r}")
+        if replay_target not in REPLAY_TARGETS:
+            raise ValueError(f"replay_target must be one of {', '.join(REPLAY_TARGETS)}, got {replay_target!r}")
         fisher = None
         fisher_file = None
         if lam > 0:
@@ -571,7 +578,7 @@ class SALoRATrain:
         try:
             return self._train(model, clip, ms, forget, surrogate_text, remember, lam, gamma, rank, steps, lr, batch, seed,
                                targets, surrogate_samples, replay_per_prompt, sample_steps, cfg, sampler_name, scheduler,
-                               width, height, precision, fisher, fisher_file, folder, sampling, n_gen, progress)
+                               width, height, precision, fisher, fisher_file, folder, sampling, n_gen, progress, replay_target)
         except InterruptedError:
             throw_if_interrupted()
             raise
@@ -580,7 +587,7 @@ class SALoRATrain:
 
     def _train(self, model, clip, ms, forget, surrogate_text, remember, lam, gamma, rank, steps, lr, batch, seed, targets,
                surrogate_samples, replay_per_prompt, sample_steps, cfg, sampler_name, scheduler, width, height, precision,
-               fisher, fisher_file, folder, sampling, n_gen, progress):
+               fisher, fisher_file, folder, sampling, n_gen, progress, replay_target):
         with torch.inference_mode(False):
             sampler = comfy_sampler(model, clip, sample_steps, cfg, sampler_name, scheduler, width, height)
 
@@ -611,7 +618,7 @@ class SALoRATrain:
                     raise ValueError(f"fisher_path: {fisher_file} has no Fisher for {len(missing)} of the {len(modules)} '{targets}' "
                                      f"targets (e.g. {missing[0]}); compute the Fisher with targets = {targets}")
             config = AmnesiaConfig(steps=int(steps), lr=float(lr), batch_size=int(batch), lam=float(lam), gamma=float(gamma),
-                                   seed=int(seed), checkpoint_every=max(10, int(steps) // 20))
+                                   seed=int(seed), checkpoint_every=max(10, int(steps) // 20), replay_target=replay_target)
             with torch.no_grad():
                 unique = sorted(set(forget) | (set(replay.prompts) if replay is not None else set()))
                 table = encode_prompts(clip, unique)

@@ -47,11 +47,19 @@ def _fisher(comfy, model, clip, filename="t/fisher", samples=3, k=4):
     return path
 
 
-def _train(comfy, model, clip, fisher, run, steps=4, lam=10.0):
+def _train(comfy, model, clip, fisher, run, steps=4, lam=10.0, **extra):
     node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
     with torch.inference_mode():
         return node.train(model, clip, "a photo of a cat, a cat", "a photo of a dog", REMEMBER, lam, 1.0, 2, steps, 1e-2, 1, 0,
-                          "xattn", 2, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", run, fisher_path=fisher)
+                          "xattn", 2, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", run, fisher_path=fisher, **extra)
+
+
+def _history(comfy, run):
+    from safetensors import safe_open
+
+    ckpt = Path(comfy.folder_paths.get_output_directory()) / "selective_amnesia" / run / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        return json.loads(f.metadata()["history"])
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +171,23 @@ def test_training_resumes_after_an_interrupt(comfy, tiny, fisher_file, monkeypat
     _, resumed, _ = _train(comfy, model, clip, fisher_file, "resumed", steps=4)
     assert set(resumed) == set(straight)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_replay_target_base_uses_the_wired_model_as_its_own_teacher(comfy, tiny, fisher_file):
+    """'base': the replay term starts at 0 (the LoRA is zero, so the student is the wired model);
+    'noise' (the reference) starts at the eps-MSE of the replay images; the surrogate half is shared."""
+    model, clip = tiny
+    before = _probe(model)
+    _, lora_base, _ = _train(comfy, model, clip, fisher_file, "target_base", steps=2, replay_target="base")
+    _, lora_noise, _ = _train(comfy, model, clip, fisher_file, "target_noise", steps=2, replay_target="noise")
+    base, noise = _history(comfy, "target_base"), _history(comfy, "target_noise")
+    assert noise[0]["replay"] > 0 and base[0]["replay"] < 1e-6 * noise[0]["replay"]
+    assert base[0]["surrogate"] == pytest.approx(noise[0]["surrogate"], rel=1e-5)
+    assert base[1]["replay"] > 0  # after one step the LoRA is no longer zero
+    assert any(not torch.equal(lora_base[k], lora_noise[k]) for k in lora_base)
+    assert torch.equal(_probe(model), before)
+    with pytest.raises(ValueError, match="replay_target"):
+        _train(comfy, model, clip, fisher_file, "target_bad", steps=1, replay_target="teacher")
 
 
 def test_lambda_matters_and_fisher_must_cover_targets(comfy, tiny, fisher_file):
