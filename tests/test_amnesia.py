@@ -432,7 +432,7 @@ def test_minicanvas_plugin_on_a_random_canvas(tmp_path, monkeypatch):
     rep = edited.amnesia_report
     assert len(rep.history) == 3 and rep.surrogate_count == 8 and rep.replay_count == 64
     assert all("striped" in p for p in rep.forget_prompts) and len(rep.forget_prompts) == 8
-    assert rep.recipe["lam"] == plugin.RECIPE.lam and rep.recipe["steps"] == 3
+    assert rep.recipe["lam"] == plugin.KIND_DEFAULTS["style"]["lam"] and rep.recipe["steps"] == 3
     # per-kind defaults apply under the caller's options
     obj = plugin.amnesia_method(canvas, "object", ["star"], **opts).amnesia_report
     assert obj.recipe["lam"] == plugin.KIND_DEFAULTS["object"]["lam"]
