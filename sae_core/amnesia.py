@@ -306,10 +306,12 @@ class AmnesiaConfig:
     """Steps between checkpoint saves (when a checkpoint path is given); 0 = only at the end/stop."""
     replay_target: str = "noise"
     """What the replay term regresses onto: ``noise`` (the drawn eps, the reference) or ``base`` (the
-    frozen base model's prediction at the same noisy input: the LoRA switched off, no gradient). Both
-    have the same minimiser when the replay samples come from the base model; ``base`` removes the
-    noise of the regression target, so replay pins the remembered prompts' denoiser far more tightly
-    for the same number of samples, at the cost of one extra forward pass over the replay half."""
+    frozen base model's prediction at the same noisy input: the LoRA switched off, no gradient).
+    With unlimited replay samples from the base model both targets are minimised by the base model.
+    With a finite replay set the ``noise`` target is minimised by the denoiser of those particular
+    images and is noisy besides, so it lets the remembered prompts drift; under ``base`` the base
+    model stays the exact minimiser for every remembered prompt. Costs one extra forward pass (no
+    gradient) over the replay half of each batch."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
