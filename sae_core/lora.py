@@ -127,8 +127,13 @@ class LoRALayer(nn.Module):
         return self.base.bias
 
     def _init_factors(self, generator: Optional[torch.Generator]) -> None:
-        # A like nn.Linear's default init (uniform, fan_in); B = 0 so dW = 0 at start.
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5), generator=generator)
+        # A like nn.Linear's default init (uniform, fan_in); B = 0 so dW = 0 at start. A is drawn on
+        # the CPU (in fp32) and copied over, so a CPU generator works for a model on any device and
+        # the initialisation does not depend on the device.
+        down = torch.empty(self.down.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.down.copy_(down)
         nn.init.zeros_(self.up)
 
     def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
