@@ -329,6 +329,18 @@ def test_shapes_init_and_freezing():
         LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), rank=2)
 
 
+def test_init_draws_on_the_cpu_whatever_the_factor_dtype():
+    """A is drawn in fp32 on the CPU from the caller's generator and then cast: the same seed gives the
+    same A in every dtype (and on every device: a CPU generator serves a model on CUDA too)."""
+    a32 = LoRALinear(nn.Linear(7, 5), rank=3, generator=torch.Generator().manual_seed(4))
+    a64 = LoRALinear(nn.Linear(7, 5).double(), rank=3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert a64.down.dtype == torch.float64
+    assert torch.equal(a64.down, a32.down.double())
+    c32 = LoRAConv2d(nn.Conv2d(4, 6, 3), rank=2, generator=torch.Generator().manual_seed(4))
+    c16 = LoRAConv2d(nn.Conv2d(4, 6, 3), rank=2, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(c16.down, c32.down.to(torch.bfloat16))
+
+
 def test_zero_init_gives_identical_outputs_and_only_lora_trains():
     unet = make_unet()
     ref = copy.deepcopy(unet)
