@@ -53,7 +53,6 @@ def main() -> None:
     batch = args.batch or (2 if preset == "sd15" else 8)
     torch.manual_seed(0)
     base = MiniUNet(config).to(device).eval().requires_grad_(False)
-    torch.nn.init.normal_(base.out[-1].weight, std=0.02)  # the zero-initialised head would hide the compute
     n = 4 * batch
     surrogate = SampleSet(torch.rand(n, *shape) * 2 - 1, ["surrogate"] * n)
     replay = SampleSet(torch.rand(n, *shape) * 2 - 1, [f"remember {i % 4}" for i in range(n)])
