@@ -222,11 +222,13 @@ def capture(
     module = get_submodule(root, path)
     record = Capture(path, module, which)
 
-    def take(value: Any) -> None:
+    def take(value: Any, fresh: bool = False) -> None:
+        # fresh: the tensor was just computed here (the diff), so it already is a copy
         t = _first_tensor(value, which, path).detach()
-        if copy or device is not None or dtype is not None:
+        copy_now = copy and not fresh
+        if copy_now or device is not None or dtype is not None:
             t = t.to(device=device if device is not None else t.device,
-                     dtype=dtype if dtype is not None else t.dtype, copy=copy)
+                     dtype=dtype if dtype is not None else t.dtype, copy=copy_now)
         record.calls += 1
         if fn is not None:
             fn(t)
@@ -247,7 +249,7 @@ def capture(
             if x.shape != out.shape:
                 raise ValueError(f"capture(which='diff'): '{path}' maps {tuple(x.shape)} to {tuple(out.shape)}; "
                                  "its update (output - input) is only defined for equal shapes")
-            take(out.detach() - x.detach())
+            take(out.detach() - x.detach(), fresh=True)
 
         handle = module.register_forward_hook(diff_hook)
     else:
