@@ -56,6 +56,7 @@ from ..amnesia import AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, 
 from ..fisher import compute_fisher, eps_mse_loss_fn, fisher_params, load_fisher
 from ..lora import TARGET_PRESETS, inject_lora, merge_lora
 from ..minicanvas import files as mc_files
+from ..minicanvas.files import unet_fingerprint
 from ..minicanvas.data import styled_prompt, unstyled_prompt
 from ..minicanvas.methods import register_method, validate_concepts
 
@@ -161,15 +162,6 @@ class AmnesiaReport(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # caching helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """16 hex digits identifying the UNet's weights (ties cached data and Fisher to the model)."""
-    h = hashlib.sha256()
-    for name, t in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_dir(canvas: Any) -> Path:

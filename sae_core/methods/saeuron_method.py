@@ -29,7 +29,6 @@ Factory options (``--option key=value`` on the bench command line): ``gamma``, `
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from ..capture import capture
 from ..config import TrainConfig
 from ..formats import load_sae, save_sae
 from ..minicanvas import files as mc_files
+from ..minicanvas.files import unet_fingerprint
 from ..minicanvas.data import OBJECTS, STYLES, prompt_for
 from ..minicanvas.methods import KINDS, register_method, validate_concepts
 from ..saeuron import ConceptStats, SAeUronHook, collect_block_activations, concept_stats_from_store
@@ -110,15 +110,6 @@ class SAeUronRecipe:
 
 RECIPE = SAeUronRecipe()
 """The recipe of the shipped assets and the factory's defaults."""
-
-
-def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """Hex digest (16 chars) of the UNet's parameters: ties the SAE to the model it was built on."""
-    h = hashlib.sha256()
-    for name, t in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass

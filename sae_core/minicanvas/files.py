@@ -1,7 +1,9 @@
-"""Atomic writes of safetensors and JSON files, and the package weights folder."""
+"""Atomic writes of safetensors and JSON files, the package weights folder, and the UNet fingerprint
+that ties files built from a model (SAEs, data banks, Fisher estimates) to that model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +18,15 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_FILE = "minicanvas.safetensors"
 JUDGES_FILE = "judges.safetensors"
 CONFIG_FILE = "config.json"
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """16 hex digits of a SHA-256 over the UNet's state dict (names and fp32 values, sorted by name)."""
+    h = hashlib.sha256()
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _atomic(path: Path, write) -> None:
