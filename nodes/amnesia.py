@@ -557,8 +557,10 @@ class SALoRATrain:
             raise ValueError("remember_prompts: give at least one prompt per line, or set gamma to 0")
         if targets not in TARGET_PRESETS:
             raise ValueError(f"targets must be one of {', '.join(TARGET_PRESETS)}, got {targets!r}")
-        if replay_target not in REPLAY_TARGETS:
-            raise ValueError(f"replay_target must be one of {', '.join(REPLAY_TARGETS)}, got {replay_target!r}")
+        # every training setting is checked before minutes of sampling
+        config = AmnesiaConfig(steps=int(steps), lr=float(lr), batch_size=int(batch), lam=float(lam), gamma=float(gamma),
+                               seed=int(seed), checkpoint_every=max(10, int(steps) // 20), replay_target=replay_target)
+        config.validate()
         fisher = None
         fisher_file = None
         if lam > 0:
@@ -578,7 +580,7 @@ class SALoRATrain:
         try:
             return self._train(model, clip, ms, forget, surrogate_text, remember, lam, gamma, rank, steps, lr, batch, seed,
                                targets, surrogate_samples, replay_per_prompt, sample_steps, cfg, sampler_name, scheduler,
-                               width, height, precision, fisher, fisher_file, folder, sampling, n_gen, progress, replay_target)
+                               width, height, precision, fisher, fisher_file, folder, sampling, n_gen, progress, config)
         except InterruptedError:
             throw_if_interrupted()
             raise
@@ -587,7 +589,7 @@ class SALoRATrain:
 
     def _train(self, model, clip, ms, forget, surrogate_text, remember, lam, gamma, rank, steps, lr, batch, seed, targets,
                surrogate_samples, replay_per_prompt, sample_steps, cfg, sampler_name, scheduler, width, height, precision,
-               fisher, fisher_file, folder, sampling, n_gen, progress, replay_target):
+               fisher, fisher_file, folder, sampling, n_gen, progress, config):
         with torch.inference_mode(False):
             sampler = comfy_sampler(model, clip, sample_steps, cfg, sampler_name, scheduler, width, height)
 
@@ -617,8 +619,6 @@ class SALoRATrain:
                 if missing:
                     raise ValueError(f"fisher_path: {fisher_file} has no Fisher for {len(missing)} of the {len(modules)} '{targets}' "
                                      f"targets (e.g. {missing[0]}); compute the Fisher with targets = {targets}")
-            config = AmnesiaConfig(steps=int(steps), lr=float(lr), batch_size=int(batch), lam=float(lam), gamma=float(gamma),
-                                   seed=int(seed), checkpoint_every=max(10, int(steps) // 20), replay_target=replay_target)
             with torch.no_grad():
                 unique = sorted(set(forget) | (set(replay.prompts) if replay is not None else set()))
                 table = encode_prompts(clip, unique)

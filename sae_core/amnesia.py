@@ -496,7 +496,7 @@ class AmnesiaTrainer:
         finally:
             for a, s in saved:
                 a.strength = s
-        return torch.cat([noise[:b].to(base.dtype), base]).to(noise.dtype)
+        return torch.cat([noise[:b], base.to(noise.dtype)])
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns its log record."""
