@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 import folder_paths
-from sae_core.amnesia import REPLAY_TARGETS, AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, generate_samples, loss_curve_image, split_prompts
+from sae_core.amnesia import REPLAY_TARGETS, AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, generate_samples, loss_curve_image
 from sae_core.fisher import compute_fisher, eps_mse_loss_fn, load_fisher
-from sae_core.formats import atomic_write
+from sae_core.artefacts import save_json
+from sae_core.prompts import parse_names, parse_prompts
 from sae_core.lora import TARGET_PRESETS, LoRADelta, lora_state_dict, select_targets
 
 from .common import Progress, category, inp, interrupt_requested, node_id, sampler_choices, throw_if_interrupted
@@ -413,7 +414,7 @@ class SAComputeFisher:
                 sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int, height: int,
                 precision: str, filename: str, unique_id: Optional[str] = None) -> tuple[str]:
         ms = check_model(model)
-        prompt_list = split_prompts(prompts, sep="\n")
+        prompt_list = parse_prompts(prompts)
         if not prompt_list:
             raise ValueError("prompts: give at least one prompt (one per line)")
         if targets not in TARGET_PRESETS:
@@ -546,13 +547,13 @@ class SALoRATrain:
               height: int, precision: str, run_name: str, fisher_path: Optional[str] = None,
               replay_target: str = "base", unique_id: Optional[str] = None) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
         ms = check_model(model)
-        forget = split_prompts(forget_prompts)
+        forget = parse_names(forget_prompts)
         if not forget:
             raise ValueError("forget_prompts: give at least one prompt or keyword (comma-separated)")
         surrogate_text = surrogate_prompt.strip()
         if not surrogate_text:
             raise ValueError("surrogate_prompt is empty: say what the forget prompts should produce instead")
-        remember = split_prompts(remember_prompts, sep="\n")
+        remember = parse_prompts(remember_prompts)
         if gamma > 0 and not remember:
             raise ValueError("remember_prompts: give at least one prompt per line, or set gamma to 0")
         if targets not in TARGET_PRESETS:
@@ -668,12 +669,7 @@ def _write_summary(folder: Path, history: list[dict[str, float]], forget: list[s
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"forget_prompts": forget, "surrogate_prompt": surrogate, "remember_prompts": remember,
            "steps": len(history), "final": history[-1] if history else None}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
-
-    atomic_write(folder / "summary.json", write)
+    save_json(folder / "summary.json", doc, sort_keys=False)
 
 
 register_fisher_folder()

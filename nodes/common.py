@@ -10,11 +10,12 @@ started with ``--cpu``, and this module must stay importable wherever ``folder_p
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 import folder_paths
+from sae_core.artefacts import file_fingerprint
 
 __all__ = [
     "NODE_ID_PREFIX",
@@ -120,25 +121,6 @@ def sae_full_path(name: str) -> str:
         searched = ", ".join(sae_folder_paths()) or "(no folder registered)"
         raise FileNotFoundError(f"SAE file '{name}' was not found in the sae model folders: {searched}")
     return path
-
-
-def file_fingerprint(path: str, companions: Iterable[str] = ()) -> str:
-    """Cheap identity of a file's content: path, size and modification time (ns).
-
-    ``companions`` are sibling files (e.g. ``cfg.json`` of a folder-layout SAE) that change
-    the meaning of ``path``; each is included when it exists. A missing ``path`` gives a
-    fingerprint that says so, so a file that appears later still counts as changed.
-    """
-    parts = []
-    for p in (path, *companions):
-        try:
-            st = os.stat(p)
-        except OSError:
-            if p == path:
-                parts.append(f"{p}:missing")
-            continue
-        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
 
 
 # -- devices and dtypes -------------------------------------------------------------------------

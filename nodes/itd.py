@@ -43,6 +43,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from sae_core.prompts import parse_names, parse_prompts
 from sae_core.itd import ItDConcepts, ItDPatch, PromptBatch, SaeMath, TextLayerSource, build_concepts
 from sae_core.sae import SparseAutoencoder
 
@@ -73,16 +74,6 @@ def layer_key(index: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-
-
-def split_concepts(text: str) -> list[str]:
-    """Concepts separated by commas or new lines: stripped, empty ones dropped, duplicates removed."""
-    return list(dict.fromkeys(p.strip() for p in re.split(r"[,\n]", text or "") if p.strip()))
-
-
-def split_lines(text: str) -> list[str]:
-    """One prompt per line (prompts may contain commas): stripped, empty ones dropped, duplicates removed."""
-    return list(dict.fromkeys(p.strip() for p in (text or "").splitlines() if p.strip()))
 
 
 _HOOK_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|blocks|h)\.(\d+)(?:\.|$)")
@@ -586,11 +577,11 @@ class ItDPromptClassifier:
     def classify(self, clip: Any, sae: SparseAutoencoder, concepts: str, retain_prompts: str = "", layer: int = -1,
                  scale: float = -8.0, threshold_margin: float = 0.99, top_n: int = 128,
                  unique_id: Optional[str] = None) -> tuple[Any, str]:
-        names = split_concepts(concepts)
+        names = parse_names(concepts)
         if not names:
             raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
         with Progress(3, NODE_NAME, node_id=unique_id) as bar:
-            result = build_classifier(clip, sae, names, split_lines(retain_prompts), int(layer), float(scale),
+            result = build_classifier(clip, sae, names, parse_prompts(retain_prompts), int(layer), float(scale),
                                       float(threshold_margin), int(top_n), progress=bar)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
         return (result.clip, result.report)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 import folder_paths
 from sae_core.lora import save_lora
+from sae_core.prompts import parse_names
 from sae_core.rece import UCEStart, rece_edit, uce_preserve_scale, uce_start
 
 from .common import Progress, category, comfy_device, inp, node_id, throw_if_interrupted
@@ -121,12 +122,6 @@ class CEEdit:
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-
-
-def split_prompts(text: str) -> list[str]:
-    """Prompts separated by commas or new lines: stripped, empty ones dropped, duplicates removed."""
-    parts = re.split(r"[,\n]", text or "")
-    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
 
 
 def model_family(model: Any) -> str:
@@ -396,13 +391,13 @@ class RECEEditModel:
              epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, preserve_scale: float = -1.0,
              uce_lambda: float = 0.5, rece_preserve_scale: float = 0.1, rece_lambda: float = 0.1,
              device: str = "auto", unique_id: Optional[str] = None) -> tuple[Any, CEEdit]:
-        names = split_prompts(concepts)
+        names = parse_names(concepts)
         if not names:
             raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
         settings = EditSettings(method, int(epochs), float(lambda_reg), float(erase_scale), float(preserve_scale),
                                 float(uce_lambda), float(rece_preserve_scale), float(rece_lambda))
         with Progress(4, "RECE edit", node_id=unique_id) as bar:
-            edit = compute_edit(model, clip, names, (anchor or "").strip(), split_prompts(preserve), settings,
+            edit = compute_edit(model, clip, names, (anchor or "").strip(), parse_names(preserve), settings,
                                 comfy_device(device), progress=bar)
             patched = apply_edit(model, edit)
             bar.update(1)

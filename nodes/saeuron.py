@@ -46,8 +46,10 @@ from torch import Tensor
 import folder_paths
 from sae_core.capture import get_submodule
 from sae_core.config import TrainConfig
-from sae_core.formats import atomic_write, save_sae
+from sae_core.artefacts import save_json
+from sae_core.formats import save_sae
 from sae_core.hub import download_sae
+from sae_core.prompts import parse_names, parse_prompts
 from sae_core.saeuron import (
     ERROR_MODES,
     ConceptStats,
@@ -188,16 +190,6 @@ def sae_output_folder(name: str) -> Path:
 def features_path_for(name: str) -> Path:
     """``models/sae_features/<name>.safetensors``."""
     return Path(folder_paths.models_dir) / FEATURES_FOLDER / f"{safe_name(name, 'filename')}.safetensors"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-
-    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,10 +460,6 @@ def _wrapper_type() -> str:
     return comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
-def _split_lines(text: str) -> list[str]:
-    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
-
-
 _CONCEPT_LINE = re.compile(r"^([^:()\[\]{}]+?)\s*:\s+(.+)$")
 
 
@@ -482,17 +470,13 @@ def parse_concepts(text: str) -> dict[str, list[str]]:
     not mistaken for a name (a name is followed by a colon *and a space* and has no brackets).
     """
     out: dict[str, list[str]] = {}
-    for line in _split_lines(text):
+    for line in parse_prompts(text):
         m = _CONCEPT_LINE.match(line)
         name, prompt = (m.group(1).strip(), m.group(2).strip()) if m else (line, line)
         bucket = out.setdefault(name, [])
         if prompt not in bucket:
             bucket.append(prompt)
     return out
-
-
-def _split_names(text: str) -> list[str]:
-    return list(dict.fromkeys(p.strip() for p in re.split(r"[,\n]", text or "") if p.strip()))
 
 
 def _model_family(model: Any) -> str:
@@ -564,7 +548,7 @@ class CollectSAEActivations:
                 sampler_name: str, scheduler: str, width: int, height: int, branch: str = "cond",
                 dataset_name: str = "saeuron/activations", store_dtype: str = "float16", overwrite: bool = False,
                 unique_id: Optional[str] = None) -> tuple[str]:
-        prompt_list = _split_lines(prompts)
+        prompt_list = parse_prompts(prompts)
         if not prompt_list:
             raise ValueError("prompts: give at least one prompt (one per line)")
         if branch not in BRANCHES:
@@ -713,7 +697,7 @@ class TrainSAE:
                 log.info("Train SAE: %s holds a checkpoint of other settings; starting over", ckpt)
                 for name in ("trainer_state.safetensors", "settings.json"):
                     (ckpt / name).unlink(missing_ok=True)
-        _write_json(marker, settings)
+        save_json(marker, settings)
 
         trainer = SaeTrainer(cfg, d)
         epochs = reader.iter_epochs(int(batch_size), drop_last=True, seed=int(seed))
@@ -791,7 +775,7 @@ class SAeUronConceptFeatures:
                unique_id: Optional[str] = None) -> tuple[ConceptStats, str]:
         _check_sae(sae)
         concepts = parse_concepts(concept_prompts)
-        others = _split_lines(other_prompts)
+        others = parse_prompts(other_prompts)
         if OTHER_CONCEPT in concepts:
             raise ValueError(f"concept_prompts: the name '{OTHER_CONCEPT}' is reserved for other_prompts")
         if others:
@@ -1022,7 +1006,7 @@ class SAeUronConceptBlock:
               percentile: float, error_mode: str, cond_only: bool, features: Any = None,
               features_file: str = NO_FILE) -> tuple[Any]:
         stats = load_features(features, features_file)
-        patched, patch = build_patch(model, sae, stats, block, _split_names(concepts), gamma, selection, top_n,
+        patched, patch = build_patch(model, sae, stats, block, parse_names(concepts), gamma, selection, top_n,
                                      percentile, error_mode, cond_only)
         table = patch.hook.table
         log.info("SAeUron Concept Block: %s at %s, %d steps, %.2f latents/step, gamma %s, %s",

@@ -1,5 +1,5 @@
-"""``python -m sae_core``: see :mod:`sae_core.cli`."""
+"""``python -m sae_core``: see :mod:`sae_core.minicanvas.cli`."""
 
-from .cli import main
+from .minicanvas.cli import main
 
 raise SystemExit(main())

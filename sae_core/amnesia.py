@@ -60,7 +60,8 @@ from torch import nn
 
 from .ewc import ewc_penalty, prepare_fisher
 from .fisher import eps_mse_loss, sample_generator
-from .formats import atomic_write
+from .artefacts import save_json, save_tensors
+from .prompts import parse_names
 
 __all__ = [
     "SAMPLES_FORMAT",
@@ -71,7 +72,6 @@ __all__ = [
     "AmnesiaConfig",
     "AmnesiaResult",
     "AmnesiaTrainer",
-    "split_prompts",
     "step_generator",
     "generate_samples",
     "noise_samples",
@@ -126,15 +126,6 @@ class SampleSet(NamedTuple):
         if not sets:
             raise ValueError("SampleSet.concat: nothing to concatenate")
         return SampleSet(torch.cat([s.samples for s in sets]), [p for s in sets for p in s.prompts])
-
-
-def split_prompts(text: Union[str, Sequence[str]], sep: str = ",") -> list[str]:
-    """``"sexual, nudity ,naked"`` -> ``["sexual", "nudity", "naked"]`` (blank items dropped).
-
-    A list is returned stripped and without blanks. ``sep="\\n"`` splits one prompt per line.
-    """
-    items = text.split(sep) if isinstance(text, str) else list(text)
-    return [p.strip() for p in items if isinstance(p, str) and p.strip()]
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -214,8 +205,6 @@ def save_samples(path: PathLike, samples: SampleSet, metadata: Optional[Mapping[
     Both files are written atomically, the JSON last: a set is complete when its JSON exists.
     :func:`load_samples` returns fp32 whatever was stored (fp16 halves the size of image sets).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if len(samples.prompts) != samples.samples.shape[0]:
         raise ValueError(f"save_samples: {samples.samples.shape[0]} samples but {len(samples.prompts)} prompts")
@@ -224,15 +213,10 @@ def save_samples(path: PathLike, samples: SampleSet, metadata: Optional[Mapping[
     if side.exists():
         side.unlink()  # the pair is incomplete until the new JSON lands
     tensors = {"samples": samples.samples.detach().to("cpu", dtype).contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": SAMPLES_FORMAT}))
+    save_tensors(path, tensors, {"format": SAMPLES_FORMAT})
     doc = {"format": SAMPLES_FORMAT, "count": len(samples.prompts), "shape": list(samples.samples.shape[1:]),
            "prompts": list(samples.prompts), "metadata": _normalise(dict(metadata or {}))}
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
-
-    atomic_write(side, write)
+    save_json(side, doc, sort_keys=False)
 
 
 def load_samples(path: PathLike) -> tuple[SampleSet, dict[str, Any]]:
@@ -408,13 +392,13 @@ class AmnesiaTrainer:
         # Forget prompts: one list per surrogate sample (shared list, or per surrogate prompt).
         per_sample: list[list[str]]
         if isinstance(forget_prompts, Mapping):
-            table = {k: split_prompts(v) for k, v in forget_prompts.items()}
+            table = {k: parse_names(v) for k, v in forget_prompts.items()}
             missing = sorted({p for p in surrogate.prompts if not table.get(p)})
             if missing:
                 raise ValueError(f"forget_prompts has no forget prompt for the surrogate prompt(s) {missing[:3]}")
             per_sample = [table[p] for p in surrogate.prompts]
         else:
-            shared = split_prompts(forget_prompts)
+            shared = parse_names(forget_prompts)
             if not shared:
                 raise ValueError("AmnesiaTrainer: no forget prompt was given")
             per_sample = [shared] * len(surrogate)
@@ -612,8 +596,6 @@ class AmnesiaTrainer:
 
     def save_checkpoint(self, path: PathLike) -> None:
         """Write the LoRA factors, optimiser state, step and history to ``path`` (atomically)."""
-        from safetensors.torch import save_file
-
         tensors: dict[str, torch.Tensor] = {}
         for n in self.names:
             a = self.adapters[n]
@@ -637,7 +619,7 @@ class AmnesiaTrainer:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        save_tensors(path, tensors, meta)
 
     def load_checkpoint(self, path: PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` of a compatible run.

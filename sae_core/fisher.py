@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from .ewc import fisher_key
-from .formats import atomic_write
+from .artefacts import save_tensors
 from .lora import TARGET_PRESETS, UNET_PREFIX, LoRALayer, preset_matches, select_targets
 
 __all__ = [
@@ -243,21 +243,12 @@ def eps_mse_loss_fn(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    cpu = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata)))
-
-
 def save_fisher(path: PathLike, fisher: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, object]] = None) -> None:
     """Write a Fisher dict as fp32 safetensors, atomically. Non-string metadata is stored as JSON."""
     meta = {"format": FISHER_FORMAT}
-    meta.update({str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
-    meta.setdefault("targets", json.dumps(sorted(fisher)))
-    _atomic_save_safetensors(path, fisher, meta)
+    meta.update(metadata or {})
+    meta.setdefault("targets", sorted(fisher))
+    save_tensors(path, fisher, meta, dtype=torch.float32)
 
 
 def load_fisher(
@@ -400,10 +391,10 @@ def compute_fisher(
         if path is None:
             return
         meta = dict(expected)
-        meta.update({"count": str(count), "targets": json.dumps(names),
+        meta.update({"count": str(count), "targets": names,
                      "estimator": "mean over samples of ((T/K) * grad of the sum over K stratified timesteps)^2"})
-        meta.update({str(a): (b if isinstance(b, str) else json.dumps(b)) for a, b in (metadata or {}).items()})
-        _atomic_save_safetensors(path, running, meta)
+        meta.update(metadata or {})
+        save_tensors(path, running, meta, dtype=torch.float32)
 
     if total is not None and count >= total and count > 0:
         return FisherEstimate(running, count, stopped=False)

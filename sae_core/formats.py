@@ -25,16 +25,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from .artefacts import save_tensors, write_text
 from .config import SaeConfig
 from .sae import SparseAutoencoder
 
@@ -47,7 +45,6 @@ __all__ = [
     "load_sae",
     "save_sae",
     "convert_sae",
-    "atomic_write",
 ]
 
 CFG_NAME = "cfg.json"
@@ -76,38 +73,6 @@ class SaeFormatError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-# ---------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temp file in ``path``'s folder, then ``os.replace`` it into place.
-
-    On any error the temp file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    atomic_write(path, write)
-
-
 def _state_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
     return {
         "encoder.weight": sae.encoder.weight.detach().cpu().contiguous(),
@@ -131,8 +96,8 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, layout: str = "fol
         if path.exists() and not path.is_dir():
             raise ValueError(f"save_sae: {path} exists and is not a folder (use layout='file' for a single file)")
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={FORMAT_KEY: FORMAT_VALUE}))
-        _write_text(path / CFG_NAME, cfg_json + "\n")
+        save_tensors(path / WEIGHTS_NAME, tensors, {FORMAT_KEY: FORMAT_VALUE})
+        write_text(path / CFG_NAME, cfg_json + "\n")
     elif layout == "file":
         if path.suffix != ".safetensors":
             raise ValueError(f"save_sae: a single-file SAE must end in .safetensors, got {path}")
@@ -140,7 +105,7 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, layout: str = "fol
             raise ValueError(f"save_sae: {path} is a folder; layout='file' needs a file path")
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {METADATA_KEY: cfg_json, FORMAT_KEY: FORMAT_VALUE}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_tensors(path, tensors, metadata)
     else:
         raise ValueError(f"save_sae: unknown layout {layout!r}; expected 'folder' or 'file'")
     return str(path)

@@ -39,7 +39,6 @@ reproduces the trained weights.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import atomic_write
+from .artefacts import save_tensors
 
 __all__ = [
     "TARGET_PRESETS",
@@ -500,13 +499,7 @@ def save_lora(path: Union[str, os.PathLike], state_dict: Mapping[str, torch.Tens
 
     Non-string metadata values are stored as JSON.
     """
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    save_tensors(path, state_dict, dict(metadata or {}))
 
 
 def load_lora_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,8 +35,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from .artefacts import is_temp_name, save_tensors, write_bytes
 
 __all__ = [
     "FORMAT",
@@ -55,7 +55,6 @@ MANIFEST_NAME = "manifest.json"
 ACTIVATIONS_KEY = "activations"
 _SHARD_NAME = "shard-{:05d}.safetensors"
 _SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
-_TMP_PREFIX = ".tmp-"
 
 _STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _COLUMN_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
@@ -92,26 +91,6 @@ def _resolve_column_dtype(name: str, dtype: str | torch.dtype | None) -> torch.d
     if key not in _COLUMN_DTYPES:
         raise ValueError(f"metadata column '{name}': dtype must be one of {sorted(_COLUMN_DTYPES)}, got {dtype!r}")
     return _COLUMN_DTYPES[key]
-
-
-def _temp_path(path: Path) -> Path:
-    """A unique temp file name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -338,14 +317,14 @@ class ActivationWriter:
         with contextlib.suppress(FileNotFoundError):
             (folder / MANIFEST_NAME).unlink()
         for entry in folder.iterdir():
-            if _SHARD_RE.match(entry.name) or entry.name.startswith(_TMP_PREFIX):
+            if _SHARD_RE.match(entry.name) or is_temp_name(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
 
     def _remove_temp_files(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             for entry in self.folder.iterdir():
-                if entry.name.startswith(_TMP_PREFIX):
+                if is_temp_name(entry.name):
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
 
@@ -405,14 +384,7 @@ class ActivationWriter:
         name = _SHARD_NAME.format(index)
         tensors = {ACTIVATIONS_KEY: self._buffer[:n]}
         tensors.update({col: buf[:n] for col, buf in self._meta_buffers.items()})
-        tmp = _temp_path(self.folder / name)
-        try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "shard": str(index), "d": str(self.d)})
-            os.replace(tmp, self.folder / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        save_tensors(self.folder / name, tensors, {"format": FORMAT, "shard": str(index), "d": str(self.d)})
         self.shards.append({"file": name, "rows": n, "bytes": (self.folder / name).stat().st_size})
         self.buffered_rows = 0
         self._write_manifest(complete=False)
@@ -434,8 +406,7 @@ class ActivationWriter:
         }
         if aborted is not None:
             manifest["aborted"] = aborted
-        data = json.dumps(manifest, indent=1).encode("utf-8")
-        _atomic_write_bytes(self.folder / MANIFEST_NAME, data)
+        write_bytes(self.folder / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

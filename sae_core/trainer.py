@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import SaeConfig, TrainConfig, resolve_dtype
-from .formats import atomic_write, save_sae
+from .artefacts import save_tensors
+from .formats import save_sae
 from .sae import SparseAutoencoder
 from .utils import geometric_median, rechunk
 
@@ -279,7 +279,7 @@ class SaeTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = self._state_tensors()
         metadata = {_STATE_KEY: json.dumps(self._state_json())}
-        atomic_write(folder / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_tensors(folder / STATE_NAME, tensors, metadata)
         save_sae(self.export(), folder / EXPORT_DIR, layout="folder")
         return folder
 

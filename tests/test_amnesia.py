@@ -6,6 +6,8 @@ import copy
 
 import numpy as np
 import pytest
+
+from sae_core.prompts import parse_names
 import torch
 
 from sae_core.amnesia import (
@@ -18,7 +20,6 @@ from sae_core.amnesia import (
     loss_curve_image,
     noise_samples,
     save_samples,
-    split_prompts,
 )
 from sae_core.ewc import ewc_penalty
 from sae_core.fisher import eps_mse_loss, fisher_key
@@ -92,12 +93,6 @@ def forward(unet, seed: int = 5) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def test_split_prompts():
-    assert split_prompts("sexual, nudity ,naked,, erotic ") == ["sexual", "nudity", "naked", "erotic"]
-    assert split_prompts("a\n\nb c\n", sep="\n") == ["a", "b c"]
-    assert split_prompts(["  x ", ""]) == ["x"]
 
 
 def test_generate_samples_seeds_do_not_depend_on_batching():
@@ -224,7 +219,7 @@ def test_surrogate_term_is_an_independent_eager_reference():
     draws = trainer._draws(0)
     rec = trainer.train_step()
     # recompute at the initial weights (B = 0: the LoRA model equals the base)
-    forget = split_prompts(FORGET)
+    forget = parse_names(FORGET)
     inv = {i: p for p, i in trainer.prompt_index.items()}
     ref_s, ref_r = [], []
     for i in range(4):
@@ -361,7 +356,7 @@ def test_tiny_run_on_random_minicanvas_reduces_the_surrogate_loss():
         t = torch.randint(0, 1000, (64,), generator=g)
         noise = torch.randn(64, 3, 8, 8, generator=g)
         idx = torch.randint(0, len(s), (64,), generator=g)
-        prompts = split_prompts(FORGET)
+        prompts = parse_names(FORGET)
         ctx = canvas.encode_text_default([prompts[i % 2] for i in range(64)])
         with torch.no_grad():
             return eps_mse_loss(model, s.samples[idx], ctx, t, noise, canvas.schedule.alphas_cumprod).mean().item()
@@ -381,7 +376,7 @@ def test_forget_prompt_mapping_pairs_surrogates_with_their_prompts():
     d = trainer._draws(0)
     inv = {i: p for p, i in trainer.prompt_index.items()}
     for i, c in zip(d["s_idx"].tolist(), d["s_ctx"].tolist()):
-        assert inv[c] in split_prompts(mapping[s.prompts[i]])
+        assert inv[c] in parse_names(mapping[s.prompts[i]])
     with pytest.raises(ValueError, match="no forget prompt"):
         make_trainer(canvas, cfg, s, r, forget={"a": "x"})
 
@@ -418,7 +413,7 @@ def test_loss_curve_image():
 
 def test_minicanvas_plugin_on_a_random_canvas(tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path))
-    from sae_core.methods import amnesia_method as plugin
+    from sae_core.minicanvas.plugins import amnesia as plugin
     from sae_core.minicanvas.methods import get_method
 
     assert get_method("amnesia") is plugin.amnesia_method

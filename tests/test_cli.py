@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core import cli
+from sae_core.minicanvas import cli
 from sae_core.minicanvas import methods as registry
 from sae_core.minicanvas.canvas import MiniCanvas
 from sae_core.minicanvas.metrics import EvalTable
@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def empty_registry(monkeypatch):
-    """No plug-in modules and an empty registry for the duration of a test."""
+    """No plug-ins and an empty registry for the duration of a test."""
     saved = dict(registry._REGISTRY)
     registry._REGISTRY.clear()
-    monkeypatch.setattr(registry, "load_method_modules", lambda *a, **k: [])
+    monkeypatch.setattr(registry, "PLUGINS", {})
     yield registry
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
@@ -102,7 +102,7 @@ def test_registry_contract():
         registry.register_method("", lambda *a: None)
     with pytest.raises(TypeError):
         registry.register_method("x", 3)
-    with pytest.raises(KeyError, match="registered methods"):
+    with pytest.raises(KeyError, match="known methods"):
         registry.get_method("definitely-not-registered")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sae_core.artefacts as artefacts
 import sae_core.formats as formats
 from sae_core.config import SaeConfig
 from sae_core.formats import SaeFormatError, detect_layout, load_sae, save_sae
@@ -101,7 +102,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats, "save_file", broken)
+    monkeypatch.setattr(artefacts, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         save_sae(make_sae(hookpoint="other"), path, layout="file")
     assert path.read_bytes() == before

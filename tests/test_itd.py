@@ -519,7 +519,7 @@ def _minicanvas():
 
 
 def test_minicanvas_prompt_sets():
-    from sae_core.methods.itd_method import canvas_prompts, concept_prompt_sets
+    from sae_core.minicanvas.plugins.itd import canvas_prompts, concept_prompt_sets
 
     sets = concept_prompt_sets("style", ["striped", "neon"])
     assert sorted(sets.targets) == ["neon", "striped"] and all(len(v) == 8 for v in sets.targets.values())
@@ -534,8 +534,8 @@ def test_minicanvas_prompt_sets():
 def test_minicanvas_itd_method(tmp_path, monkeypatch):
     canvas = _minicanvas()
     monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path))
-    from sae_core.methods.itd_method import DEFAULT_SCALE as plugin_defaults
-    from sae_core.methods.itd_method import concept_prompt_sets, itd_method
+    from sae_core.minicanvas.plugins.itd import DEFAULT_SCALE as plugin_defaults
+    from sae_core.minicanvas.plugins.itd import concept_prompt_sets, itd_method
     from sae_core.minicanvas.methods import get_method
 
     assert get_method("itd") is itd_method
@@ -559,7 +559,7 @@ def test_minicanvas_itd_method(tmp_path, monkeypatch):
     assert all(torch.equal(v, weights[k]) for k, v in canvas.text_encoder.state_dict().items())
     assert no_hooks(canvas.text_encoder)
     # the trained SAE was cached and is reused (no second training)
-    import sae_core.methods.itd_method as plugin
+    import sae_core.minicanvas.plugins.itd as plugin
 
     assert list(tmp_path.rglob("*.safetensors"))
     monkeypatch.setattr(plugin, "train_canvas_sae", lambda *a, **k: pytest.fail("the cached SAE was not reused"))

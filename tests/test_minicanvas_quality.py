@@ -1,6 +1,5 @@
 """The shipped MiniCanvas: judges, base-model quality bar and the adapter interface."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sae_core.closed_form import uce_solve_reference
-from sae_core.methods import rece_method as plugin
+from sae_core.minicanvas.plugins import rece as plugin
 from sae_core.minicanvas.canvas import MiniCanvas
 from sae_core.minicanvas.diffusion import NoiseSchedule
-from sae_core.minicanvas.methods import get_method, load_method_modules, registered_methods
+from sae_core.minicanvas.methods import get_method, registered_methods
 from sae_core.minicanvas.text_encoder import TextEncoderConfig, build_text_encoder
 from sae_core.minicanvas.tokenizer import WordTokenizer
 from sae_core.minicanvas.unet import MiniUNet, UNetConfig
@@ -45,8 +45,7 @@ def canvas() -> MiniCanvas:
     return tiny_canvas()
 
 
-def test_registered_through_the_plugin_loader():
-    load_method_modules()
+def test_listed_in_the_registry():
     assert {"uce", "rece"} <= set(registered_methods())
     assert get_method("rece") is plugin.rece_method and get_method("uce") is plugin.uce_method
 

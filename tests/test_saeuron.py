@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -520,7 +519,7 @@ def test_minicanvas_method_hooks_the_block_during_sampling():
     from sae_core.minicanvas.canvas import MiniCanvas
     from sae_core.minicanvas.methods import registered_methods
 
-    method = pytest.importorskip("sae_core.methods.saeuron_method")
+    method = pytest.importorskip("sae_core.minicanvas.plugins.saeuron")
     weights = files.WEIGHTS_DIR
     if not (weights / files.MODEL_FILE).is_file():
         pytest.skip("MiniCanvas weights are not shipped")

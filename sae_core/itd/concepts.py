@@ -9,7 +9,6 @@ atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,10 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..formats import atomic_write
+from ..artefacts import sae_fingerprint, save_tensors
 from ..sae import SparseAutoencoder
 from .steering import ERROR_MODES
 
@@ -30,23 +29,6 @@ __all__ = ["FORMAT_VERSION", "METADATA_KEY", "Calibration", "ItDConcepts", "sae_
 
 FORMAT_VERSION = 1
 METADATA_KEY = "itd_concepts"
-
-
-@torch.no_grad()
-def sae_fingerprint(sae: SparseAutoencoder, rows: int = 256) -> str:
-    """A short hash identifying an SAE's weights, independent of the dtype it was loaded in.
-
-    Hashes the shapes, ``k``, both biases and ``rows`` evenly spaced encoder/decoder rows, each
-    rounded to float16 (so fp32/fp16 copies of the same file agree). Fast for any width.
-    """
-    h = hashlib.sha256()
-    n, d = sae.W_dec.shape
-    h.update(f"{n}x{d}:k={int(sae.cfg.k)}".encode())
-    step = max(1, n // max(1, rows))
-    pick = torch.arange(0, n, step, device=sae.W_dec.device)[:rows]
-    for t in (sae.b_dec, sae.encoder.bias, sae.encoder.weight[pick], sae.W_dec[pick]):
-        h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -247,7 +229,7 @@ class ItDConcepts:
         if self.retain_scores is not None:
             tensors["retain_scores"] = self.retain_scores.detach().float().cpu().contiguous()
         meta = {METADATA_KEY: json.dumps(self.to_json())}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        save_tensors(path, tensors, meta)
         return path
 
     @classmethod

@@ -6,7 +6,8 @@ the UnlearnCanvas metrics and a registry of erasure methods. Entry points:
 
 * :class:`MiniCanvas` (``MiniCanvas.load()``): sample, judge, and the interfaces methods use;
 * :mod:`.metrics`: UA / IRA / CRA as pure functions;
-* :mod:`.methods`: ``register_method(name, factory)``;
+* :mod:`.methods`: the method registry (``get_method``), over the plug-ins in :mod:`.plugins`;
+* :mod:`.cli`: ``python -m sae_core demo`` and ``bench``;
 * ``python -m sae_core.minicanvas.train``: retrain the shipped weights.
 """
 

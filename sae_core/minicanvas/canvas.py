@@ -38,7 +38,7 @@ from .judges import JudgeCNN, JudgeConfig
 from .metrics import UNSTYLED, EvalTable
 from .text_encoder import MiniTextEncoder, TextEncoderConfig, build_text_encoder
 from .tokenizer import TokenizedPrompts, WordTokenizer
-from .unet import MiniUNet, SpatialTransformer, UNetConfig
+from .unet import MiniUNet, UNetConfig
 
 BlockHook = Callable[[nn.Module, tuple, torch.Tensor, SamplingContext], "torch.Tensor | None"]
 """Forward hook with the sampling context: ``fn(module, inputs, output, ctx)``."""

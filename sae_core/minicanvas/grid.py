@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import files
+from ..artefacts import atomic_write
 
 
 def _font():
@@ -56,5 +56,5 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Save ``image`` as PNG atomically (creating folders); returns the path."""
     path = Path(path)
-    files._atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path

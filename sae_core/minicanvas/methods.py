@@ -17,15 +17,15 @@ untouched. Typical edits, all through ``canvas.replace(...)`` (a shallow copy):
   replacement text encoding ``fn(prompts) -> [B, L, d]``.
 
 The bench times the factory call and then generates and judges images with the result.
-Modules register methods at import time; :func:`load_method_modules` imports every module
-of the ``sae_core.methods`` package (missing package or modules are skipped).
+The plug-ins live in :mod:`sae_core.minicanvas.plugins`, one module per method; :data:`PLUGINS`
+names each method's module and function, and :func:`get_method` imports only the module asked
+for (one method's dependencies never load with another's). :func:`register_method` adds a
+method from elsewhere (e.g. a test or an experiment).
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
-import sys
 from typing import Any, Callable
 
 MethodFactory = Callable[..., Any]
@@ -34,14 +34,20 @@ MethodFactory = Callable[..., Any]
 KINDS = ("style", "object")
 """What a MiniCanvas method erases: styles or objects."""
 
-METHOD_PACKAGE = "sae_core.methods"
-"""Package whose modules register MiniCanvas methods when imported."""
+PLUGINS: dict[str, tuple[str, str]] = {
+    "amnesia": ("amnesia", "amnesia_method"),
+    "itd": ("itd", "itd_method"),
+    "rece": ("rece", "rece_method"),
+    "saeuron": ("saeuron", "saeuron_factory"),
+    "uce": ("rece", "uce_method"),
+}
+"""Method name -> (module in :mod:`sae_core.minicanvas.plugins`, factory function)."""
 
 _REGISTRY: dict[str, MethodFactory] = {}
 
 
 def register_method(name: str, factory: MethodFactory) -> None:
-    """Register ``factory`` under ``name`` (re-registering the same name replaces it)."""
+    """Register ``factory`` under ``name`` (it takes precedence over a plug-in of that name)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
     if not callable(factory):
@@ -50,47 +56,23 @@ def register_method(name: str, factory: MethodFactory) -> None:
 
 
 def unregister_method(name: str) -> None:
-    """Remove a method (no error if absent)."""
+    """Remove a method added with :func:`register_method` (no error if absent)."""
     _REGISTRY.pop(name, None)
 
 
 def registered_methods() -> list[str]:
-    """Names of the registered methods, sorted."""
-    return sorted(_REGISTRY)
+    """Names of every method: the plug-ins and the registered ones, sorted."""
+    return sorted(set(PLUGINS) | set(_REGISTRY))
 
 
 def get_method(name: str) -> MethodFactory:
-    """The factory registered as ``name``; KeyError naming the registered methods otherwise."""
-    try:
+    """The factory of ``name``; KeyError naming the known methods otherwise."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(registered_methods()) or "none"
-        raise KeyError(f"unknown method {name!r}; registered methods: {known}") from None
-
-
-def load_method_modules(package: str = METHOD_PACKAGE, verbose: bool = False) -> list[str]:
-    """Import every module of ``package`` so that they register their methods.
-
-    Returns the imported module names. A missing package gives ``[]``; a module that fails
-    to import is reported on stderr (with ``verbose``) and skipped, so one broken plug-in does
-    not disable the others.
-    """
-    try:
-        pkg = importlib.import_module(package)
-    except ModuleNotFoundError as e:
-        if e.name and package.startswith(e.name):
-            return []
-        raise
-    imported = []
-    for info in sorted(pkgutil.iter_modules(getattr(pkg, "__path__", [])), key=lambda i: i.name):
-        name = f"{package}.{info.name}"
-        try:
-            importlib.import_module(name)
-            imported.append(name)
-        except Exception as e:  # noqa: BLE001 - a broken plug-in must not break the command line
-            if verbose:
-                print(f"warning: could not import method module {name}: {type(e).__name__}: {e}", file=sys.stderr)
-    return imported
+    if name not in PLUGINS:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(registered_methods())}")
+    module, function = PLUGINS[name]
+    return getattr(importlib.import_module(f"{__package__}.plugins.{module}"), function)
 
 
 def validate_concepts(canvas: Any, kind: str, concepts: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ follows the latter, the same arrangement as SD1.x's ``output_blocks.4.1``/``5.1`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -16,7 +16,6 @@ the sampling schedule, the hook point and a fingerprint of the SAE). Files are o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -26,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from ..artefacts import sae_fingerprint, save_tensors
 from ..capture import to_tokens
 from ..sae import per_token_topk
 
@@ -43,24 +42,6 @@ __all__ = [
 STATS_FORMAT = "sae_core.saeuron.concept_stats"
 STATS_FORMAT_VERSION = 1
 _META_KEY = "concept_stats"
-
-
-def sae_fingerprint(sae: Any) -> str:
-    """A short, stable identifier of an SAE's weights (hex, 16 characters).
-
-    Hashes the shape and a strided sample (at most ~64k values per tensor, in float32) of
-    ``encoder.weight``, ``encoder.bias``, ``W_dec`` and ``b_dec``: cheap even for SD-sized SAEs
-    and different for any two independently trained or initialised SAEs.
-    """
-    h = hashlib.sha256()
-    for name, t in (("encoder.weight", sae.encoder.weight), ("encoder.bias", sae.encoder.bias),
-                    ("W_dec", sae.W_dec), ("b_dec", sae.b_dec)):
-        flat = t.detach().reshape(-1)
-        stride = max(1, flat.numel() // 65536)
-        sample = flat[::stride].to(device="cpu", dtype=torch.float32).contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def encode_topk_fp32(sae: Any, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,18 +209,10 @@ class ConceptStats:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"concept statistics are saved as .safetensors, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"means": self.means.to(dtype).contiguous(), "counts": self.counts.contiguous()}
+        tensors = {"means": self.means.to(dtype), "counts": self.counts}
         if self.schedule is not None:
-            tensors["schedule"] = self.schedule.contiguous()
-        meta = {_META_KEY: json.dumps(self.to_json())}
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            tensors["schedule"] = self.schedule
+        save_tensors(path, tensors, {_META_KEY: json.dumps(self.to_json())})
         return path
 
     @classmethod

@@ -99,23 +99,22 @@ def _fmt(m, seconds: float) -> str:
     return f"UA={100 * m.ua:.1f} IRA={100 * m.ira:.1f} CRA={100 * m.cra:.1f} seconds={seconds:.1f}"
 
 
-def _load_methods(verbose: bool = True) -> list[str]:
-    from .minicanvas.methods import load_method_modules, registered_methods
+def _load_methods() -> list[str]:
+    from .methods import registered_methods
 
-    load_method_modules(verbose=verbose)
     return registered_methods()
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     import torch  # noqa: F401  (fail early with a clear message if torch is missing)
 
-    from .minicanvas.canvas import MiniCanvas, evaluation_prompts
-    from .minicanvas.methods import get_method
-    from .minicanvas.metrics import erasure_metrics, mean_metrics
+    from .canvas import MiniCanvas, evaluation_prompts
+    from .methods import get_method
+    from .metrics import erasure_metrics, mean_metrics
 
     methods = _load_methods()
     if not methods:
-        print("no erasure method is implemented yet (no module under sae_core/methods registered one)",
+        print("no erasure method is implemented yet (sae_core.minicanvas.methods lists none)",
               file=sys.stderr)
         return EXIT_NO_METHOD
     if a.method not in methods:
@@ -156,8 +155,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def _demo_specs(kind: str, target: int):
     """Small UA/IRA/CRA prompt set: the target's prompts, one prompt per other concept, unstyled."""
-    from .minicanvas.canvas import PromptSpec
-    from .minicanvas.data import OBJECTS, STYLES, prompt_for
+    from .canvas import PromptSpec
+    from .data import OBJECTS, STYLES, prompt_for
 
     n_obj, n_sty = len(OBJECTS), len(STYLES)
     specs = []
@@ -176,11 +175,11 @@ def _demo_specs(kind: str, target: int):
 def cmd_demo(a: argparse.Namespace) -> int:
     import torch
 
-    from .minicanvas.canvas import MiniCanvas, evaluation_prompts
-    from .minicanvas.data import OBJECTS, STYLES, prompt_for
-    from .minicanvas.grid import image_grid, save_png
-    from .minicanvas.methods import get_method
-    from .minicanvas.metrics import base_accuracy, erasure_metrics
+    from .canvas import MiniCanvas, evaluation_prompts
+    from .data import OBJECTS, STYLES, prompt_for
+    from .grid import image_grid, save_png
+    from .methods import get_method
+    from .metrics import base_accuracy, erasure_metrics
 
     t_start = time.perf_counter()
     canvas = MiniCanvas.load(a.weights, device=a.device)

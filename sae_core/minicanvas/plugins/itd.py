@@ -1,6 +1,6 @@
 """ItD on MiniCanvas: the text-encoder SAE, concept interpretation and the ``itd`` bench method.
 
-Importing this module registers ``itd`` with :func:`sae_core.minicanvas.methods.register_method`.
+Listed as ``itd`` in :data:`sae_core.minicanvas.methods.PLUGINS`.
 
 The SAE reads the residual stream after a middle layer of the MiniCanvas text encoder
 (``text_model.encoder.layers.2`` of 4, as ItD reads layer 8 of CLIP-L's 12). It is trained on
@@ -33,9 +33,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from ..formats import load_sae, save_sae
-from ..itd import (
+from ...artefacts import tensor_fingerprint
+from ...config import TrainConfig
+from ...formats import load_sae, save_sae
+from ...itd import (
     ClassifierReport,
     ItDConcepts,
     ItDGate,
@@ -47,9 +48,10 @@ from ..itd import (
     score_prompts,
     train_text_sae,
 )
-from ..minicanvas.data import OBJECTS, STYLES, styled_prompt, unstyled_prompt
-from ..minicanvas.methods import KINDS, register_method, validate_concepts
-from ..sae import SparseAutoencoder
+from ..files import WEIGHTS_DIR
+from ..data import OBJECTS, STYLES, styled_prompt, unstyled_prompt
+from ..methods import KINDS, validate_concepts
+from ...sae import SparseAutoencoder
 
 __all__ = [
     "DEFAULT_SCALE",
@@ -217,16 +219,9 @@ def text_source(canvas: Any, layer: int = 2, batch_size: int = 128) -> TextLayer
     return TextLayerSource(encoder, layer, _tokenize_fn(tokenizer), run=_run, pad_to=int(tokenizer.max_length), batch_size=batch_size)
 
 
-@torch.no_grad()
 def text_encoder_fingerprint(text_encoder: nn.Module) -> str:
-    """Hash of the text encoder's weights (rounded to fp16, so fp16/fp32 copies agree)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(text_encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        t = tensor.detach().cpu()
-        h.update((t.to(torch.float16) if t.is_floating_point() else t).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Hash of the text encoder's weights (names, shapes, values rounded to fp16, so fp16/fp32 copies agree)."""
+    return tensor_fingerprint(sorted(text_encoder.state_dict().items()), dtype=torch.float16, shapes=True)
 
 
 def _cache_dir() -> Path:
@@ -234,7 +229,7 @@ def _cache_dir() -> Path:
 
 
 def _weights_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "minicanvas" / "weights"
+    return WEIGHTS_DIR
 
 
 def _matches(sae: SparseAutoencoder, key: dict[str, Any]) -> bool:
@@ -398,4 +393,3 @@ def _edited_canvas(canvas: Any, sae: SparseAutoencoder, report: ItDCanvasReport)
     return edited
 
 
-register_method("itd", itd_method)

@@ -1,7 +1,6 @@
 """UCE and RECE on MiniCanvas: the ``uce`` and ``rece`` methods of ``python -m sae_core bench``.
 
-Importing this module registers ``uce`` and ``rece`` with
-:func:`sae_core.minicanvas.methods.register_method`.
+Listed as ``uce`` and ``rece`` in :data:`sae_core.minicanvas.methods.PLUGINS`.
 
 Both edit a deepcopy of the UNet: every cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight gets a
 closed-form delta (:mod:`sae_core.closed_form`, :mod:`sae_core.rece`); nothing else changes and the input
@@ -37,9 +36,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..minicanvas.data import styled_prompt, unstyled_prompt
-from ..minicanvas.methods import register_method, validate_concepts
-from ..rece import RECEResult, rece_edit, uce_preserve_scale, uce_start
+from ..data import styled_prompt, unstyled_prompt
+from ..methods import validate_concepts
+from ...rece import RECEResult, rece_edit, uce_preserve_scale, uce_start
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -245,7 +244,7 @@ def rece_canvas_edit(canvas: Any, kind: str, concepts: list[str], recipe: RECERe
                               list(p_enc.to(device)) if p_enc is not None else [],
                               erase_scale=recipe.erase_scale, preserve_scale=s_p, lam=recipe.uce_lam)
         elif recipe.uce_tokens == "all":
-            from ..rece import UCEStart
+            from ...rece import UCEStart
 
             start = UCEStart(c_enc.reshape(-1, ctx).to(device), a_enc[0].repeat(len(concept_texts), 1).to(device),
                              preserve_rows, recipe.erase_scale, s_p, recipe.uce_lam)
@@ -308,5 +307,3 @@ def uce_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> A
     return _run(canvas, kind, concepts, _recipe(UCE_RECIPE, options, "uce"), "uce")
 
 
-register_method("uce", uce_method)
-register_method("rece", rece_method)

@@ -1,6 +1,6 @@
 """Selective Amnesia on MiniCanvas: the ``amnesia`` method of ``python -m sae_core bench``.
 
-Importing this module registers ``amnesia`` with :func:`sae_core.minicanvas.methods.register_method`.
+Listed as ``amnesia`` in :data:`sae_core.minicanvas.methods.PLUGINS`.
 
 What a run does (``methods/selective_amnesia.md``, scaled down to MiniCanvas):
 
@@ -32,7 +32,7 @@ Factory options (``--option key=value`` on the bench command line) are the field
 :class:`AmnesiaRecipe`, e.g. ``--option lam=0`` to switch EWC off or ``--option steps=200``.
 
 The bank and Fisher of the default recipe may ship in ``sae_core/minicanvas/weights/``
-(``python -m sae_core.methods.amnesia_method prepare --out sae_core/minicanvas/weights``); they are
+(``python -m sae_core.minicanvas.plugins.amnesia prepare --out sae_core/minicanvas/weights``); they are
 used only when their recorded UNet fingerprint matches the loaded model, otherwise they are
 rebuilt into the cache (about two minutes on two CPU cores, once per model).
 """
@@ -52,13 +52,13 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ..amnesia import AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, load_samples, noise_samples
-from ..fisher import compute_fisher, eps_mse_loss_fn, fisher_params, load_fisher
-from ..lora import TARGET_PRESETS, inject_lora, merge_lora
-from ..minicanvas import files as mc_files
-from ..minicanvas.files import unet_fingerprint
-from ..minicanvas.data import styled_prompt, unstyled_prompt
-from ..minicanvas.methods import register_method, validate_concepts
+from ...amnesia import AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, load_samples, noise_samples
+from ...fisher import compute_fisher, eps_mse_loss_fn, fisher_params, load_fisher
+from ...lora import TARGET_PRESETS, inject_lora, merge_lora
+from .. import files as mc_files
+from ..files import unet_fingerprint
+from ..data import styled_prompt, unstyled_prompt
+from ..methods import validate_concepts
 
 __all__ = [
     "AmnesiaRecipe",
@@ -401,7 +401,6 @@ def amnesia_method(canvas: Any, kind: str, concepts: list[str], **options: Any) 
     return edited
 
 
-register_method("amnesia", amnesia_method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,9 +410,9 @@ register_method("amnesia", amnesia_method)
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``prepare``: build the data bank and Fisher for the shipped model (into the cache, or ``--out``)."""
-    from ..minicanvas.canvas import MiniCanvas
+    from ..canvas import MiniCanvas
 
-    ap = argparse.ArgumentParser(prog="python -m sae_core.methods.amnesia_method", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sae_core.minicanvas.plugins.amnesia", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="build the data bank and Fisher of the default recipe")

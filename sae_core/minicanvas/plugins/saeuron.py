@@ -19,8 +19,8 @@ weights change, the method rebuilds them (several minutes on two CPU cores) into
 
 Rebuild the shipped files, or screen intervention settings::
 
-    python -m sae_core.methods.saeuron_method build            # writes into the package weights
-    python -m sae_core.methods.saeuron_method sweep --kind style --gamma=-1,-2 --top-n 1,2 --fast
+    python -m sae_core.minicanvas.plugins.saeuron build            # writes into the package weights
+    python -m sae_core.minicanvas.plugins.saeuron sweep --kind style --gamma=-1,-2 --top-n 1,2 --fast
 
 Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
 ``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``.
@@ -39,16 +39,16 @@ from typing import Any
 
 import torch
 
-from ..capture import capture
-from ..config import TrainConfig
-from ..formats import load_sae, save_sae
-from ..minicanvas import files as mc_files
-from ..minicanvas.files import unet_fingerprint
-from ..minicanvas.data import OBJECTS, STYLES, prompt_for
-from ..minicanvas.methods import KINDS, register_method, validate_concepts
-from ..saeuron import ConceptStats, SAeUronHook, collect_block_activations, concept_stats_from_store
-from ..store import ActivationReader, ActivationWriter
-from ..trainer import SaeTrainer
+from ...capture import capture
+from ...config import TrainConfig
+from ...formats import load_sae, save_sae
+from .. import files as mc_files
+from ..files import unet_fingerprint
+from ..data import OBJECTS, STYLES, prompt_for
+from ..methods import KINDS, validate_concepts
+from ...saeuron import ConceptStats, SAeUronHook, collect_block_activations, concept_stats_from_store
+from ...store import ActivationReader, ActivationWriter
+from ...trainer import SaeTrainer
 
 __all__ = [
     "SAeUronRecipe",
@@ -329,7 +329,6 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
     return edited
 
 
-register_method("saeuron", saeuron_factory)
 
 # ---------------------------------------------------------------------------------------------
 # command line: build and sweep
@@ -357,10 +356,10 @@ def _screen_specs(specs: list[Any], kind: str, target: int, n: int) -> list[Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..minicanvas.canvas import MiniCanvas, evaluation_prompts
-    from ..minicanvas.metrics import erasure_metrics, mean_metrics
+    from ..canvas import MiniCanvas, evaluation_prompts
+    from ..metrics import erasure_metrics, mean_metrics
 
-    ap = argparse.ArgumentParser(prog="python -m sae_core.methods.saeuron_method", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sae_core.minicanvas.plugins.saeuron", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the SAE and statistics")

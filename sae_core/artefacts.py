@@ -1,0 +1,301 @@
+"""The one I/O and identity layer of ``sae_core``: atomic writes, tensor files, fingerprints and the
+artefact policy (reuse, resume or redo a file a long computation produced).
+
+Every file the library or the nodes write goes through :func:`atomic_write`: the content is written to a
+temp file in the destination's folder and moved into place with ``os.replace``, so a reader sees either the
+old file or the whole new one, and a crash leaves at most a hidden ``.<name>.*.tmp`` that no listing shows.
+
+Fingerprints identify what an artefact was built from. :func:`tensor_fingerprint` hashes named tensors
+(optionally rounded to a dtype, optionally sub-sampled), :func:`file_fingerprint` identifies a file by path,
+size and modification time.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "TEMP_PREFIX",
+    "Action",
+    "ArtefactDecision",
+    "atomic_write",
+    "decide_artefact",
+    "file_fingerprint",
+    "is_temp_name",
+    "load_json",
+    "load_tensors",
+    "read_metadata",
+    "sae_fingerprint",
+    "save_json",
+    "save_tensors",
+    "tensor_fingerprint",
+    "write_bytes",
+    "write_text",
+]
+
+PathLike = Union[str, os.PathLike]
+
+TEMP_PREFIX = "."
+"""Temp files are hidden (``.<name>.<random>.tmp``) so that file lists (e.g. ComfyUI dropdowns) skip them."""
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temp file :func:`atomic_write` makes (and leaves behind only when killed)."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(".tmp")
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` for a temp file in ``path``'s folder, then ``os.replace`` it into place.
+
+    The folder is created if needed. On any error (or interrupt) the temp file is removed and ``path`` is
+    left as it was. The new file gets the usual permissions (``0o666`` minus the umask).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, write)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def save_json(path: PathLike, obj: Any, sort_keys: bool = True) -> None:
+    """Write ``obj`` as indented JSON (with a final newline) atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def load_json(path: PathLike, what: str = "JSON file") -> Any:
+    """Read a JSON file; a missing file or invalid JSON raises an error naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def _metadata_strings(metadata: Optional[Mapping[str, Any]]) -> Optional[dict[str, str]]:
+    if metadata is None:
+        return None
+    return {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+
+
+def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, Any]] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+    """Write ``tensors`` as a safetensors file, atomically.
+
+    Tensors are detached, made contiguous and moved to the CPU; ``dtype`` (if given) casts the floating
+    ones. Non-string metadata values are stored as JSON.
+    """
+    clean = {}
+    for key, value in tensors.items():
+        t = value.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        clean[key] = t.to("cpu").contiguous()
+    meta = _metadata_strings(metadata)
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+
+
+def load_tensors(path: PathLike, device: Union[str, torch.device] = "cpu", what: str = "tensor file") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or unreadable file raises an error naming ``what`` and the path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{what} {path} is not a readable safetensors file: {err}") from err
+
+
+def read_metadata(path: PathLike, what: str = "tensor file") -> dict[str, str]:
+    """The string metadata of a safetensors file's header (empty when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{what} {path} is not a readable safetensors file: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def tensor_fingerprint(named: Iterable[tuple[str, torch.Tensor]], *, dtype: Optional[torch.dtype] = torch.float32,
+                       shapes: bool = False, max_values: Optional[int] = None, header: str = "",
+                       digits: int = 16) -> str:
+    """Hex digits of a SHA-256 over named tensors, in the order given.
+
+    Per tensor the hash takes the name, optionally its shape (``shapes``), and its values: floating tensors
+    cast to ``dtype`` (``None`` keeps their own; fp16 makes fp16/fp32 copies of one file agree), other
+    tensors as they are. ``max_values`` hashes an evenly strided sample of at most about that many values
+    (fast for SD-sized weights). ``header`` is hashed first.
+    """
+    h = hashlib.sha256()
+    if header:
+        h.update(header.encode())
+    for name, tensor in named:
+        t = tensor.detach()
+        h.update(name.encode())
+        if shapes:
+            h.update(str(tuple(t.shape)).encode())
+        if max_values is not None:
+            flat = t.reshape(-1)
+            t = flat[:: max(1, flat.numel() // max_values)]
+        if dtype is not None and t.is_floating_point():
+            t = t.to(device="cpu", dtype=dtype)
+        h.update(t.to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()[:digits]
+
+
+@torch.no_grad()
+def sae_fingerprint(sae: Any, rows: int = 256) -> str:
+    """The identity of an SAE's weights that files built with it record (concept statistics, ItD concepts).
+
+    Hashes the shape, ``k``, both biases and ``rows`` evenly spaced encoder/decoder rows, rounded to
+    float16, so the fp32 and fp16 copies of one file agree. Fast for any width.
+    """
+    n, d = sae.W_dec.shape
+    pick = torch.arange(0, n, max(1, n // max(1, rows)), device=sae.W_dec.device)[:rows]
+    parts = (sae.b_dec, sae.encoder.bias, sae.encoder.weight[pick], sae.W_dec[pick])
+    return tensor_fingerprint((("", t) for t in parts), dtype=torch.float16, header=f"{n}x{d}:k={int(sae.cfg.k)}")
+
+
+def file_fingerprint(path: PathLike, companions: Iterable[PathLike] = ()) -> str:
+    """Cheap identity of a file's content: path, size and modification time (ns).
+
+    ``companions`` are files that change the meaning of ``path`` (e.g. the ``cfg.json`` beside a folder
+    SAE); each counts when it exists. A missing ``path`` gives a fingerprint that says so, so a file that
+    appears later counts as changed.
+    """
+    parts = []
+    for i, p in enumerate((path, *companions)):
+        p = os.fspath(p)
+        try:
+            st = os.stat(p)
+        except OSError:
+            if i == 0:
+                parts.append(f"{p}:missing")
+            continue
+        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the artefact policy
+# ---------------------------------------------------------------------------------------------
+
+
+class Action(str, enum.Enum):
+    """What to do with the artefact a long computation would produce."""
+
+    CREATE = "create"
+    """Nothing is there: compute it."""
+    REUSE = "reuse"
+    """A complete artefact built from the same inputs is there: use it as it is."""
+    RESUME = "resume"
+    """An unfinished run from the same inputs left a checkpoint: continue from it."""
+    REDO = "redo"
+    """``overwrite`` is on: compute again; the old file is replaced only once the new one is complete."""
+
+
+@dataclass(frozen=True)
+class ArtefactDecision:
+    """The decision for one artefact and the sentence a node shows the user about it."""
+
+    action: Action
+    message: str
+
+
+def _describe_difference(wanted: Mapping[str, Any], found: Mapping[str, Any]) -> str:
+    keys = sorted(set(wanted) | set(found), key=str)
+    diff = [f"{k}: {found.get(k, '(unset)')!r} there, {wanted.get(k, '(unset)')!r} now"
+            for k in keys if wanted.get(k) != found.get(k)]
+    return "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+
+
+def decide_artefact(what: str, path: PathLike, wanted: Mapping[str, Any], found: Optional[Mapping[str, Any]],
+                    *, complete: bool = True, overwrite: bool = False, resumable: bool = False) -> ArtefactDecision:
+    """The one rule for reusing, resuming or redoing an artefact, with the message to show.
+
+    Args:
+        what: what the artefact is, for messages ("Fisher estimate", "SAE checkpoint", ...).
+        path: where it lives.
+        wanted: the identity of the artefact the current inputs would produce (settings, fingerprints).
+        found: the identity recorded in the file that is there, or ``None`` when nothing is there.
+        complete: whether the file there is finished (``False``: a checkpoint of an unfinished run).
+        overwrite: the user's explicit permission to replace what is there.
+        resumable: whether an unfinished run with the same identity can continue.
+
+    Returns:
+        :class:`ArtefactDecision`. Raises ``FileExistsError`` when a file built from other inputs is there
+        and ``overwrite`` is off: nothing a user made is replaced without their say.
+    """
+    if found is None:
+        return ArtefactDecision(Action.CREATE, f"{what}: computing {path}")
+    if overwrite:
+        return ArtefactDecision(Action.REDO, f"{what}: overwrite is on, recomputing {path} (the old file stays until "
+                                             "the new one is complete)")
+    same = dict(wanted) == dict(found)
+    if not same:
+        raise FileExistsError(f"{what} {path} exists but was built from other inputs ({_describe_difference(wanted, found)}); "
+                              "turn on overwrite to replace it, or choose another name")
+    if complete:
+        return ArtefactDecision(Action.REUSE, f"{what}: reusing {path} (same inputs)")
+    if resumable:
+        return ArtefactDecision(Action.RESUME, f"{what}: resuming the unfinished run in {path}")
+    return ArtefactDecision(Action.REDO, f"{what}: {path} is unfinished and cannot resume, computing it again")
