@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 __all__ = [
     "TEMP_PREFIX",
+    "ArtefactError",
     "Action",
     "ArtefactDecision",
     "atomic_write",
@@ -36,6 +37,7 @@ __all__ = [
     "load_json",
     "load_tensors",
     "read_metadata",
+    "remove_stale_temps",
     "sae_fingerprint",
     "save_json",
     "save_tensors",
@@ -47,12 +49,62 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 TEMP_PREFIX = "."
-"""Temp files are hidden (``.<name>.<random>.tmp``) so that file lists (e.g. ComfyUI dropdowns) skip them."""
+"""Temp files are hidden (``.<name>.<pid>.<random>.tmp``) so that file lists (e.g. ComfyUI dropdowns) skip them."""
+
+
+class ArtefactError(ValueError):
+    """A file the pack reads is missing a part, malformed, truncated or holds values it cannot use.
+
+    Every loader raises this (or a subclass) for any problem with a file's content, naming the file.
+    """
+
+    def __init__(self, path: PathLike, problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
 
 
 def is_temp_name(name: str) -> bool:
     """True for the name of a temp file :func:`atomic_write` makes (and leaves behind only when killed)."""
     return name.startswith(TEMP_PREFIX) and name.endswith(".tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> list[str]:
+    """Delete the temp files that killed writes of ``path`` left beside it (their process is gone).
+
+    Returns the removed names. Temp files of live processes (a write in progress) are kept.
+    """
+    path = Path(path)
+    removed = []
+    prefix = f"{TEMP_PREFIX}{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_part = name[len(prefix):].split(".", 1)[0]
+        if pid_part.isdigit() and not _pid_alive(int(pid_part)):
+            try:
+                entry.unlink()
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,14 +116,18 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temp file in ``path``'s folder, then ``os.replace`` it into place.
 
     The folder is created if needed. On any error (or interrupt) the temp file is removed and ``path`` is
-    left as it was. The new file gets the usual permissions (``0o666`` minus the umask).
+    left as it was; temp files that killed writes of ``path`` left are removed first. The content is flushed
+    to disk before the rename, and the new file gets the usual permissions (``0o666`` minus the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -90,8 +146,6 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     atomic_write(path, write)
 
@@ -115,7 +169,7 @@ def load_json(path: PathLike, what: str = "JSON file") -> Any:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+        raise ArtefactError(path, f"{what} is not valid JSON ({err})") from err
 
 
 def _metadata_strings(metadata: Optional[Mapping[str, Any]]) -> Optional[dict[str, str]]:
@@ -151,8 +205,8 @@ def load_tensors(path: PathLike, device: Union[str, torch.device] = "cpu", what:
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{what} {path} is not a readable safetensors file: {err}") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ArtefactError(path, f"{what} is not a readable safetensors file, possibly truncated or corrupt ({err})") from err
 
 
 def read_metadata(path: PathLike, what: str = "tensor file") -> dict[str, str]:
@@ -165,8 +219,8 @@ def read_metadata(path: PathLike, what: str = "tensor file") -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{what} {path} is not a readable safetensors file: {err}") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ArtefactError(path, f"{what} is not a readable safetensors file, possibly truncated or corrupt ({err})") from err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ problem with a file raises :class:`SaeFormatError` (a ``ValueError``) naming the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .artefacts import save_tensors, write_text
+from .artefacts import ArtefactError, save_tensors, write_text
 from .config import SaeConfig
 from .sae import SparseAutoencoder
 
@@ -64,13 +65,8 @@ _PARAM_SHAPES = {  # our key -> shape template in terms of (n, d)
 }
 
 
-class SaeFormatError(ValueError):
+class SaeFormatError(ArtefactError):
     """A file or folder is not a valid SAE in any supported layout."""
-
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def _state_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
@@ -96,7 +92,9 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, layout: str = "fol
         if path.exists() and not path.is_dir():
             raise ValueError(f"save_sae: {path} exists and is not a folder (use layout='file' for a single file)")
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / WEIGHTS_NAME, tensors, {FORMAT_KEY: FORMAT_VALUE})
+        # The weights carry their own config too: a save killed between the two files leaves new weights beside
+        # the old cfg.json, which the loader then refuses instead of pairing them.
+        save_tensors(path / WEIGHTS_NAME, tensors, {FORMAT_KEY: FORMAT_VALUE, METADATA_KEY: cfg_json})
         write_text(path / CFG_NAME, cfg_json + "\n")
     elif layout == "file":
         if path.suffix != ".safetensors":
@@ -199,7 +197,8 @@ def _int_field(path: Path, data: dict[str, Any], key: str) -> int | None:
     if key not in data or data[key] is None:
         return None
     value = data[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or int(value) != value):
         raise SaeFormatError(path, f"config field {key!r} must be an integer, got {value!r}")
     return int(value)
 
@@ -209,6 +208,9 @@ def _make_config(cfg_path: Path, data: dict[str, Any], weights_path: Path, tenso
     data = dict(data)
     for key in ("d_in", "num_latents", "k", "expansion_factor"):
         _int_field(cfg_path, data, key)
+    for key in ("hookpoint", "hook_name"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise SaeFormatError(cfg_path, f"config field {key!r} must be a module name (text), got {data[key]!r}")
     n, d = tensors["encoder.weight"].shape if tensors["encoder.weight"].dim() == 2 else (None, None)
     if data.get("d_in") is None:
         if d is None:
@@ -276,9 +278,23 @@ def _build(cfg: SaeConfig, tensors: dict[str, Tensor], device: str | torch.devic
 def _load_ours_folder(folder: Path, device, dtype) -> SparseAutoencoder:
     cfg_path, weights_path = folder / CFG_NAME, folder / WEIGHTS_NAME
     data = _read_json(cfg_path)
-    tensors, _ = _read_safetensors(weights_path)
+    tensors, metadata = _read_safetensors(weights_path)
     _require(weights_path, tensors, list(_PARAM_SHAPES), "SAeUron/EleutherAI")
     cfg = _make_config(cfg_path, data, weights_path, tensors)
+    if METADATA_KEY in metadata:  # written by save_sae: the weights' own config must agree with cfg.json
+        try:
+            own = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise SaeFormatError(weights_path, f"metadata '{METADATA_KEY}' is not valid JSON ({exc})") from exc
+        if not isinstance(own, dict):
+            raise SaeFormatError(weights_path, f"metadata '{METADATA_KEY}' must be a JSON object")
+        saved = _make_config(weights_path, own, weights_path, tensors)
+        diff = [f"{f} {getattr(cfg, f)} (cfg.json) vs {getattr(saved, f)} (weights)" for f in ("k", "d_in", "num_latents")
+                if getattr(cfg, f) != getattr(saved, f)]
+        if diff:
+            raise SaeFormatError(cfg_path, f"{CFG_NAME} disagrees with the config saved inside {WEIGHTS_NAME}: {'; '.join(diff)} "
+                                           "(a save was interrupted, or cfg.json was edited); save the SAE again or restore "
+                                           f"{CFG_NAME}")
     return _build(cfg, tensors, device, dtype)
 
 
@@ -435,6 +451,12 @@ def load_sae(
     """
     layout, where = detect_layout(path)
     sae = _READERS[layout](where, device, dtype)
+    if dtype is not None:  # the file's values are finite (checked on read); a narrower dtype can overflow them
+        for name, t in (("encoder.weight", sae.encoder.weight), ("encoder.bias", sae.encoder.bias),
+                        ("W_dec", sae.W_dec), ("b_dec", sae.b_dec)):
+            if not bool(torch.isfinite(t).all()):
+                raise SaeFormatError(where, f"tensor {name} overflows {str(dtype).removeprefix('torch.')} "
+                                            "(values beyond its range); load it in float32 or bfloat16")
     return sae.eval()
 
 

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .formats import CFG_NAME, WEIGHTS_NAME, detect_layout
+from .artefacts import ArtefactError, load_json, save_json
+from .formats import CFG_NAME, WEIGHTS_NAME, detect_layout, load_sae
 
 __all__ = ["HubDownload", "check_hookpoint", "check_repo_id", "download_sae", "local_folder_name"]
 
@@ -75,8 +76,35 @@ def local_folder_name(repo_id: str) -> str:
     return check_repo_id(repo_id).replace("/", "__")
 
 
+SOURCE_NAME = ".download.json"
+"""Written beside a downloaded SAE: the repo, hook point and revision its files came from."""
+
+
 def _complete(folder: Path) -> bool:
     return (folder / CFG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
+def _reusable(folder: Path, repo_id: str, hookpoint: str, revision: str | None) -> bool:
+    """A complete copy that came from the asked revision and loads; a copy without a record counts only
+    when no revision was asked for (copies made before records were kept)."""
+    if not _complete(folder):
+        return False
+    try:
+        source = load_json(folder / SOURCE_NAME, what="SAE download record")
+    except FileNotFoundError:
+        source = None
+    except ArtefactError:
+        return False
+    if source is None:
+        if revision is not None:
+            return False
+    elif source != {"repo_id": repo_id, "hookpoint": hookpoint, "revision": revision}:
+        return False
+    try:
+        load_sae(folder)
+    except ArtefactError:
+        return False  # corrupt or truncated: download it again
+    return True
 
 
 def download_sae(
@@ -114,9 +142,10 @@ def download_sae(
     revision = (revision or "").strip() or None
     local_dir = Path(dest_root) / local_folder_name(repo_id)
     folder = local_dir.joinpath(*hookpoint.split("/"))
-    if _complete(folder) and not force:
-        detect_layout(folder)
+    if not force and _reusable(folder, repo_id, hookpoint, revision):
         return HubDownload(folder, repo_id, hookpoint, revision, downloaded=False)
+    if _complete(folder):
+        force = True  # another revision, or an unreadable copy: the files must be fetched again, not reused
     if download_fn is None:
         try:
             from huggingface_hub import snapshot_download as download_fn
@@ -141,4 +170,6 @@ def download_sae(
     layout, _ = detect_layout(folder)
     if layout != "folder":  # pragma: no cover - _complete() implies the folder layout
         raise ValueError(f"{folder}: downloaded files are a {layout} SAE, expected cfg.json + sae.safetensors")
+    load_sae(folder)  # a broken download is an error now, not at first use
+    save_json(folder / SOURCE_NAME, {"repo_id": repo_id, "hookpoint": hookpoint, "revision": revision})
     return HubDownload(folder, repo_id, hookpoint, revision, downloaded=True)

@@ -37,12 +37,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .artefacts import is_temp_name, save_tensors, write_bytes
+from .artefacts import ArtefactError, is_temp_name, save_tensors, write_bytes
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "StoreFormatError",
     "ActivationBatch",
     "ActivationReader",
     "ActivationWriter",
@@ -64,6 +65,16 @@ _COLUMN_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int
 _ST_CODES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16",
              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class StoreFormatError(ArtefactError):
+    """An activation store's manifest or shard is malformed (names the file)."""
+
+
+def _count(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 class IncompleteStoreError(ValueError):
@@ -100,9 +111,9 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"activation store manifest {path} is unreadable: {exc}") from exc
+        raise StoreFormatError(path, f"activation store manifest is unreadable ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an activation store manifest (expected format '{FORMAT}')")
+        raise StoreFormatError(path, f"not an activation store manifest (expected format '{FORMAT}')")
     return manifest
 
 
@@ -307,6 +318,12 @@ class ActivationWriter:
                     f"pass overwrite=True to replace it"
                 ) from None
             manifest = None
+        if manifest is not None and manifest.get("version") != FORMAT_VERSION and not overwrite:
+            raise ValueError(
+                f"{folder / MANIFEST_NAME} is an activation store of format version {manifest.get('version')!r}, which "
+                f"this code does not read (it writes version {FORMAT_VERSION}); it is kept: pass overwrite=True to "
+                "replace it, or choose another folder"
+            )
         if manifest is not None and manifest.get("complete") and not overwrite:
             raise FileExistsError(
                 f"{folder} already holds a complete activation store ({manifest.get('total_tokens')} tokens); "
@@ -457,14 +474,23 @@ class ActivationReader:
                 f"collect it again"
             )
         self.manifest = manifest
-        self.d: int = int(manifest["d"])
-        self.dtype: torch.dtype = _resolve_store_dtype(manifest["dtype"])
-        self.columns: dict[str, torch.dtype] = {}
-        for name, dt in manifest.get("columns", {}).items():
-            self.columns[name] = _resolve_column_dtype(name, dt) if dt is not None else torch.int64
-        self.attrs: dict[str, Any] = dict(manifest.get("attrs", {}))
-        self.shards: list[dict[str, Any]] = list(manifest["shards"])
-        self.shard_rows: list[int] = [int(s["rows"]) for s in self.shards]
+        where = self.folder / MANIFEST_NAME
+        try:
+            self.d: int = _count(manifest["d"], "d", minimum=1)
+            self.dtype: torch.dtype = _resolve_store_dtype(manifest["dtype"])
+            self.columns: dict[str, torch.dtype] = {}
+            for name, dt in dict(manifest.get("columns", {})).items():
+                self.columns[name] = _resolve_column_dtype(name, dt) if dt is not None else torch.int64
+            self.attrs: dict[str, Any] = dict(manifest.get("attrs", {}))
+            self.shards: list[dict[str, Any]] = [dict(s) for s in manifest["shards"]]
+            self.shard_rows: list[int] = [_count(s["rows"], "rows") for s in self.shards]
+            for entry in self.shards:  # a shard is a plain file name of this store, never a path elsewhere
+                if not isinstance(entry["file"], str) or not _SHARD_RE.match(entry["file"]):
+                    raise ValueError(f"shard file {entry['file']!r} is not a shard name of this store")
+            _count(manifest["total_tokens"], "total_tokens")
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise StoreFormatError(where, f"malformed activation store manifest: {what}") from exc
         self._len = sum(self.shard_rows)
         if self._len != int(manifest["total_tokens"]):
             raise ValueError(

@@ -122,3 +122,33 @@ def test_parse_names_splits_commas_too():
     assert parse_names("nudity, naked ,,\n# not: this\nnaked\n erotic") == ["nudity", "naked", "erotic"]
     with pytest.raises(TypeError):
         parse_names([1])  # type: ignore[list-item]
+
+
+def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    target = tmp_path / "lora.safetensors"
+    dead = tmp_path / ".lora.safetensors.999999999.abc.tmp"  # no process has this pid
+    live = tmp_path / f".lora.safetensors.{os.getpid()}.def.tmp"
+    other = tmp_path / ".other.safetensors.999999999.abc.tmp"
+    for f in (dead, live, other):
+        f.write_bytes(b"partial")
+    save_tensors(target, {"x": torch.ones(2)})
+    assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_written_files_get_the_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_json(tmp_path / "a.json", {})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "a.json").st_mode & 0o777) == 0o644
+
+
+def test_load_errors_are_artefact_errors_naming_the_file(tmp_path):
+    from sae_core.artefacts import ArtefactError
+
+    bad = tmp_path / "zero.safetensors"
+    bad.write_bytes(b"")
+    with pytest.raises(ArtefactError) as err:
+        load_tensors(bad)
+    assert err.value.path == str(bad)

@@ -357,3 +357,59 @@ def test_bad_itd_files(tmp_path):
     (folder / "state_dict.pth").write_bytes(b"truncated")
     with pytest.raises(SaeFormatError, match="state_dict.pth"):
         load_sae(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# reliability: interrupted saves, bad numbers, narrowing casts
+# --------------------------------------------------------------------------------------------
+def test_new_weights_beside_an_old_cfg_are_refused(tmp_path):
+    """A save killed between sae.safetensors and cfg.json must not load the new weights with the old k."""
+    folder = tmp_path / "s"
+    save_sae(make_sae(k=K), folder)
+    old_cfg = (folder / "cfg.json").read_text()
+    save_sae(make_sae(k=K + 2), folder)
+    (folder / "cfg.json").write_text(old_cfg)  # as if killed before the second write
+    with pytest.raises(SaeFormatError, match=r"disagrees .*k 5 \(cfg.json\) vs 7"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize("field,value", [("k", "NaN"), ("d_in", "Infinity"), ("num_latents", "-Infinity")])
+def test_non_finite_config_numbers_are_named(tmp_path, field, value):
+    folder = tmp_path / "s"
+    save_sae(make_sae(), folder)
+    text = (folder / "cfg.json").read_text()
+    data = json.loads(text)
+    data[field] = 0  # placeholder replaced by the JSON non-number below
+    (folder / "cfg.json").write_text(json.dumps(data).replace(f'"{field}": 0', f'"{field}": {value}'))
+    with pytest.raises(SaeFormatError, match=field) as err:
+        load_sae(folder / "sae.safetensors")
+    assert "cfg.json" in str(err.value)
+
+
+def test_non_text_hookpoint_is_refused(tmp_path):
+    path = tmp_path / "one.safetensors"
+    sae = make_sae()
+    save_sae(sae, path, layout="file")
+    tensors, meta = load_file(path), None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata())
+    cfg = json.loads(meta["sae_config"])
+    cfg["hookpoint"] = 7
+    meta["sae_config"] = json.dumps(cfg)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(SaeFormatError, match="hookpoint"):
+        load_sae(path)
+
+
+def test_loading_as_float16_refuses_values_that_overflow(tmp_path):
+    sae = make_sae()
+    with torch.no_grad():
+        sae.W_dec[0, 0] = 1e6  # finite in float32, inf in float16
+    path = save_sae(sae, tmp_path / "big.safetensors", layout="file")
+    with pytest.raises(SaeFormatError, match="overflows float16"):
+        load_sae(path, dtype=torch.float16)
+    assert load_sae(path, dtype=torch.bfloat16).W_dec[0, 0] > 0

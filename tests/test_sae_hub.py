@@ -70,7 +70,8 @@ def test_downloads_only_the_requested_hookpoint(tmp_path, fake_repo):
     assert repo_id == "owner/SAeUron" and kwargs["allow_patterns"] == ["unet.up_blocks.1.attentions.2/*"]
     assert kwargs["local_dir"] == str(dest / "owner__SAeUron") and kwargs["revision"] == "main"
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["owner__SAeUron/unet.up_blocks.1.attentions.2/cfg.json",
+    assert files == ["owner__SAeUron/unet.up_blocks.1.attentions.2/.download.json",
+                     "owner__SAeUron/unet.up_blocks.1.attentions.2/cfg.json",
                      "owner__SAeUron/unet.up_blocks.1.attentions.2/sae.safetensors"]
     loaded = load_sae(got.folder)
     assert _same(loaded, saes["unet.up_blocks.1.attentions.2"])
@@ -122,3 +123,30 @@ def test_bad_repo_ids_are_refused(tmp_path, bad):
 def test_names():
     assert local_folder_name("bcywinski/SAeUron") == "bcywinski__SAeUron"
     assert check_hookpoint(" coco/unet.up_blocks.1.attentions.1/") == "coco/unet.up_blocks.1.attentions.1"
+
+
+def test_another_revision_is_downloaded_not_relabelled(fake_repo, tmp_path):
+    repo, saes = fake_repo
+    hub = FakeHub({"owner/SAeUron": repo})
+    dest = tmp_path / "models" / "sae"
+    hook = HOOKS[0]
+    first = download_sae("owner/SAeUron", hook, dest, download_fn=hub)
+    assert first.downloaded
+    again = download_sae("owner/SAeUron", hook, dest, download_fn=hub)
+    assert not again.downloaded and len(hub.calls) == 1
+    other = download_sae("owner/SAeUron", hook, dest, revision="v2", download_fn=hub)
+    assert other.downloaded and hub.calls[-1][1]["revision"] == "v2" and hub.calls[-1][1].get("force_download")
+    # the v2 copy is now recorded as v2: asking for the default branch downloads again
+    assert download_sae("owner/SAeUron", hook, dest, download_fn=hub).downloaded
+
+
+def test_a_corrupt_local_copy_is_downloaded_again(fake_repo, tmp_path):
+    repo, saes = fake_repo
+    hub = FakeHub({"owner/SAeUron": repo})
+    dest = tmp_path / "models" / "sae"
+    hook = HOOKS[1]
+    got = download_sae("owner/SAeUron", hook, dest, download_fn=hub)
+    weights = got.folder / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    again = download_sae("owner/SAeUron", hook, dest, download_fn=hub)
+    assert again.downloaded and _same(load_sae(again.folder), saes[hook])

@@ -236,3 +236,50 @@ def test_writer_input_errors(tmp_path):
         ActivationWriter(tmp_path / "t", d=4, attrs={"bad": object()})
     with pytest.raises(ValueError, match="dtype"):
         ActivationWriter(tmp_path / "t", d=4, dtype="int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability: a store this code cannot read is kept; malformed manifests name the file
+# ---------------------------------------------------------------------------------------------
+def _small_store(folder):
+    from sae_core.store import ActivationWriter
+
+    w = ActivationWriter(folder, d=4, shard_tokens=8)
+    w.add(torch.randn(10, 4))
+    w.close()
+
+
+def _edit_manifest(folder, **changes):
+    import json as _json
+
+    path = folder / "manifest.json"
+    data = _json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(_json.dumps(data))
+
+
+def test_writer_keeps_a_store_of_another_version_without_overwrite(tmp_path):
+    from sae_core.store import ActivationWriter
+
+    folder = tmp_path / "s"
+    _small_store(folder)
+    _edit_manifest(folder, version=99, complete=False)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match="version 99"):
+        ActivationWriter(folder, d=4)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("changes", [{"shards": [{"file": "../outside.safetensors", "rows": 10}]},
+                                     {"shards": [{"file": "/etc/passwd", "rows": 10}]},
+                                     {"d": "four"}, {"total_tokens": None}, {"shards": 3}])
+def test_malformed_manifest_is_a_store_format_error_naming_it(tmp_path, changes):
+    from sae_core.store import ActivationReader, StoreFormatError
+
+    folder = tmp_path / "s"
+    _small_store(folder)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    _edit_manifest(folder, **changes)
+    with pytest.raises(StoreFormatError) as err:
+        ActivationReader(folder)
+    assert err.value.path.endswith("manifest.json")
