@@ -7,6 +7,8 @@ SAeUron/EleutherAI ``cfg.json`` plus our optional ``hookpoint`` and ``model_fami
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -168,6 +170,32 @@ class TrainConfig:
 
     model_family: str | None = None
     """Stored in the trained SAE's config."""
+
+    def __post_init__(self) -> None:
+        def number(name: str, low: float, low_open: bool = False, high: float = math.inf) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (low_open and value == low) or value > high:
+                bound = f"> {low}" if low_open else f">= {low}"
+                raise ValueError(f"TrainConfig.{name} must be a finite number {bound}"
+                                 + (f" and <= {high}" if math.isfinite(high) else "") + f", got {value!r}")
+
+        number("lr", 0.0)
+        number("adam_eps", 0.0, low_open=True)
+        number("grad_clip", 0.0)
+        number("auxk_alpha", 0.0)
+        number("geometric_median_tol", 0.0)
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"TrainConfig.adam_betas must be two numbers, got {self.adam_betas!r}")
+        for beta in self.adam_betas:
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"TrainConfig.adam_betas must lie in [0, 1), got {self.adam_betas!r}")
+        if self.k_aux is not None and (isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int) or self.k_aux < 1):
+            raise ValueError(f"TrainConfig.k_aux must be None or an integer >= 1, got {self.k_aux!r}")
+        for name in ("lr_warmup_steps", "dead_feature_threshold", "checkpoint_every", "log_every", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
 
     def sae_config(self, d_in: int) -> SaeConfig:
         """The :class:`SaeConfig` of the SAE this run trains."""

@@ -23,6 +23,7 @@ Every row is yielded exactly once per epoch, and the order is a pure function of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -503,6 +504,12 @@ class ActivationReader:
     def __len__(self) -> int:
         """Number of token rows in the store."""
         return self._len
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this store's content: a hash of its manifest (creation time, attributes such as the
+        prompts, shard sizes and row counts). A store collected again, even with the same row count, differs."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return (f"ActivationReader({str(self.folder)!r}, tokens={self._len}, d={self.d}, "

@@ -213,6 +213,9 @@ class SaeTrainer:
         with torch.autocast(device_type=self.device.type, dtype=self.compute_dtype, enabled=use_autocast):
             out = sae(x, dead_mask=dead_mask if bool(dead_mask.any()) else None, k_aux=self.k_aux)
         loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"SAE training diverged at step {self.step} (loss {float(loss.detach()):g}); lower lr "
+                                     f"(now {cfg.lr:g}) or grad_clip; the last checkpoint, if any, is kept")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -241,6 +244,7 @@ class SaeTrainer:
     # -- outputs ------------------------------------------------------------------------------
     def export(self) -> SparseAutoencoder:
         """A copy of the current SAE for inference: per-token TopK, eval mode, no gradients."""
+        self._check_finite()
         sae = copy.deepcopy(self.sae)
         sae.cfg = replace(self.sae.cfg, batch_topk=False, extra=dict(self.sae.cfg.extra))
         for param in sae.parameters():
@@ -273,8 +277,15 @@ class SaeTrainer:
             "history": self.history,
         }
 
+    def _check_finite(self) -> None:
+        for name, p in self.sae.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise FloatingPointError(f"SAE training diverged by step {self.step}: {name} holds NaN/Inf; lower lr "
+                                         f"(now {self.cfg.lr:g}) or grad_clip; nothing was saved")
+
     def save_checkpoint(self, checkpoint_dir: str | Path) -> Path:
         """Write ``trainer_state.safetensors`` (atomically) and export ``sae/``; returns the folder."""
+        self._check_finite()
         folder = Path(checkpoint_dir)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = self._state_tensors()

@@ -283,3 +283,19 @@ def test_malformed_manifest_is_a_store_format_error_naming_it(tmp_path, changes)
     with pytest.raises(StoreFormatError) as err:
         ActivationReader(folder)
     assert err.value.path.endswith("manifest.json")
+
+
+def test_fingerprint_tells_a_recollected_store_from_the_old_one(tmp_path):
+    import time
+
+    from sae_core.store import ActivationReader, ActivationWriter
+
+    folder = tmp_path / "s"
+    _small_store(folder)
+    first = ActivationReader(folder).fingerprint
+    assert ActivationReader(folder).fingerprint == first
+    time.sleep(0.01)
+    w = ActivationWriter(folder, d=4, shard_tokens=8, overwrite=True)  # same row count, collected again
+    w.add(torch.randn(10, 4))
+    w.close()
+    assert len(ActivationReader(folder)) == 10 and ActivationReader(folder).fingerprint != first

@@ -219,3 +219,28 @@ def test_geometric_median_is_robust_to_an_outlier():
     torch.testing.assert_close(geometric_median(line), torch.tensor([1.0, 0.0]), atol=1e-3, rtol=0)
     with pytest.raises(ValueError):
         geometric_median(torch.empty(0, 3))
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("nan")), ("lr", -1.0), ("grad_clip", float("nan")),
+                                         ("auxk_alpha", float("inf")), ("k_aux", -1), ("log_every", -2)])
+def test_train_config_refuses_bad_numbers(field, value):
+    from sae_core.config import TrainConfig
+
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_diverging_run_raises_and_checkpoints_nothing(tmp_path):
+    from sae_core.config import TrainConfig
+    from sae_core.trainer import SaeTrainer
+
+    cfg = TrainConfig(batch_size=64, lr=1e30, k=4, num_latents=32, checkpoint_every=1, geometric_median_iters=2)
+    trainer = SaeTrainer(cfg, d_in=8)
+    data = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    with pytest.raises(FloatingPointError, match="diverged"):
+        trainer.train(data, total_steps=20, checkpoint_dir=tmp_path / "ck", progress=False)
+    saved = tmp_path / "ck" / "sae"
+    if saved.exists():  # a checkpoint written before divergence holds finite weights
+        from sae_core.formats import load_sae
+
+        load_sae(saved)
