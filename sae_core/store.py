@@ -529,9 +529,9 @@ class ActivationReader:
             raise FileNotFoundError(f"activation store {self.folder}: shard {entry['file']} listed in "
                                     f"{MANIFEST_NAME} is missing")
         size = path.stat().st_size
-        if "bytes" in entry and size != int(entry["bytes"]):
-            raise ValueError(f"activation store {self.folder}: shard {entry['file']} is truncated or altered "
-                             f"({size} bytes on disk, manifest records {entry['bytes']})")
+        if "bytes" in entry and size != entry["bytes"]:
+            raise StoreFormatError(path, f"activation store shard is truncated or altered ({size} bytes on disk, "
+                                         f"{MANIFEST_NAME} records {entry['bytes']})")
         rows = int(entry["rows"])
         expected = {ACTIVATIONS_KEY: ([rows, self.d], _ST_CODES[self.dtype])}
         expected.update({name: ([rows], _ST_CODES[dt]) for name, dt in self.columns.items()})
@@ -546,7 +546,7 @@ class ActivationReader:
                         raise ValueError(f"tensor '{key}' is {sl.get_dtype()} {list(sl.get_shape())}, "
                                          f"expected {code} {shape}")
         except Exception as exc:  # safetensors raises its own error type for corrupt files
-            raise ValueError(f"activation store {self.folder}: shard {entry['file']} is invalid: {exc}") from exc
+            raise StoreFormatError(path, f"activation store shard is invalid: {exc}") from exc
 
     def _check_columns(self, columns: Sequence[str]) -> tuple[str, ...]:
         if isinstance(columns, str):
@@ -580,7 +580,7 @@ class ActivationReader:
             with safe_open(str(path), framework="pt") as f:
                 return {key: f.get_tensor(key) for key in keys}
         except Exception as exc:
-            raise ValueError(f"activation store {self.folder}: cannot read shard {path.name}: {exc}") from exc
+            raise StoreFormatError(path, f"cannot read activation store shard: {exc}") from exc
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Batches per epoch for :meth:`iter_batches`."""

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import SaeConfig, TrainConfig, resolve_dtype
-from .artefacts import save_tensors
+from .artefacts import ArtefactError, load_tensors, read_metadata, save_tensors
 from .formats import save_sae
 from .sae import SparseAutoencoder
 from .utils import geometric_median, rechunk
@@ -301,13 +300,17 @@ class SaeTrainer:
 
     def _load_checkpoint(self, checkpoint_dir: str | Path) -> None:
         path = Path(checkpoint_dir) / STATE_NAME
+        tensors = load_tensors(path, what="trainer checkpoint")
+        meta = read_metadata(path, what="trainer checkpoint")
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                state = json.loads((fh.metadata() or {})[_STATE_KEY])
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-        except Exception as exc:
-            raise ValueError(f"{path}: cannot read trainer checkpoint ({exc})") from exc
-        saved_cfg = SaeConfig.from_dict(state["sae_config"])
+            state = json.loads(meta[_STATE_KEY])
+            saved_cfg = SaeConfig.from_dict(state["sae_config"])
+            step, consumed = int(state["step"]), int(state["tokens_consumed"])
+            model = {name: tensors[f"model.{name}"] for name, _ in self.sae.named_parameters()}
+            since_fired, rng = tensors["tokens_since_fired"], tensors["rng.generator"]
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ArtefactError(path, f"malformed trainer checkpoint: {what}") from exc
         mine = self.sae.cfg
         for key in ("d_in", "num_latents", "k", "batch_topk"):
             if getattr(saved_cfg, key) != getattr(mine, key):
@@ -315,20 +318,34 @@ class SaeTrainer:
                     f"{path}: checkpoint has {key}={getattr(saved_cfg, key)} but this run has {key}={getattr(mine, key)}; "
                     "use another checkpoint folder or resume=False"
                 )
+        for name, param in self.sae.named_parameters():
+            if tuple(model[name].shape) != tuple(param.shape) or not bool(torch.isfinite(model[name]).all()):
+                raise ArtefactError(path, f"trainer checkpoint tensor model.{name} has the wrong shape or NaN/Inf values")
         with torch.no_grad():
             for name, param in self.sae.named_parameters():
-                param.copy_(tensors[f"model.{name}"])
+                param.copy_(model[name])
         opt = self.optimizer.state_dict()
         opt_state: dict[int, dict[str, Tensor]] = {}
+        params = dict(self.sae.named_parameters())
         for index, name in enumerate(self.param_names):
             prefix = f"optim.{name}."
             entry = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-            if entry:
-                opt_state[index] = entry
+            if not entry:
+                continue
+            if set(entry) != {"step", "exp_avg", "exp_avg_sq"} or any(
+                    tuple(entry[k].shape) != tuple(params[name].shape) for k in ("exp_avg", "exp_avg_sq")):
+                raise ArtefactError(path, f"malformed trainer checkpoint: optimiser state of {name} has "
+                                          f"{sorted(entry)} with other shapes than the parameter")
+            opt_state[index] = entry
         opt["state"] = opt_state
         self.optimizer.load_state_dict(opt)
-        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
-        self.generator.set_state(tensors["rng.generator"])
-        self.step = int(state["step"])
-        self.tokens_consumed = int(state["tokens_consumed"])
+        if tuple(since_fired.shape) != (self.sae.num_latents,):
+            raise ArtefactError(path, f"malformed trainer checkpoint: tokens_since_fired has shape {tuple(since_fired.shape)}")
+        try:
+            self.generator.set_state(rng)
+        except (RuntimeError, TypeError) as exc:
+            raise ArtefactError(path, f"malformed trainer checkpoint: unusable random-generator state ({exc})") from exc
+        self.tokens_since_fired = since_fired.to(self.device)
+        self.step = step
+        self.tokens_consumed = consumed
         self.history = list(state.get("history", []))

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor
 
-from ..artefacts import sae_fingerprint, save_tensors
+from ..artefacts import ArtefactError, load_tensors, read_metadata, sae_fingerprint, save_tensors
 from ..capture import to_tokens
 from ..sae import per_token_topk
 
@@ -112,6 +111,8 @@ class ConceptStats:
             schedule = torch.as_tensor(schedule, dtype=torch.float32).reshape(-1).cpu()
             if schedule.shape[0] != t:
                 raise ValueError(f"ConceptStats: schedule has {schedule.shape[0]} entries for {t} steps")
+            if not bool(torch.isfinite(schedule).all()):
+                raise ValueError("ConceptStats: the step schedule holds NaN or inf")
         if schedule_kind not in ("timestep", "sigma"):
             raise ValueError(f"ConceptStats: schedule_kind must be 'timestep' or 'sigma', got {schedule_kind!r}")
         self.concepts = concepts
@@ -221,30 +222,33 @@ class ConceptStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"concept statistics file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                keys = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in keys}
-        except Exception as exc:  # corrupt / not safetensors
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        tensors = load_tensors(path, what="concept statistics file")
+        header = read_metadata(path, what="concept statistics file")
         if _META_KEY not in header:
-            raise ValueError(f"{path}: no '{_META_KEY}' metadata; not a concept statistics file")
-        info = json.loads(header[_META_KEY])
-        if info.get("format") != STATS_FORMAT:
-            raise ValueError(f"{path}: unknown format {info.get('format')!r}, expected {STATS_FORMAT!r}")
-        for key in ("means", "counts"):
-            if key not in tensors:
-                raise ValueError(f"{path}: missing tensor {key!r}")
-        means = tensors["means"].float()
-        if list(means.shape) != [len(info["concepts"]), info["num_steps"], info["num_latents"]]:
-            raise ValueError(f"{path}: means have shape {tuple(means.shape)}, which does not match its description")
-        return cls(
-            info["concepts"], means, tensors["counts"],
-            schedule=tensors.get("schedule"), schedule_kind=info.get("schedule_kind", "timestep"),
-            hookpoint=info.get("hookpoint"), sae_fingerprint=info.get("sae_fingerprint"),
-            attrs=info.get("attrs") or {},
-        )
+            raise ArtefactError(path, f"no '{_META_KEY}' metadata; not a concept statistics file")
+        try:
+            info = json.loads(header[_META_KEY])
+            if not isinstance(info, dict):
+                raise ValueError("the description is not a JSON object")
+            if info.get("format") != STATS_FORMAT:
+                raise ValueError(f"unknown format {info.get('format')!r}, expected {STATS_FORMAT!r}")
+            for key in ("means", "counts"):
+                if key not in tensors:
+                    raise ValueError(f"missing tensor {key!r}")
+            means = tensors["means"].float()
+            if list(means.shape) != [len(info["concepts"]), info["num_steps"], info["num_latents"]]:
+                raise ValueError(f"means have shape {tuple(means.shape)}, which does not match its description")
+            return cls(
+                info["concepts"], means, tensors["counts"],
+                schedule=tensors.get("schedule"), schedule_kind=info.get("schedule_kind", "timestep"),
+                hookpoint=info.get("hookpoint"), sae_fingerprint=info.get("sae_fingerprint"),
+                attrs=info.get("attrs") or {},
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            if isinstance(exc, ArtefactError):
+                raise
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ArtefactError(path, f"malformed concept statistics: {what}") from exc
 
 
 class ConceptStatsBuilder:
