@@ -47,6 +47,17 @@ def _build_sae_folder_cfg(root: Path) -> tuple[Path, Callable[[Path], object]]:
     return root / "f" / "cfg.json", lambda p: load_sae(p.parent)
 
 
+def _build_itd(root: Path) -> tuple[Path, Callable[[Path], object]]:
+    sae = _sae()
+    folder = root / "itd"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"n_dirs_local": 32, "d_model": 8, "k": 4}))
+    torch.save({"encoder.weight": sae.encoder.weight.detach().clone(), "latent_bias": sae.encoder.bias.detach().clone(),
+                "decoder.weight": sae.W_dec.detach().t().contiguous(), "pre_bias": sae.b_dec.detach().clone()},
+               folder / "state_dict.pth")
+    return folder / "state_dict.pth", lambda p: load_sae(p.parent)
+
+
 def _build_stats(root: Path) -> tuple[Path, Callable[[Path], object]]:
     path = root / "stats.safetensors"
     ConceptStats(["a", "b"], torch.rand(2, 3, 32), schedule=[999.0, 500.0, 1.0]).save(path)
@@ -89,6 +100,7 @@ KINDS = {
     "sae_file": _build_sae_file,
     "sae_folder_weights": _build_sae_folder_weights,
     "sae_folder_cfg": _build_sae_folder_cfg,
+    "sae_itd": _build_itd,
     "feature_table": _build_stats,
     "store_manifest": _build_manifest,
     "store_shard": _build_shard,
