@@ -68,9 +68,14 @@ def node_id(name: str) -> str:
 SAE_FOLDER = "sae"
 """Name of the model folder: ``ComfyUI/models/sae`` (and ``output/sae`` for SAEs we train)."""
 
-SAE_EXTENSIONS = frozenset({".safetensors"})
+SAE_EXTENSIONS = frozenset({".safetensors", ".pth"})
 """Files listed in the SAE dropdown. A folder-layout SAE appears as ``<name>/sae.safetensors``
-(its ``cfg.json`` sits beside it); a single-file SAE carries its config in the header."""
+(its ``cfg.json`` sits beside it); a single-file SAE carries its config in the header; a published ItD
+SAE appears as ``<name>/state_dict.pth`` (its ``config.json`` beside it; read without unpickling code).
+Other ``.pth`` files are not listed."""
+
+ITD_WEIGHTS = "state_dict.pth"
+ITD_CONFIG = "config.json"
 
 
 def register_sae_folder() -> list[str]:
@@ -104,10 +109,20 @@ def sae_folder_paths() -> list[str]:
     return list(folder_paths.get_folder_paths(SAE_FOLDER))
 
 
+def _listed(name: str, folders: list[str]) -> bool:
+    if not name.endswith(".pth"):
+        return True
+    if os.path.basename(name) != ITD_WEIGHTS:
+        return False
+    return any(os.path.isfile(os.path.join(root, os.path.dirname(name), ITD_CONFIG)) for root in folders)
+
+
 def sae_filenames() -> list[str]:
-    """Relative names of the SAE files ComfyUI can see (the dropdown's contents)."""
+    """Relative names of the SAE files ComfyUI can see (the dropdown's contents): safetensors SAEs and
+    ItD folders (``state_dict.pth`` beside a ``config.json``)."""
     register_sae_folder()
-    return folder_paths.get_filename_list(SAE_FOLDER)
+    folders = sae_folder_paths()
+    return [name for name in folder_paths.get_filename_list(SAE_FOLDER) if _listed(name, folders)]
 
 
 def sae_full_path(name: str) -> str:

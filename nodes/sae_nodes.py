@@ -14,6 +14,8 @@ from sae_core.sae import SparseAutoencoder
 
 from .common import (
     DTYPE_CHOICES,
+    ITD_CONFIG,
+    ITD_WEIGHTS,
     SAE_TYPE,
     category,
     comfy_device,
@@ -39,9 +41,11 @@ _FOLDER_WEIGHT_NAMES = ("sae.safetensors", "sae_weights.safetensors")
 
 
 def _companions(path: str) -> list[str]:
-    """Files besides ``path`` that define the SAE: the ``cfg.json`` of a folder layout."""
+    """Files besides ``path`` that define the SAE: the ``cfg.json`` of a folder layout, ItD's ``config.json``."""
     if os.path.basename(path) in _FOLDER_WEIGHT_NAMES:
         return [os.path.join(os.path.dirname(path), "cfg.json")]
+    if os.path.basename(path) == ITD_WEIGHTS:
+        return [os.path.join(os.path.dirname(path), ITD_CONFIG)]
     return []
 
 
@@ -138,7 +142,8 @@ class LoadSAE:
                 "sae_name": inp(
                     sae_filenames(),
                     "SAE file in ComfyUI/models/sae (or output/sae). A folder SAE appears as "
-                    "<name>/sae.safetensors (SAELens: sae_weights.safetensors) and needs its cfg.json beside it.",
+                    "<name>/sae.safetensors (SAELens: sae_weights.safetensors) and needs its cfg.json beside it; "
+                    "a published ItD SAE appears as <name>/state_dict.pth beside its config.json.",
                 ),
                 "device": inp(
                     list(DEVICE_CHOICES),

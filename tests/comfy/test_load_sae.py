@@ -131,6 +131,29 @@ def test_folder_layout_sae_appears_and_loads(comfy, sae_subdir, tiny_sae):
     _assert_same_encoding(loaded, tiny_sae)
 
 
+def test_itd_folder_appears_and_loads_other_pth_files_do_not(comfy, sae_subdir, tiny_sae):
+    import json
+
+    folder, prefix = sae_subdir
+    itd = folder / "text_model.encoder.layers.8"
+    itd.mkdir()
+    (itd / "config.json").write_text(json.dumps({"n_dirs_local": 64, "d_model": 16, "k": 4}))
+    torch.save({"encoder.weight": tiny_sae.encoder.weight.detach().clone(),
+                "latent_bias": tiny_sae.encoder.bias.detach().clone(),
+                "decoder.weight": tiny_sae.W_dec.detach().t().contiguous(),
+                "pre_bias": tiny_sae.b_dec.detach().clone()}, itd / "state_dict.pth")
+    torch.save({"x": torch.zeros(1)}, folder / "stray.pth")  # not an SAE: never offered
+    (folder / "lone").mkdir()
+    torch.save({"x": torch.zeros(1)}, folder / "lone" / "state_dict.pth")  # no config.json beside it
+    name = f"{prefix}/text_model.encoder.layers.8/state_dict.pth"
+    choices = comfy.nodes.NODE_CLASS_MAPPINGS[NODE_ID].INPUT_TYPES()["required"]["sae_name"][0]
+    assert name in choices
+    assert f"{prefix}/stray.pth" not in choices and f"{prefix}/lone/state_dict.pth" not in choices
+    with torch.inference_mode():
+        (loaded,) = comfy.nodes.NODE_CLASS_MAPPINGS[NODE_ID]().load(name, device="cpu", dtype="float32")
+    _assert_same_encoding(loaded, tiny_sae)
+
+
 def test_dtype_choice(comfy, sae_subdir, tiny_sae):
     folder, prefix = sae_subdir
     save_sae(tiny_sae, str(folder / "tiny.safetensors"), layout="file")

@@ -74,7 +74,8 @@ def test_sae_folder_in_comfyui(comfy):
     assert str(comfy.base / "models" / "sae") in paths
     assert os.path.join(comfy.folder_paths.get_output_directory(), "sae") in paths
     assert ".safetensors" in extensions
-    assert all(name.endswith(".safetensors") for name in comfy.folder_paths.get_filename_list("sae"))
+    listed = comfy.nodes_pkg.common.sae_filenames()  # .pth files only as ItD folders (state_dict.pth + config.json)
+    assert all(name.endswith(".safetensors") or name.endswith("/state_dict.pth") for name in listed)
 
 
 def test_server_start_loads_pack(comfy, tmp_path):
