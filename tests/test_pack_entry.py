@@ -181,7 +181,7 @@ def test_sae_folder_registered_with_safetensors(pack):
     paths, extensions = folder_paths.folder_names_and_paths["sae"]
     assert os.path.join(folder_paths.models_dir, "sae") in paths
     assert os.path.join(folder_paths.get_output_directory(), "sae") in paths
-    assert set(extensions) == {".safetensors"}
+    assert set(extensions) == {".safetensors", ".pth"}  # .pth: listed only as ItD folders
 
 
 def test_sae_folder_merges_with_extra_model_paths(pack, monkeypatch, tmp_path):
@@ -194,7 +194,7 @@ def test_sae_folder_merges_with_extra_model_paths(pack, monkeypatch, tmp_path):
     paths, extensions = folder_paths.folder_names_and_paths["sae"]
     assert paths[0] == user_dir
     assert os.path.join(folder_paths.models_dir, "sae") in paths
-    assert set(extensions) == {".safetensors"}
+    assert set(extensions) == {".safetensors", ".pth"}  # .pth: listed only as ItD folders
     before = (list(paths), set(extensions))
     pack.common.register_sae_folder()  # idempotent
     assert (list(folder_paths.folder_names_and_paths["sae"][0]), set(extensions)) == before
