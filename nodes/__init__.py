@@ -23,6 +23,7 @@ log = logging.getLogger("concept_erasure")
 
 NODE_MODULES: list[str] = [
     "sae_nodes",
+    "sae_tools",
     "amnesia",
     "rece",
     "itd",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ from sae_core.capture import to_tokens
 from sae_core.config import SaeConfig
 from sae_core.sae import SparseAutoencoder
 from sae_core.saeuron import (
+    BlockRef,
+    ConceptBlockSettings,
     ConceptStats,
     ConceptStatsBuilder,
     SAeUronHook,
     SelectionTable,
     StepSelection,
+    build_concept_edit,
     build_selection,
     collect_block_activations,
     concept_scores,
@@ -542,3 +546,134 @@ def test_minicanvas_method_hooks_the_block_during_sampling():
     assert not torch.equal(before, after)
     with pytest.raises(ValueError, match="unknown style"):
         method.saeuron_factory(canvas, "style", ["baroque"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline both hosts call
+# ---------------------------------------------------------------------------------------------
+
+
+class _Host:
+    """A bare SAeUron host: one block of a toy denoiser."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def find_block(self, block):
+        if block not in ("blk", "blocks.0"):
+            raise ValueError(f"block: unknown block {block!r}")
+        return BlockRef("blocks.0", self.model.blocks[0], C)
+
+
+class _Pos:
+    def __init__(self, timestep=None, sigma=None, run_step=None, cond_mask=None):
+        self._t, self._s, self._r, self._m = timestep, sigma, run_step, cond_mask
+
+    def timestep(self):
+        return self._t
+
+    def sigma(self):
+        return self._s
+
+    def run_step(self):
+        return self._r
+
+    def cond_mask(self):
+        return self._m
+
+
+def test_settings_are_validated_once_at_construction():
+    assert ConceptBlockSettings(concepts=["a", "b"], top_n=2.0).concepts == ("a", "b")
+    for bad in (dict(selection="top_k"), dict(error_mode="loose"), dict(source="input"), dict(top_n=0),
+                dict(selection="percentile", percentile=100.0), dict(gamma=float("nan")), dict(concepts="a")):
+        with pytest.raises(ValueError, match=list(bad)[-1]):
+            ConceptBlockSettings(**bad)
+
+
+def test_pipeline_edit_equals_the_hook_and_follows_the_position():
+    sae = make_sae()
+    stats = make_stats(sae)
+    settings = ConceptBlockSettings(concepts=("a",), gamma=-3.0, top_n=3, cond_only=True)
+    edit = build_concept_edit(_Host(ToyDenoiser()), sae, stats, settings)
+    assert edit.block == "blocks.0" and edit.source == "output"  # the empty block is the features' block
+    direct = SAeUronHook(sae, stats, ["a"], gamma=-3.0, top_n=3, cond_only=True)
+    x = torch.randn(4, C, H, W, generator=torch.Generator().manual_seed(5)) * 3
+    mask = torch.tensor([False, False, True, True])
+    for t, want in ((900.0, 0), (160.0, 3), (610.0, 1)):  # the features' step nearest to the timestep
+        got = edit((x,), x, _Pos(timestep=t, cond_mask=mask))
+        assert edit.last_step == want
+        assert torch.equal(got, direct(x, want, mask))
+    # no CFG layout given: every row is prompted
+    torch.testing.assert_close(edit((x,), x, _Pos(timestep=900.0)), direct(x, 0, torch.ones(4, dtype=torch.bool)))
+    # the update source edits output - input
+    diff = build_concept_edit(_Host(ToyDenoiser()), sae, stats, ConceptBlockSettings(
+        concepts=("a",), gamma=-3.0, top_n=3, source="diff"))
+    x_in = torch.randn_like(x)
+    torch.testing.assert_close(diff((x_in,), x + x_in, _Pos(timestep=900.0)),
+                               direct.on_update(x_in, x + x_in, 0, torch.ones(4, dtype=torch.bool)))
+    # features without a schedule: the run's step, mapped proportionally
+    bare = ConceptStats(stats.concepts, stats.means, stats.counts, hookpoint="blk",
+                        sae_fingerprint=stats.sae_fingerprint)
+    edit2 = build_concept_edit(_Host(ToyDenoiser()), sae, bare, settings)
+    assert [edit2.step_index(_Pos(run_step=(s, 8))) for s in range(8)] == [map_step_index(s, 8, 4) for s in range(8)]
+    with pytest.raises(ValueError, match="no sampling schedule"):
+        edit2.step_index(_Pos(timestep=900.0))
+
+
+def test_pipeline_refuses_what_does_not_fit():
+    sae = make_sae()
+    stats = make_stats(sae)
+    host = _Host(ToyDenoiser())
+    with pytest.raises(ValueError, match="unknown concept"):
+        build_concept_edit(host, sae, stats, ConceptBlockSettings(concepts=("z",)))
+    with pytest.raises(ValueError, match="gathered with SAE"):
+        build_concept_edit(host, make_sae(seed=3), stats, ConceptBlockSettings())
+    narrow = SparseAutoencoder(SaeConfig(d_in=D // 2, num_latents=N_LAT, k=K))
+    with pytest.raises(ValueError, match=f"{D // 2}-wide.*outputs {C} channels"):
+        build_concept_edit(host, narrow, stats, ConceptBlockSettings())
+    with pytest.raises(ValueError, match="unknown block"):
+        build_concept_edit(host, sae, stats, ConceptBlockSettings(block="nowhere"))
+
+
+def test_minicanvas_plugin_builds_its_edit_through_the_pipeline(monkeypatch):
+    """The plug-in reaches build_concept_edit with the settings the Concept Block node makes of equal
+    inputs, and its canvas hook edits a block output exactly as that edit does."""
+    from sae_core.minicanvas import files
+    from sae_core.minicanvas.canvas import MiniCanvas
+    from sae_core.minicanvas.diffusion import SamplingContext
+    from sae_core.prompts import parse_names
+    from sae_core.saeuron import pipeline
+
+    method = pytest.importorskip("sae_core.minicanvas.plugins.saeuron")
+    if not (files.WEIGHTS_DIR / files.MODEL_FILE).is_file():
+        pytest.skip("MiniCanvas weights are not shipped")
+    canvas = MiniCanvas.load(judges=False)
+    assert method.build_concept_edit is pipeline.build_concept_edit
+    seen = []
+
+    def spy(host, sae, stats, settings):
+        edit = pipeline.build_concept_edit(host, sae, stats, settings)
+        seen.append((sae, stats, settings, edit))
+        return edit
+
+    monkeypatch.setattr(method, "build_concept_edit", spy)
+    edited = method.saeuron_factory(canvas, "style", ["striped"], gamma=-2.0, top_n=2, cond_only=True)
+    ((sae, stats, settings, edit),) = seen
+    assets = method.load_assets(canvas, "style", progress=False)
+    # the Concept Block node's settings for the same inputs (its widgets, parsed as the node parses them)
+    node_settings = ConceptBlockSettings(block=assets.block, concepts=tuple(parse_names("striped")), gamma=-2.0,
+                                         selection="top_n", top_n=2, percentile=99.999, error_mode="conventional",
+                                         cond_only=True)
+    assert settings == dataclasses.replace(node_settings, source=assets.source)
+    node_edit = pipeline.build_concept_edit(method.CanvasHost(canvas), sae, stats, node_settings)
+    assert node_edit.source == edit.source and node_edit.block == edit.block == assets.block
+    assert edited.saeuron_edit is edit
+
+    ctx = SamplingContext(step_index=3, timestep=int(canvas.schedule.ddim_timesteps(20)[3]), num_steps=20,
+                          batch_size=2, cfg_order=("uncond", "cond"))
+    width = canvas.get_block(edit.block).proj_out.out_features
+    y = torch.randn(4, width, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
+    got = method.canvas_block_hook(edit)(None, (y,), y, ctx)
+    want = node_edit((y,), y, method.CanvasPosition(ctx))
+    assert torch.equal(got, want) and edit.last_step == node_edit.last_step
+    assert torch.equal(got[:2], y[:2]) and not torch.equal(got[2:], y[2:])  # cond_only: only the cond half

@@ -8,6 +8,8 @@ UNet block's output at sampling time.
   index mapping.
 * :mod:`.collect`: driving a sampler to collect block activations (SAE training data) and
   concept statistics.
+* :mod:`.pipeline`: the orchestration both hosts (ComfyUI nodes, MiniCanvas plug-in) run: one
+  :class:`ConceptBlockSettings`, a host interface, the block edit and the collection step.
 """
 
 from .collect import (
@@ -26,6 +28,20 @@ from .intervention import (
     map_step_index,
     step_index_from_timestep,
 )
+from .pipeline import (
+    BRANCHES,
+    OTHER_CONCEPT,
+    SELECTION_RULES,
+    SOURCES,
+    BlockRef,
+    CallPosition,
+    ConceptBlockEdit,
+    ConceptBlockSettings,
+    SAeUronHost,
+    build_concept_edit,
+    collect_activations,
+    features_step,
+)
 from .selection import (
     SCORE_EPS,
     SelectionTable,
@@ -38,7 +54,19 @@ from .selection import (
 from .stats import ConceptStats, ConceptStatsBuilder, encode_topk_fp32, sae_fingerprint
 
 __all__ = [
+    "BRANCHES",
     "COLLECT_COLUMNS",
+    "OTHER_CONCEPT",
+    "SELECTION_RULES",
+    "SOURCES",
+    "BlockRef",
+    "CallPosition",
+    "ConceptBlockEdit",
+    "ConceptBlockSettings",
+    "SAeUronHost",
+    "build_concept_edit",
+    "collect_activations",
+    "features_step",
     "ERROR_MODES",
     "SCORE_EPS",
     "ConceptStats",

@@ -143,6 +143,11 @@ def intervene_tokens(tokens: Tensor, weights: SaeWeights32, sel: StepSelection,
     """
     if error_mode not in ERROR_MODES:
         raise ValueError(f"error_mode must be one of {ERROR_MODES}, got {error_mode!r}")
+    return _intervene(tokens, weights, sel, error_mode)
+
+
+def _intervene(tokens: Tensor, weights: SaeWeights32, sel: StepSelection, error_mode: str) -> InterventionResult:
+    """:func:`intervene_tokens` for a caller that validated ``error_mode`` once (the hook, per call)."""
     if tokens.dim() != 2 or tokens.shape[1] != weights.d_in:
         raise ValueError(f"SAeUron: tokens must be [N, {weights.d_in}] (the SAE's d_in), got {tuple(tokens.shape)}")
     n, m = tokens.shape[0], sel.indices.numel()
@@ -312,7 +317,7 @@ class SAeUronHook:
         weights, steps = self._on(x.device)
         part = x if rows is None else x.index_select(0, rows)
         tokens = to_tokens(part)
-        result = intervene_tokens(tokens, weights, steps[step_index], self.error_mode)
+        result = _intervene(tokens, weights, steps[step_index], self.error_mode)
         self.calls += 1
         self.last_fired = result.fired
         self.fired_tokens = self.fired_tokens + result.fired.sum()

@@ -189,7 +189,7 @@ def test_collect_reuses_refuses_and_records_both_halves(comfy, pipeline):
     manifest = Path(pipeline.dataset) / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     assert _collect(comfy, model, clip) == pipeline.dataset and manifest.stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="other settings.*overwrite"):
+    with pytest.raises(FileExistsError, match="other inputs.*seed: 7 there, 8 now.*overwrite"):
         _collect(comfy, model, clip, seed=8)
     both = _collect(comfy, model, clip, name="saeuron_test/both", branch="both", prompts="a photo of a cat")
     reader = ActivationReader(both)
@@ -238,14 +238,14 @@ def test_train_saves_a_loadable_sae_that_reconstructs(comfy, pipeline):
 def test_train_interrupt_leaves_a_checkpoint_that_resumes(comfy, pipeline, monkeypatch):
     from sae_core.formats import load_sae
 
-    saeuron = comfy.nodes_pkg.saeuron
+    sae_tools = comfy.nodes_pkg.sae_tools
     polls = {"n": 0}
 
     def stop_after_five() -> bool:
         polls["n"] += 1
         return polls["n"] > 5
 
-    monkeypatch.setattr(saeuron, "interrupt_requested", stop_after_five)
+    monkeypatch.setattr(sae_tools, "interrupt_requested", stop_after_five)
     with pytest.raises(RuntimeError, match="stopped at step 5"):
         _train(comfy, pipeline.dataset, name="saeuron_test/resumed", steps=12)
     ckpt = comfy.base / "output" / "sae_training" / "saeuron_test" / "resumed"
@@ -253,7 +253,7 @@ def test_train_interrupt_leaves_a_checkpoint_that_resumes(comfy, pipeline, monke
     assert partial.cfg.d_in == WIDTH
     assert not (comfy.base / "models" / "sae" / "saeuron_test" / "resumed").exists()
 
-    monkeypatch.setattr(saeuron, "interrupt_requested", lambda: False)
+    monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
     resumed, _ = _train(comfy, pipeline.dataset, name="saeuron_test/resumed", steps=12)
     straight, _ = _train(comfy, pipeline.dataset, name="saeuron_test/straight", steps=12)
     for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
@@ -421,16 +421,63 @@ def test_block_errors_are_clear(comfy, pipeline):
 
 
 def test_block_names_and_saved_features(comfy, pipeline):
-    saeuron = comfy.nodes_pkg.saeuron
+    blocks = comfy.nodes_pkg.unet_blocks
     model = pipeline.model
     # a diffusers name maps to the ComfyUI block through ComfyUI's key map
-    assert saeuron.resolve_block(model, "unet.up_blocks.0.attentions.1")[0] == BLOCK
-    assert saeuron.resolve_block(model, "diffusion_model.output_blocks.1.1")[0] == BLOCK
+    assert blocks.resolve_block(model, "unet.up_blocks.0.attentions.1")[0] == BLOCK
+    assert blocks.resolve_block(model, "diffusion_model.output_blocks.1.1")[0] == BLOCK
     # the features file can replace the socket; an empty block takes the features' block
     patched = _block(comfy, model, pipeline.sae, None, features_file="saeuron_test/features.safetensors", block="")
     assert _patch_of(patched).block == BLOCK
     with pytest.raises(FileNotFoundError, match="features_file"):
         _block(comfy, model, pipeline.sae, None, features_file="nope.safetensors")
+
+
+def test_node_and_plugin_apply_the_same_pipeline_edit(comfy, pipeline, monkeypatch):
+    """The Concept Block node builds its edit with the SAeUron pipeline function the MiniCanvas plug-in
+    calls, from settings named as its inputs; mounted the plug-in's way on the same block, an edit from
+    the same SAE, features and settings changes the UNet output exactly as the node's patch does."""
+    from sae_core.capture import get_submodule
+    from sae_core.minicanvas.diffusion import SamplingContext
+    from sae_core.minicanvas.plugins import saeuron as plugin
+    from sae_core.saeuron import BlockRef, ConceptBlockSettings, pipeline as saeuron_pipeline
+
+    node_module = comfy.nodes_pkg.saeuron
+    assert node_module.build_concept_edit is saeuron_pipeline.build_concept_edit is plugin.build_concept_edit
+    seen = []
+
+    def spy(host, sae, stats, settings):
+        seen.append(settings)
+        return saeuron_pipeline.build_concept_edit(host, sae, stats, settings)
+
+    monkeypatch.setattr(node_module, "build_concept_edit", spy)
+    model, sae = pipeline.model, pipeline.sae
+    patched = _block(comfy, model, sae, pipeline.stats, concepts="cat", top_n=3, gamma=-5.0, cond_only=True)
+    (settings,) = seen
+    assert settings == ConceptBlockSettings(block=BLOCK, concepts=("cat",), gamma=-5.0, selection="top_n", top_n=3,
+                                            percentile=99.999, error_mode="conventional", cond_only=True)
+
+    module = get_submodule(model.model.diffusion_model, BLOCK)
+    host = SimpleNamespace(find_block=lambda name: BlockRef(BLOCK, module, WIDTH))
+    edit = saeuron_pipeline.build_concept_edit(host, sae, pipeline.stats, settings)
+    hook = plugin.canvas_block_hook(edit)
+    x, ctx = _inputs()
+    sched = _schedule(model)
+    ms = model.get_model_object("model_sampling")
+    for i in range(STEPS):
+        sigma = sched[i]
+        canvas_ctx = SamplingContext(step_index=i, timestep=float(ms.timestep(sigma)), num_steps=STEPS, batch_size=1,
+                                     cfg_order=("uncond", "cond"))  # _forward's cond_or_uncond (1, 0)
+        handle = module.register_forward_hook(lambda m, inputs, output: hook(m, inputs, output, canvas_ctx))
+        try:
+            want = _forward(model, x, sigma, ctx, sched)
+        finally:
+            handle.remove()
+        got = _forward(patched, x, sigma, ctx, sched)
+        assert torch.equal(got, want)
+        assert _patch_of(patched).last_step == edit.last_step == i
+    assert int(edit.hook.fired_tokens) > 0 and int(_patch_of(patched).hook.fired_tokens) == int(edit.hook.fired_tokens)
+    assert _no_hooks_left(model)
 
 
 # ---------------------------------------------------------------------------------------------

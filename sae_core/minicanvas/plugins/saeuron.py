@@ -24,6 +24,12 @@ Rebuild the shipped files, or screen intervention settings::
 
 Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
 ``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``.
+
+This module only adapts MiniCanvas to the SAeUron pipeline (:mod:`sae_core.saeuron.pipeline`):
+:class:`CanvasHost` and :class:`CanvasPosition` are its host and sampler position, the factory turns
+its options into one ``ConceptBlockSettings`` and calls ``build_concept_edit`` (as the SAeUron Concept
+Block node does), and the asset build collects activations with ``collect_activations`` (as the
+Collect SAE Activations node does).
 """
 
 from __future__ import annotations
@@ -46,14 +52,26 @@ from .. import files as mc_files
 from ..files import unet_fingerprint
 from ..data import OBJECTS, STYLES, prompt_for
 from ..methods import KINDS, validate_concepts
-from ...saeuron import ConceptStats, SAeUronHook, collect_block_activations, concept_stats_from_store
+from ...saeuron import (
+    SOURCES,
+    BlockRef,
+    ConceptBlockEdit,
+    ConceptBlockSettings,
+    ConceptStats,
+    build_concept_edit,
+    collect_activations,
+    concept_stats_from_store,
+)
 from ...store import ActivationReader, ActivationWriter
 from ...trainer import SaeTrainer
 
 __all__ = [
+    "CanvasHost",
+    "CanvasPosition",
     "SAeUronRecipe",
     "SAeUronAssets",
     "build_assets",
+    "canvas_block_hook",
     "load_assets",
     "saeuron_factory",
     "unet_fingerprint",
@@ -61,8 +79,6 @@ __all__ = [
 
 SAE_FILES = {kind: f"saeuron_sae_{kind}.safetensors" for kind in KINDS}
 STATS_FILES = {kind: f"saeuron_stats_{kind}.safetensors" for kind in KINDS}
-SOURCES = ("output", "diff")
-"""What an SAE can read of its block: the output, or the update (output minus input)."""
 
 
 @dataclass
@@ -135,9 +151,54 @@ class SAeUronAssets:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cond_mask(ctx: Any) -> torch.Tensor:
-    """``[2B]`` (or ``[B]``) bool of the CFG batch layout the MiniCanvas sampler reports."""
-    return torch.tensor([half == "cond" for half in ctx.cfg_order]).repeat_interleave(int(ctx.batch_size))
+class CanvasPosition:
+    """The MiniCanvas sampler's position (its :class:`SamplingContext`) as SAeUron reads it."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def timestep(self) -> float:
+        return float(self.ctx.timestep)
+
+    def sigma(self) -> None:
+        return None  # DDIM on MiniCanvas is indexed by timestep
+
+    def run_step(self) -> tuple[int, int]:
+        return int(self.ctx.step_index), int(self.ctx.num_steps)
+
+    def cond_mask(self) -> torch.Tensor:
+        """``[2B]`` (or ``[B]``) bool of the CFG batch layout the MiniCanvas sampler reports."""
+        ctx = self.ctx
+        return torch.tensor([half == "cond" for half in ctx.cfg_order]).repeat_interleave(int(ctx.batch_size))
+
+
+class CanvasHost:
+    """A MiniCanvas as an :class:`~sae_core.saeuron.SAeUronHost`: blocks by UNet name, sampling of
+    ``(prompt, seed)`` items with one seed per batch."""
+
+    def __init__(self, canvas: Any, steps: int | None = None, cfg: float | None = None) -> None:
+        self.canvas = canvas
+        self.steps = steps
+        self.cfg = cfg
+
+    def find_block(self, block: str) -> BlockRef:
+        try:
+            module = self.canvas.get_block(block)
+        except KeyError as err:
+            raise ValueError(f"block: {err.args[0]}") from None
+        return BlockRef(block, module, int(module.proj_out.out_features))
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.canvas.unet
+
+    def sample(self, batch: list[tuple[str, int]]) -> None:
+        seeds = {s for _, s in batch}
+        if len(seeds) != 1:
+            raise RuntimeError("internal: a collection batch mixes seeds")
+        self.canvas.sample([p for p, _ in batch], sorted(seeds), self.steps, self.cfg, batch_size=len(batch))
+
+    def position(self) -> CanvasPosition:
+        return CanvasPosition(self.canvas.context)
 
 
 def _prompt_table() -> list[tuple[str, int, int]]:
@@ -193,17 +254,8 @@ def _build_block(canvas: Any, block: str, source: str, kinds: list[str], recipe:
     items = [(p, s) for s in recipe.seeds for p, _, _ in table]  # seed-major: one sampler call per seed
     cfg = canvas.default_cfg if recipe.cfg is None else recipe.cfg
     base = canvas.replace(hooks=[])
+    host = CanvasHost(base, recipe.steps, cfg)
     timesteps = canvas.schedule.ddim_timesteps(recipe.steps)
-
-    def sample_fn(batch: list[tuple[str, int]]) -> None:
-        seeds = {s for _, s in batch}
-        if len(seeds) != 1:
-            raise RuntimeError("internal: a collection batch mixes seeds")
-        base.sample([p for p, _ in batch], sorted(seeds), recipe.steps, cfg, batch_size=len(batch))
-
-    def state() -> dict[str, Any]:
-        ctx = base.context
-        return {"step_index": ctx.step_index, "timestep": ctx.timestep, "cond_mask": _cond_mask(ctx)}
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="saeuron-acts-") as tmp:
@@ -214,8 +266,8 @@ def _build_block(canvas: Any, block: str, source: str, kinds: list[str], recipe:
         with ActivationWriter(store, d=d, dtype="float32", shard_tokens=1 << 17,
                               metadata_columns=("step", "timestep", "cond", "prompt_index", "position"),
                               attrs={"hookpoint": block}) as writer:
-            collect_block_activations(sample_fn, base.unet, block, items, recipe.steps, writer,
-                                      state=state, batch_size=len(table), progress=progress, which=source)
+            collect_activations(host, block, items, recipe.steps, writer, branch="cond", source=source,
+                                batch_size=len(table), progress=progress)
         reader = ActivationReader(store)
         t_collect = time.perf_counter() - t0
 
@@ -298,6 +350,15 @@ def load_assets(canvas: Any, kind: str, folder: str | os.PathLike | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
+def canvas_block_hook(edit: ConceptBlockEdit) -> Any:
+    """The MiniCanvas block hook ``(module, inputs, output, ctx) -> output`` applying ``edit``."""
+
+    def block_hook(_module: Any, inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return edit(inputs, output, CanvasPosition(ctx))
+
+    return block_hook
+
+
 def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float | None = None,
                     top_n: int | None = None, percentile: float | None = None,
                     error_mode: str = "conventional", cond_only: bool = False,
@@ -312,20 +373,15 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
     assets = load_assets(canvas, kind, assets_dir)
     defaults = RECIPE.style if kind == "style" else RECIPE.object
     gamma = float(defaults["gamma"] if gamma is None else gamma)
-    if percentile is None and top_n is None:
-        top_n = int(defaults["top_n"])
-    hook = SAeUronHook(assets.sae, assets.stats, concepts, gamma=gamma, top_n=top_n,
-                       percentile=percentile, error_mode=error_mode, cond_only=bool(cond_only))
-
-    if assets.source == "diff":
-        def block_hook(_module: Any, inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
-            return hook.update_at_timestep(inputs[0], output, float(ctx.timestep), _cond_mask(ctx))
-    else:
-        def block_hook(_module: Any, _inputs: Any, output: torch.Tensor, ctx: Any) -> torch.Tensor:
-            return hook.at_timestep(output, float(ctx.timestep), _cond_mask(ctx))
-
-    edited = canvas.with_hook(assets.block, block_hook)
-    edited.saeuron_hook = hook  # for inspection (fired-token counters)
+    settings = ConceptBlockSettings(block=assets.block, concepts=tuple(concepts), gamma=gamma,
+                                    selection="top_n" if percentile is None else "percentile",
+                                    top_n=int(defaults["top_n"] if top_n is None else top_n),
+                                    percentile=99.999 if percentile is None else float(percentile),
+                                    error_mode=error_mode, cond_only=bool(cond_only), source=assets.source)
+    edit = build_concept_edit(CanvasHost(canvas), assets.sae, assets.stats, settings)
+    edited = canvas.with_hook(edit.block, canvas_block_hook(edit))
+    edited.saeuron_hook = edit.hook  # for inspection (fired-token counters)
+    edited.saeuron_edit = edit
     return edited
 
 

@@ -1,0 +1,114 @@
+"""Folders and names of what the SAE and SAeUron nodes write: user-typed names made safe, the
+activation stores in ``output/sae_activations``, SAE training checkpoints in ``output/sae_training``,
+trained SAEs in ``models/sae`` and concept feature tables in ``models/sae_features``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+
+from .common import SAE_FOLDER
+
+__all__ = [
+    "ACTIVATIONS_FOLDER",
+    "FEATURES_FOLDER",
+    "NO_FILE",
+    "TRAINING_FOLDER",
+    "dataset_folder",
+    "feature_filenames",
+    "features_path_for",
+    "forget_file_list",
+    "register_features_folder",
+    "resolve_dataset",
+    "safe_name",
+    "sae_output_folder",
+    "training_folder",
+]
+
+FEATURES_FOLDER = "sae_features"
+"""Model folder of concept feature tables: ``ComfyUI/models/sae_features`` (and ``output/sae_features``)."""
+
+ACTIVATIONS_FOLDER = "sae_activations"
+"""Sub-folder of ComfyUI's output folder holding collected activation stores."""
+
+TRAINING_FOLDER = "sae_training"
+"""Sub-folder of ComfyUI's output folder holding SAE training checkpoints (resume after Cancel)."""
+
+NO_FILE = "none"
+"""Choice of the feature-file combo meaning 'use the features input'."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/]*$")
+
+
+def forget_file_list(folder_name: str) -> None:
+    """Drop ComfyUI's cached file list of a model folder, so a file just written shows up."""
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(folder_name, None)
+
+
+def register_features_folder() -> list[str]:
+    """Register ``models/sae_features`` and ``output/sae_features`` (``.safetensors``); idempotent."""
+    defaults = [os.path.join(folder_paths.models_dir, FEATURES_FOLDER),
+                os.path.join(folder_paths.get_output_directory(), FEATURES_FOLDER)]
+    table = folder_paths.folder_names_and_paths
+    paths, exts = table.get(FEATURES_FOLDER, ([], set()))
+    new_paths = list(paths) + [p for p in defaults if p not in paths]
+    new_exts = set(exts) | {".safetensors"}
+    if FEATURES_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
+        table[FEATURES_FOLDER] = (new_paths, new_exts)
+        forget_file_list(FEATURES_FOLDER)
+    return new_paths
+
+
+def feature_filenames() -> list[str]:
+    """``none`` plus the feature tables ComfyUI can see."""
+    register_features_folder()
+    return [NO_FILE] + folder_paths.get_filename_list(FEATURES_FOLDER)
+
+
+def safe_name(name: str, what: str) -> str:
+    """A relative name (sub-folders allowed) without traversal; ValueError naming the input otherwise."""
+    name = (name or "").strip().replace("\\", "/")
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    parts = [p for p in name.split("/") if p]
+    if not parts or not _NAME_RE.match(name) or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{what}: {name!r} is not a usable name (letters, digits, space, _ . - and / for sub-folders)")
+    return "/".join(parts)
+
+
+def dataset_folder(name: str) -> Path:
+    """``output/sae_activations/<name>``."""
+    return Path(folder_paths.get_output_directory()) / ACTIVATIONS_FOLDER / safe_name(name, "dataset_name")
+
+
+def resolve_dataset(path_or_name: str) -> Path:
+    """An activation store folder from an absolute path or a name under ``output/sae_activations``."""
+    text = (path_or_name or "").strip()
+    if not text:
+        raise ValueError("dataset_path is empty: wire the output of Collect SAE Activations (or type its folder)")
+    p = Path(text)
+    folder = p if p.is_absolute() else dataset_folder(text)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset_path: no activation store at {folder}")
+    return folder
+
+
+def sae_output_folder(name: str) -> Path:
+    """``models/sae/<name>`` (the folder layout: ``cfg.json`` + ``sae.safetensors``)."""
+    return Path(folder_paths.models_dir) / SAE_FOLDER / safe_name(name, "filename")
+
+
+def training_folder(name: str) -> Path:
+    """``output/sae_training/<name>``: the checkpoint of an SAE training run."""
+    return Path(folder_paths.get_output_directory()) / TRAINING_FOLDER / safe_name(name, "filename")
+
+
+def features_path_for(name: str) -> Path:
+    """``models/sae_features/<name>.safetensors``."""
+    return Path(folder_paths.models_dir) / FEATURES_FOLDER / f"{safe_name(name, 'filename')}.safetensors"

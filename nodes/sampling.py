@@ -1,0 +1,284 @@
+"""ComfyUI sampling for the nodes: sampling prompts through ComfyUI's own sampler, and the one
+answer to "where is the sampler during this UNet call?".
+
+* :class:`SamplerState` records, in a DIFFUSION_MODEL wrapper, the sampler's ``transformer_options``
+  of the current UNet call (``sigmas``, ``sample_sigmas``, ``cond_or_uncond``) and its timesteps,
+  and answers from them: the call's sigma and timestep, its step in the run (:func:`nearest_step`
+  of the sigma in ``sample_sigmas``), and which rows are prompted (:func:`cond_mask`). It is the
+  ``CallPosition`` of :mod:`sae_core.saeuron.pipeline`. The step never comes from counting calls.
+* :class:`ComfySampling` samples one prompt at a time on a clone of a MODEL that carries a
+  :class:`SamplerState`, with ComfyUI's sampler and scheduler.
+* :func:`sampler_inputs` are the node inputs of such a sampling run.
+* :class:`ComfyHost` is a MODEL (and a :class:`ComfySampling`) as the SAeUron pipeline's host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .common import inp, sampler_choices, throw_if_interrupted
+
+__all__ = [
+    "LATENT_DOWNSCALE",
+    "ComfyHost",
+    "ComfySampling",
+    "SamplerState",
+    "cond_mask",
+    "diffusion_model_wrapper",
+    "first_value",
+    "nearest_step",
+    "sampler_inputs",
+    "unet_call",
+]
+
+LATENT_DOWNSCALE = 8
+"""Pixels per latent cell of the SD-family VAEs."""
+
+STATE_WRAPPER_KEY = "concept_erasure.sampler_state"
+"""Key of the DIFFUSION_MODEL wrapper :class:`ComfySampling` puts on its clone."""
+
+
+def diffusion_model_wrapper() -> str:
+    """ComfyUI's DIFFUSION_MODEL wrapper type (wrappers see every UNet call with its arguments)."""
+    import comfy.patcher_extension
+
+    return comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+
+
+def unet_call(args: tuple, kwargs: dict) -> tuple[Tensor, Any, dict]:
+    """``(x, timesteps, transformer_options)`` of a UNetModel call as a DIFFUSION_MODEL wrapper sees it
+    (``executor(x, timesteps, context, y, control, transformer_options, **kwargs)``)."""
+    x = args[0] if args else kwargs["x"]
+    timesteps = args[1] if len(args) > 1 else kwargs.get("timesteps")
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    return x, timesteps, options if isinstance(options, dict) else {}
+
+
+def cond_mask(options: dict, batch: int) -> Optional[Tensor]:
+    """``[batch]`` bool, True on conditional rows, from ``cond_or_uncond`` (None when it is absent).
+
+    The batch is ``len(cond_or_uncond)`` consecutive chunks in that order (0 = positive, 1 = negative).
+    """
+    order = options.get("cond_or_uncond")
+    if not order:
+        return None
+    if batch % len(order):
+        raise ValueError(f"SAeUron: a batch of {batch} rows does not split into the {len(order)} "
+                         f"cond/uncond chunks {list(order)}")
+    return torch.tensor([c == 0 for c in order], dtype=torch.bool).repeat_interleave(batch // len(order))
+
+
+def first_value(value: Any) -> float:
+    """The first entry of a tensor (a batch of equal sigmas or timesteps), or the number itself."""
+    if isinstance(value, Tensor):
+        return float(value.reshape(-1)[0])
+    return float(value)
+
+
+def nearest_step(sigma: float, sample_sigmas: Any) -> int:
+    """Position of the run's evaluation sigma (``sample_sigmas`` without its final entry) closest to ``sigma``."""
+    sched = torch.as_tensor(sample_sigmas, dtype=torch.float64).reshape(-1).cpu()
+    if sched.numel() > 1:
+        sched = sched[:-1]
+    return int(torch.argmin((sched - sigma).abs()))
+
+
+class SamplerState:
+    """Where the sampler is during the current UNet call, recorded by a DIFFUSION_MODEL wrapper.
+
+    Use :meth:`wrapper` as the wrapper, or :meth:`recording` inside one. Outside a call every
+    reading raises.
+    """
+
+    def __init__(self, model_sampling: Any) -> None:
+        self.model_sampling = model_sampling
+        self.options: Optional[dict] = None
+        self.timesteps: Any = None
+        self.batch = 0
+        self._schedule_key: Any = None
+        self._schedule_t: Optional[Tensor] = None
+
+    @contextlib.contextmanager
+    def recording(self, args: tuple, kwargs: dict) -> Iterator[None]:
+        """Record the UNet call ``(args, kwargs)`` for the duration of the ``with`` body (nesting restores)."""
+        x, timesteps, options = unet_call(args, kwargs)
+        saved = (self.options, self.timesteps, self.batch)
+        self.options, self.timesteps, self.batch = options, timesteps, int(x.shape[0])
+        try:
+            yield
+        finally:
+            self.options, self.timesteps, self.batch = saved
+
+    def wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.recording(args, kwargs):
+            return executor(*args, **kwargs)
+
+    def _require(self) -> dict:
+        if self.options is None:
+            raise ValueError("SAeUron: the block ran outside of a sampling call of this node")
+        return self.options
+
+    # -- the CallPosition of sae_core.saeuron.pipeline -------------------------------------------
+
+    def sigma(self) -> Optional[Any]:
+        """The call's ``sigmas`` as the sampler passed them, or None."""
+        return self._require().get("sigmas")
+
+    def timestep(self) -> Optional[Any]:
+        """The call's model timesteps (from its sigma when the call carries none), or None."""
+        if self.timesteps is not None:
+            return self.timesteps
+        sigmas = self.sigma()
+        return None if sigmas is None else self.model_sampling.timestep(torch.as_tensor(sigmas))
+
+    def run_step(self) -> Optional[tuple[int, int]]:
+        """``(step in the run, steps of the run)`` from the sigma's place in ``sample_sigmas``, or None."""
+        options = self._require()
+        sigmas, sample_sigmas = options.get("sigmas"), options.get("sample_sigmas")
+        if sigmas is None or sample_sigmas is None:
+            return None
+        n = max(1, int(torch.as_tensor(sample_sigmas).numel()) - 1)
+        return nearest_step(first_value(sigmas), sample_sigmas), n
+
+    def cond_mask(self) -> Optional[Tensor]:
+        return cond_mask(self._require(), self.batch)
+
+    # -- readings that must be there (collection) ------------------------------------------------
+
+    def sigma_value(self) -> float:
+        sigmas = self.sigma()
+        if sigmas is None:
+            raise ValueError("SAeUron: the sampler passed no sigmas in transformer_options")
+        return first_value(sigmas)
+
+    def sample_sigmas(self) -> Tensor:
+        sigmas = self._require().get("sample_sigmas")
+        if sigmas is None:
+            raise ValueError("SAeUron: the sampler passed no sample_sigmas in transformer_options")
+        return torch.as_tensor(sigmas).detach().reshape(-1).to("cpu", torch.float32)
+
+    def step_index(self) -> int:
+        return nearest_step(self.sigma_value(), self.sample_sigmas())
+
+    def schedule_timesteps(self) -> Tensor:
+        """Model timestep of every evaluation sigma of the current run."""
+        sigmas = self.sample_sigmas()
+        key = tuple(sigmas.tolist())
+        if key != self._schedule_key:
+            evals = sigmas[:-1] if sigmas.numel() > 1 else sigmas
+            self._schedule_t = self.model_sampling.timestep(evals).float().cpu()
+            self._schedule_key = key
+        return self._schedule_t  # type: ignore[return-value]
+
+
+class ComfySampling:
+    """Samples one prompt at a time through ComfyUI on a clone of ``model`` that records its state.
+
+    Each prompt ``i`` gets the noise of ``seed + i``; the negative prompt is ``negative``.
+    """
+
+    def __init__(self, model: Any, clip: Any, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                 width: int, height: int, seed: int, negative: str = "",
+                 on_step: Optional[Callable[[int], None]] = None) -> None:
+        if clip is None:
+            raise ValueError("clip: no CLIP is wired; the prompts must be encoded for sampling")
+        self.state = SamplerState(model.get_model_object("model_sampling"))
+        self.patcher = model.clone()
+        self.patcher.add_wrapper_with_key(diffusion_model_wrapper(), STATE_WRAPPER_KEY, self.state.wrapper)
+        self.clip = clip
+        self.steps, self.cfg = int(steps), float(cfg)
+        self.sampler_name, self.scheduler = sampler_name, scheduler
+        self.seed = int(seed)
+        channels = model.get_model_object("latent_format").latent_channels
+        self.shape = (1, channels, int(height) // LATENT_DOWNSCALE, int(width) // LATENT_DOWNSCALE)
+        self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+        self.on_step = on_step
+        self.done = 0
+
+    def sample(self, prompt: str, index: int) -> Tensor:
+        import comfy.sample
+
+        cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+        latent = comfy.sample.fix_empty_latent_channels(self.patcher, torch.zeros(self.shape))
+        seed = self.seed + int(index)
+        noise = comfy.sample.prepare_noise(latent, seed)
+
+        def callback(step: int, *_args: Any) -> None:
+            throw_if_interrupted()
+            if self.on_step is not None:
+                self.on_step(self.done * self.steps + step + 1)
+
+        out = comfy.sample.sample(self.patcher, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
+                                  cond, self.negative, latent, callback=callback, disable_pbar=True, seed=seed)
+        self.done += 1
+        return out
+
+    def sample_in_order(self, batch: list[str]) -> None:
+        """Sample each prompt of ``batch`` after the ones sampled before (prompt i gets seed + i)."""
+        throw_if_interrupted()
+        for p in batch:
+            self.sample(p, self.done)
+
+    def run_schedule(self) -> tuple[list[float], list[float]]:
+        """``(sigmas, timesteps)`` of one sampling run with these settings (evaluation sigmas only), as
+        ComfyUI's KSampler computes them (including samplers that drop the penultimate sigma)."""
+        import comfy.samplers
+
+        sampler = comfy.samplers.KSampler(self.patcher, steps=self.steps, device=self.patcher.load_device,
+                                          sampler=self.sampler_name, scheduler=self.scheduler, denoise=1.0,
+                                          model_options=self.patcher.model_options)
+        sigmas = sampler.sigmas.detach().float().cpu()
+        evals = sigmas[:-1] if sigmas.numel() > 1 else sigmas
+        ms = self.patcher.get_model_object("model_sampling")
+        return evals.tolist(), ms.timestep(evals).float().cpu().tolist()
+
+
+def sampler_inputs(steps: int = 20, cfg: float = 7.5) -> dict[str, tuple]:
+    """Node inputs of a :class:`ComfySampling` run (steps, cfg, seed, sampler, scheduler, size)."""
+    samplers, schedulers = sampler_choices()
+    return {
+        "steps": inp("INT", "Sampling steps of every generation; the step index recorded with each activation "
+                            "is a position in this schedule.", default=steps, min=1, max=1000),
+        "cfg": inp("FLOAT", "Classifier-free guidance scale (SAeUron uses 9.0). At 1.0 ComfyUI skips the "
+                            "unconditional half.", default=cfg, min=0.0, max=30.0, step=0.1, round=0.01),
+        "seed": inp("INT", "Noise seed of the first prompt; prompt i uses seed + i.", default=0, min=0,
+                    max=0xFFFFFFFF, control_after_generate=False),
+        "sampler_name": inp(samplers, "Sampler used to generate.", default="euler"),
+        "scheduler": inp(schedulers, "Noise schedule used to generate.", default="normal"),
+        "width": inp("INT", "Image width in pixels.", default=512, min=64, max=4096, step=8),
+        "height": inp("INT", "Image height in pixels.", default=512, min=64, max=4096, step=8),
+    }
+
+
+class ComfyHost:
+    """A ComfyUI MODEL as the host of :mod:`sae_core.saeuron.pipeline`: blocks by ComfyUI (or diffusers)
+    name, and, with a :class:`ComfySampling`, sampling of prompts in order and the sampler's position."""
+
+    def __init__(self, model: Any, sampling: Optional[ComfySampling] = None) -> None:
+        self.model = model
+        self.sampling = sampling
+
+    def find_block(self, block: str) -> Any:
+        from .unet_blocks import find_block
+
+        return find_block(self.model, block)
+
+    def _sampling(self) -> ComfySampling:
+        if self.sampling is None:
+            raise RuntimeError("internal: this host has no sampling run")
+        return self.sampling
+
+    def denoiser(self) -> torch.nn.Module:
+        from .unet_blocks import unet_of
+
+        return unet_of(self._sampling().patcher)
+
+    def sample(self, batch: list[str]) -> None:
+        self._sampling().sample_in_order(batch)
+
+    def position(self) -> SamplerState:
+        return self._sampling().state
