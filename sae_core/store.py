@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -57,6 +58,8 @@ MANIFEST_NAME = "manifest.json"
 ACTIVATIONS_KEY = "activations"
 _SHARD_NAME = "shard-{:05d}.safetensors"
 _SHARD_RE = re.compile(r"^shard-\d{5,}\.safetensors$")
+_STAGING_NAME = ".replacing"
+"""Staging folder of a run that replaces a complete store (hidden; readers never look inside)."""
 
 _STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _COLUMN_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
@@ -136,8 +139,9 @@ class ActivationWriter:
             takes int64 (integers, bools) or float32 (floats) from its first values.
         attrs: JSON-serialisable user attributes stored in the manifest (hook point, model,
             prompt list, ...). May be updated through :attr:`attrs` until :meth:`close`.
-        overwrite: replace an existing *complete* store in ``folder``. Leftovers of an unfinished
-            store are always replaced.
+        overwrite: replace an existing *complete* store in ``folder``; it stays readable, and is
+            replaced only when the new store is complete (:meth:`close`; :meth:`abort` keeps it).
+            Leftovers of an unfinished store are always replaced.
         source: a name for error messages (default: ``attrs["hookpoint"]`` or the folder).
 
     Use as a context manager. On normal exit the last partial shard is written and the manifest
@@ -158,6 +162,9 @@ class ActivationWriter:
         source: str | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self._write_dir = self.folder
+        """Where shards and the running manifest go: the folder itself, or a staging folder inside it while a
+        complete store there is being replaced (it stays readable until the new one is complete)."""
         if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
             raise ValueError(f"ActivationWriter: d must be a positive int, got {d!r}")
         if not isinstance(shard_tokens, int) or isinstance(shard_tokens, bool) or shard_tokens <= 0:
@@ -266,6 +273,8 @@ class ActivationWriter:
                 self._flush()
             self._check_attrs()
             self._write_manifest(complete=True)
+            if self._write_dir != self.folder:
+                self._swap_in()
         except BaseException:
             self.abort()
             raise
@@ -279,6 +288,9 @@ class ActivationWriter:
             return
         self._release()
         self._closed = True
+        if self._write_dir != self.folder:  # the store being replaced stays as it was
+            shutil.rmtree(self._write_dir, ignore_errors=True)
+            return
         self._remove_temp_files()
         with contextlib.suppress(Exception):
             self._write_manifest(complete=False, aborted=reason or "aborted")
@@ -330,8 +342,15 @@ class ActivationWriter:
                 f"{folder} already holds a complete activation store ({manifest.get('total_tokens')} tokens); "
                 f"pass overwrite=True to replace it"
             )
-        # Replace the previous (complete with overwrite, or unfinished) store: manifest first, so
-        # no manifest ever describes shards that are being deleted.
+        staging = folder / _STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed while replacing a store
+        if manifest is not None and manifest.get("complete"):
+            # overwrite: the complete store stays readable until the new one is complete (see _swap_in)
+            staging.mkdir()
+            self._write_dir = staging
+            return
+        # Replace the leftovers of an unfinished store: manifest first, so no manifest ever describes
+        # shards that are being deleted.
         with contextlib.suppress(FileNotFoundError):
             (folder / MANIFEST_NAME).unlink()
         for entry in folder.iterdir():
@@ -339,9 +358,26 @@ class ActivationWriter:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
 
+    def _swap_in(self) -> None:
+        """Move the complete new store from the staging folder over the old one (old manifest first, so no
+        manifest ever describes a mix of old and new shards), then drop the old store's surplus shards."""
+        folder, staging = self.folder, self._write_dir
+        with contextlib.suppress(FileNotFoundError):
+            (folder / MANIFEST_NAME).unlink()
+        new = {entry["file"] for entry in self.shards}
+        for name in sorted(new):
+            os.replace(staging / name, folder / name)
+        for entry in folder.iterdir():
+            if _SHARD_RE.match(entry.name) and entry.name not in new:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+        os.replace(staging / MANIFEST_NAME, folder / MANIFEST_NAME)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._write_dir = folder
+
     def _remove_temp_files(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            for entry in self.folder.iterdir():
+            for entry in self._write_dir.iterdir():
                 if is_temp_name(entry.name):
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
@@ -402,8 +438,8 @@ class ActivationWriter:
         name = _SHARD_NAME.format(index)
         tensors = {ACTIVATIONS_KEY: self._buffer[:n]}
         tensors.update({col: buf[:n] for col, buf in self._meta_buffers.items()})
-        save_tensors(self.folder / name, tensors, {"format": FORMAT, "shard": str(index), "d": str(self.d)})
-        self.shards.append({"file": name, "rows": n, "bytes": (self.folder / name).stat().st_size})
+        save_tensors(self._write_dir / name, tensors, {"format": FORMAT, "shard": str(index), "d": str(self.d)})
+        self.shards.append({"file": name, "rows": n, "bytes": (self._write_dir / name).stat().st_size})
         self.buffered_rows = 0
         self._write_manifest(complete=False)
 
@@ -424,7 +460,7 @@ class ActivationWriter:
         }
         if aborted is not None:
             manifest["aborted"] = aborted
-        write_bytes(self.folder / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+        write_bytes(self._write_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

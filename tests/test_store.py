@@ -299,3 +299,35 @@ def test_fingerprint_tells_a_recollected_store_from_the_old_one(tmp_path):
     w.add(torch.randn(10, 4))
     w.close()
     assert len(ActivationReader(folder)) == 10 and ActivationReader(folder).fingerprint != first
+
+
+def test_overwrite_keeps_the_old_store_until_the_new_one_is_complete(tmp_path):
+    from sae_core.store import ActivationReader, ActivationWriter
+
+    folder = tmp_path / "s"
+    w = ActivationWriter(folder, d=4, shard_tokens=4)
+    old_rows = torch.randn(10, 4)
+    w.add(old_rows)
+    w.close()
+    old_fp = ActivationReader(folder).fingerprint
+
+    w = ActivationWriter(folder, d=4, shard_tokens=4, overwrite=True)
+    w.add(torch.randn(6, 4))  # one shard written, the run is not finished
+    reader = ActivationReader(folder)  # the old store is still whole meanwhile
+    assert reader.fingerprint == old_fp and len(reader) == 10
+    w.abort("cancelled")
+    reader = ActivationReader(folder)
+    assert reader.fingerprint == old_fp
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "shard-00000.safetensors",
+                                                        "shard-00001.safetensors", "shard-00002.safetensors"]
+
+    w = ActivationWriter(folder, d=4, shard_tokens=4, overwrite=True)
+    new_rows = torch.randn(5, 4)
+    w.add(new_rows)
+    w.close()
+    reader = ActivationReader(folder)
+    assert len(reader) == 5 and reader.num_shards == 2 and reader.fingerprint != old_fp
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "shard-00000.safetensors",
+                                                        "shard-00001.safetensors"]
+    got = torch.cat(list(reader.iter_batches(5, shuffle=False)))
+    assert torch.equal(got, new_rows.half().float())
