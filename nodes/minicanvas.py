@@ -10,7 +10,8 @@ the loader builds ComfyUI's objects around the MiniCanvas modules instead of con
   weight patches and LoRA keys ``diffusion_model.<name>`` (or kohya's ``lora_unet_<name>``) reach it.
   Sampling is ComfyUI's discrete EPS sampling with MiniCanvas' own linear-beta schedule (1000 steps,
   beta 1e-4 .. 0.02, epsilon prediction): same alphas_cumprod, same timesteps. ComfyUI's ``ddim`` sampler
-  with the ``simple`` scheduler takes exactly MiniCanvas' DDIM steps (trailing spacing: t = 999, 949, ...).
+  with the ``simple`` scheduler takes exactly MiniCanvas' DDIM steps (trailing spacing: t = 999, 949, ...)
+  when the step count divides 1000 (otherwise some timesteps differ by one, by rounding).
   ``clip_denoised`` clamps the guided prediction of the clean image to [-1, 1] at every step, as MiniCanvas'
   sampler does (a ``sampler_post_cfg_function`` on the patcher).
 * **CLIP**: a ``comfy.sd.CLIP`` around the MiniCanvas text encoder (a transformers ``CLIPTextModel``) and its
