@@ -7,7 +7,8 @@ the loader builds ComfyUI's objects around the MiniCanvas modules instead of con
 * **MODEL**: a ``comfy.model_base.BaseModel`` whose model config class is called ``MiniCanvas`` (the model
   family a node sees in ``type(model.model.model_config).__name__``) and whose ``diffusion_model`` is the
   MiniCanvas UNet under its own module names (``input_blocks.3.1.transformer_blocks.0.attn2.to_k`` ...), so
-  weight patches and LoRA keys ``diffusion_model.<name>`` (or kohya's ``lora_unet_<name>``) reach it.
+  weight patches and LoRA keys ``diffusion_model.<name>`` (or kohya's ``lora_unet_<name>``) reach it. Its
+  layers (and the text encoder's) are turned into ComfyUI's op classes, so weight wrappers work too.
   Sampling is ComfyUI's discrete EPS sampling with MiniCanvas' own linear-beta schedule (1000 steps,
   beta 1e-4 .. 0.02, epsilon prediction): same alphas_cumprod, same timesteps. ComfyUI's ``ddim`` sampler
   with the ``simple`` scheduler takes exactly MiniCanvas' DDIM steps (trailing spacing: t = 999, 949, ...)
@@ -94,10 +95,28 @@ class ComfyMiniUNet(MiniUNet):
 
     @classmethod
     def from_unet(cls, unet: MiniUNet) -> "ComfyMiniUNet":
-        """A copy of ``unet`` (its own parameters) with ComfyUI's signature, in eval mode, frozen."""
+        """A copy of ``unet`` (its own parameters) with ComfyUI's signature and layers, in eval mode, frozen."""
         new = cls(unet.config)
         new.load_state_dict(unet.state_dict())
-        return new.eval().requires_grad_(False)
+        return use_comfy_ops(new).eval().requires_grad_(False)
+
+
+def use_comfy_ops(module: nn.Module) -> nn.Module:
+    """Turn ``module``'s Linear, Conv2d, GroupNorm and LayerNorm layers into ComfyUI's op classes, in place.
+
+    ``comfy.ops.disable_weight_init`` layers are subclasses of the torch ones with no state of their own: they
+    compute the same thing, and in addition honour the patcher's weight wrappers (``add_weight_wrapper``, used
+    by LoRA training), low-VRAM weight casting and compute-dtype overrides, as the layers of ComfyUI's own
+    models do. Returns ``module``.
+    """
+    import comfy.ops
+
+    ops = comfy.ops.disable_weight_init
+    swap = {nn.Linear: ops.Linear, nn.Conv2d: ops.Conv2d, nn.GroupNorm: ops.GroupNorm, nn.LayerNorm: ops.LayerNorm}
+    for m in module.modules():
+        if type(m) in swap:
+            m.__class__ = swap[type(m)]
+    return module
 
 
 def unet_layout(cfg: UNetConfig) -> dict[str, Any]:
@@ -188,7 +207,7 @@ class MiniCanvasTextModel(nn.Module):
     def __init__(self, text_encoder: nn.Module, empty_ids: Sequence[int], device: Any = None,
                  dtype: Any = None, model_options: Optional[dict] = None):
         super().__init__()
-        self.minicanvas = text_encoder
+        self.minicanvas = use_comfy_ops(text_encoder)
         self.empty_ids = [int(t) for t in empty_ids]
         self.layer_idx: Optional[int] = None
         self.dtypes = {torch.float32}

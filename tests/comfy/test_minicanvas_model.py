@@ -189,3 +189,17 @@ def test_lora_model_loader_takes_comfy_native_keys(comfy, mc):
         (patched,) = LoraModelLoader().load_lora_model(model, lora, 1.0)
     assert set(patched.patches) == {f"{key}.weight"}
     assert not model.patches
+
+
+def test_layers_are_comfy_ops_and_take_weight_wrappers(comfy, mc):
+    """The UNet's and text encoder's layers are ComfyUI's op classes, so weight wrappers (LoRA training) apply."""
+    model, clip, vae = mc
+    for module in (model.model.diffusion_model, clip.cond_stage_model):
+        layers = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm))]
+        assert layers and all(hasattr(m, "weight_function") for m in layers)
+    before = _sample(comfy, model, clip, vae, PROMPTS[2])
+    wrapped = model.clone()
+    wrapped.add_weight_wrapper("diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight",
+                               lambda w: -3.0 * w)
+    assert (_sample(comfy, wrapped, clip, vae, PROMPTS[2]) - before).abs().mean() > 0.01
+    torch.testing.assert_close(_sample(comfy, model, clip, vae, PROMPTS[2]), before, rtol=0, atol=1e-6)
