@@ -28,6 +28,7 @@ NODE_MODULES: list[str] = [
     "rece",
     "itd",
     "saeuron",
+    "minicanvas",
 ]
 """Node modules of this package, in menu order."""
 

@@ -9,6 +9,9 @@ changed silently shifts every value after the change. For each node of each work
   widget (combo choice, number range, type);
 * socket inputs exist with the right types, required sockets are linked, outputs match ``RETURN_TYPES``;
 * links agree with both ends.
+
+The MiniCanvas template needs no model file, so it is also converted to the API format and run through
+ComfyUI's own validation (``execution.validate_prompt``) and executor (``execution.PromptExecutor``).
 """
 
 from __future__ import annotations
@@ -184,3 +187,73 @@ def test_saeuron_workflow_chain(node_classes):
     assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
     assert ("CE_LoadSAE", "CE_SAeUronConceptBlock") in edges
     assert ("CE_SAeUronConceptFeatures", "CE_SAeUronConceptBlock") in edges
+
+
+def ui_to_api(wf: dict, classes: dict) -> dict:
+    """The API-format prompt of a UI-format workflow of plain, active nodes (the frontend's "Export (API)").
+
+    Widget values are taken by position (skipping the frontend's "control after generate" entries); linked
+    inputs become ``[source node id, output slot]``.
+    """
+    links = {link[0]: link for link in wf.get("links", [])}
+    prompt = {}
+    for n in wf["nodes"]:
+        if n.get("mode", 0) != 0:
+            raise ValueError(f"node {n['id']} ({n['type']}) is muted or bypassed; not supported here")
+        spec = classes[n["type"]].INPUT_TYPES()
+        values = iter(n.get("widgets_values") or [])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, entry in (spec.get(section) or {}).items():
+                if _is_widget(entry):
+                    inputs[name] = next(values)
+                    if _has_control(name, entry):
+                        next(values)
+        for i in n.get("inputs", []):
+            if i.get("link") is not None:
+                _lid, src, slot, *_ = links[i["link"]]
+                inputs[i["name"]] = [str(src), slot]
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
+
+
+class _QuietServer:
+    """The few PromptServer members the executor touches, recording the events it sends."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.sockets_metadata: dict = {}
+        self.events: list = []
+
+    def send_sync(self, event, data, sid=None) -> None:
+        self.events.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def test_minicanvas_workflow_runs_in_comfyui(comfy, node_classes):
+    """The MiniCanvas template validates and executes in ComfyUI and saves its images (32x32 PNGs)."""
+    import execution
+    import numpy as np
+    from PIL import Image
+
+    wf = json.loads((REPO_ROOT / "workflows" / "minicanvas_txt2img.json").read_text(encoding="utf-8"))
+    prompt = ui_to_api(wf, node_classes)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("ce-minicanvas", prompt, None))
+    assert valid, (error, node_errors)
+    save_id = next(i for i, n in prompt.items() if n["class_type"] == "SaveImage")
+    assert outputs == [save_id]
+
+    executor = execution.PromptExecutor(_QuietServer())
+    executor.execute(prompt, "ce-minicanvas", {}, outputs)
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    saved = executor.history_result["outputs"][save_id]["images"]
+    latent = next(n for n in prompt.values() if n["class_type"] == "EmptyChromaRadianceLatentImage")
+    assert len(saved) == latent["inputs"]["batch_size"]
+    out_dir = Path(comfy.folder_paths.get_output_directory())
+    for item in saved:
+        with Image.open(out_dir / item["subfolder"] / item["filename"]) as im:
+            assert im.size == (32, 32)
+            assert len(np.unique(np.asarray(im.convert("L")))) > 8, "a flat image"
