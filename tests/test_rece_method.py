@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_core.closed_form import uce_solve_reference
+from sae_core.rece.closed_form import uce_solve_reference
 from sae_core.minicanvas.plugins import rece as plugin
 from sae_core.minicanvas.canvas import MiniCanvas
 from sae_core.minicanvas.diffusion import NoiseSchedule
@@ -77,7 +77,7 @@ def test_edit_leaves_input_unchanged_and_touches_only_attn2_kv(canvas, method, k
     anchor_final = int(canvas.tokenize([rep.anchor]).attention_mask.sum()) - 2
     length = mask.shape[1]
     uce_rows = sum(length - max(int(m.sum()) - 2, anchor_final) for m in mask)
-    epochs = rep.recipe["epochs"]
+    epochs = rep.settings.rece_epochs
     bound = uce_rows + epochs * length * len(rep.concept_texts)
     for k in kv:
         delta = (after_sd[k].double() - before_sd[k].double())
