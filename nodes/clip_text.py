@@ -12,7 +12,7 @@ and the first end token after them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,10 @@ from torch import Tensor
 
 log = logging.getLogger("concept_erasure")
 
-__all__ = ["CHUNK", "chunk_ids", "encode_first_chunks", "end_token", "real_token_count", "tokenizer_of"]
+__all__ = [
+    "CHUNK", "chunk_ids", "encode_first_chunks", "end_token", "first_chunk_tokenizer", "real_token_count",
+    "tokenizer_of",
+]
 
 CHUNK = 77
 """Tokens per CLIP chunk."""
@@ -84,3 +87,28 @@ def encode_first_chunks(clip: Any, texts: Sequence[str], who: str) -> tuple[Tens
         encs.append(enc)
         counts.append(real_token_count(chunk_ids(tokens, key, text, who), end_token(clip, key)))
     return torch.stack(encs), counts
+
+
+def first_chunk_tokenizer(clip: Any, key: str, who: str) -> tuple[Callable[[Sequence[str]], tuple[Tensor, list[int]]], int]:
+    """``(tokenize, padded length)``: ComfyUI's own tokenization for ``key`` (``clip.tokenize(text)[key]``).
+
+    ``tokenize(texts)`` gives the first chunk's token ids ``[B, length]`` (int64) and each text's real-token
+    count. Texts with a textual-inversion embedding are refused (only plain token ids can be fed back).
+    """
+    end = end_token(clip, key)
+    length = len(clip.tokenize("")[key][0])
+
+    def tokenize(texts: Sequence[str]) -> tuple[Tensor, list[int]]:
+        rows, counts = [], []
+        for text in texts:
+            ids = chunk_ids(clip.tokenize(text), key, text, who)
+            if not all(isinstance(t, int) for t in ids):
+                raise ValueError(f"{who}: prompt {text!r} contains a textual-inversion embedding; these prompts "
+                                 "must be plain text")
+            if len(ids) != length:
+                raise ValueError(f"{who}: prompt {text!r} tokenized to {len(ids)} tokens, expected {length}")
+            rows.append([int(t) for t in ids])
+            counts.append(real_token_count(ids, end))
+        return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length), counts
+
+    return tokenize, length
