@@ -21,7 +21,13 @@ from torch import Tensor
 log = logging.getLogger("concept_erasure")
 
 __all__ = [
-    "CHUNK", "chunk_ids", "encode_first_chunks", "end_token", "first_chunk_tokenizer", "real_token_count",
+    "CHUNK",
+    "TokenizeFn",
+    "chunk_ids",
+    "encode_first_chunks",
+    "end_token",
+    "first_chunk_tokenizer",
+    "real_token_count",
     "tokenizer_of",
 ]
 
@@ -89,7 +95,11 @@ def encode_first_chunks(clip: Any, texts: Sequence[str], who: str) -> tuple[Tens
     return torch.stack(encs), counts
 
 
-def first_chunk_tokenizer(clip: Any, key: str, who: str) -> tuple[Callable[[Sequence[str]], tuple[Tensor, list[int]]], int]:
+TokenizeFn = Callable[[Sequence[str]], tuple[Tensor, list[int]]]
+"""``tokenize(texts) -> (token ids [B, length] int64, real-token counts)``."""
+
+
+def first_chunk_tokenizer(clip: Any, key: str, who: str) -> tuple[TokenizeFn, int]:
     """``(tokenize, padded length)``: ComfyUI's own tokenization for ``key`` (``clip.tokenize(text)[key]``).
 
     ``tokenize(texts)`` gives the first chunk's token ids ``[B, length]`` (int64) and each text's real-token

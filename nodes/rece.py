@@ -2,11 +2,11 @@
 
 * **RECE Edit Model** erases concepts from the wired MODEL with the closed-form UCE edit, optionally followed
   by RECE epochs (:func:`sae_core.rece.run_rece`, the pipeline the MiniCanvas bench runs too; method brief
-  ``methods/rece.md``). Its inputs are the fields of :class:`sae_core.rece.RECESettings`. It reads every cross-attention
-  ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve prompts with
-  the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of the model
-  with one ``("diff", (delta,))`` weight patch per projection, plus the edit itself (type ``CE_EDIT``: dense
-  deltas, their exact low-rank factors and a description).
+  ``methods/rece.md``); its inputs are the fields of :class:`sae_core.rece.RECESettings`. It reads every
+  cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve
+  prompts with the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of
+  the model with one ``("diff", (delta,))`` weight patch per projection, plus the edit itself (type ``CE_EDIT``:
+  dense deltas, their exact low-rank factors and a description).
 * **Save Edit as LoRA** writes a ``CE_EDIT`` as a LoRA file into ``models/loras`` (the stock LoraLoader finds
   it there) and outputs it as ComfyUI's ``LORA_MODEL`` (for LoraModelLoader and Save LoRA Weights).
 

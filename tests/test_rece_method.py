@@ -219,10 +219,12 @@ def test_settings_are_validated_once_at_construction():
 
     ok = RECESettings(concepts=["a"], preserve=["", "b", "a", "b"])
     assert ok.concepts == ("a",) and ok.preserve_texts == ["", "b"]
-    assert ok.resolved_uce_preserve_scale == 0.5 and RECESettings(("a",), uce_preserve_scale=0.0).resolved_uce_preserve_scale == 0.0
+    assert ok.resolved_uce_preserve_scale == 0.5
+    assert RECESettings(("a",), uce_preserve_scale=0.0).resolved_uce_preserve_scale == 0.0
     for bad, match in [({"concepts": []}, "concept list is empty"), ({"concepts": "a"}, "list of texts"),
                        ({"method": "esd"}, "method"), ({"epochs": 1.5}, "epochs"), ({"epochs": True}, "epochs"),
-                       ({"variant": "x"}, "variant"), ({"lam": -1.0}, "lam"), ({"uce_preserve_scale": -0.5}, "uce_preserve_scale"),
+                       ({"variant": "x"}, "variant"), ({"lam": -1.0}, "lam"),
+                       ({"uce_preserve_scale": -0.5}, "uce_preserve_scale"),
                        ({"lambda_reg": float("inf")}, "lambda_reg"), ({"uce_tokens": "first"}, "uce_tokens"),
                        ({"method": "uce", "start_from_uce": False}, "start_from_uce")]:
         with pytest.raises(ValueError, match=match):

@@ -341,7 +341,8 @@ def build_canvas_concepts(canvas: Any, sae: SparseAutoencoder, kind: str, settin
     gate = ItDGate(sae, found.features, found.tau, found.scale, found.error_mode, found.skip_positions)
     positives = [p for ps in settings.concepts.values() for p in ps]
     retain = settings.retain
-    report = classifier_report(score_prompts(gate, run.source, positives), score_prompts(gate, run.source, retain), found.tau)
+    report = classifier_report(score_prompts(gate, run.source, positives), score_prompts(gate, run.source, retain),
+                               found.tau)
     return ItDCanvasReport(found, report)
 
 

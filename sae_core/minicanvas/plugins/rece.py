@@ -227,7 +227,8 @@ def canvas_settings(canvas: Any, kind: str, concepts: list[str], method: str = "
     """
     bad = sorted(set(options) - set(_SETTING_OPTIONS) - set(_RECIPE_FIELDS))
     if bad:
-        raise ValueError(f"unknown {method} option(s) {bad}; known: {', '.join(sorted(_SETTING_OPTIONS + _RECIPE_FIELDS))}")
+        known = ", ".join(sorted(_SETTING_OPTIONS + _RECIPE_FIELDS))
+        raise ValueError(f"unknown {method} option(s) {bad}; known: {known}")
     recipe = RECERecipe(**{k: v for k, v in options.items() if k in _RECIPE_FIELDS})
     concept_texts, preserve_texts = edit_texts(canvas, kind, concepts, recipe)
     knobs = {k: v for k, v in options.items() if k in _SETTING_OPTIONS}
