@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from sae_core.closed_form import edit_from_factors, gram
+from sae_core.rece.closed_form import edit_from_factors, gram
 from sae_core.rece import RECE_PRESETS, rece_edit, uce_start
 
 SD15_CHANNELS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]

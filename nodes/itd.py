@@ -1,7 +1,9 @@
 """ItD (Interpret then Deactivate) node: ItD Prompt Classifier.
 
 **ItD Prompt Classifier** turns a CLIP into one whose text encoding erases concepts, using a sparse
-autoencoder (SAE) trained on one CLIP-L layer (``sae_core.itd``, method brief ``methods/itd.md``):
+autoencoder (SAE) trained on one CLIP-L layer (``sae_core.itd``, method brief ``methods/itd.md``). Steps 1-2
+are :func:`sae_core.itd.run_itd`, the pipeline the MiniCanvas bench runs too; the node's inputs are the fields
+of :class:`sae_core.itd.ItDSettings`:
 
 1. *Interpret*: each concept (written as a prompt) and each retain prompt is encoded on its own; the
    concept's features are its top SAE features at the chosen layer minus those of every retain prompt.
@@ -20,10 +22,8 @@ ComfyUI tokenizer (``clip.tokenize``, the same path CLIPTextEncode takes) and ru
 a time, which is the computation an unweighted one-chunk prompt gets at encode time: the same prompt scores
 the same in both.
 
-Which rows are classified. ComfyUI encodes a prompt as one row per 77-token chunk, plus one empty-prompt row
-when any token carries a weight other than 1 (it serves as the reference the weights interpolate from).
-The patch also wraps ``clip_l.encode_token_weights`` to learn how many rows are real chunks, and never edits
-the empty row.
+Which rows are classified: only the prompt chunks, never the empty row a weighted prompt adds; the CLIP
+patching mechanics (which layer, which rows, the object patches on a clone) are :mod:`.clip_patch`'s.
 
 Supported encoders: SD1.x (``SD1ClipModel`` with ``clip_l``) and SDXL (``SDXLClipModel``: only ``clip_l`` is
 patched; ``clip_g`` and the pooled output it provides are untouched). Anything else (SD2's OpenCLIP-H, a
@@ -36,199 +36,73 @@ the unconditional branch too, and classifier-free guidance would then stop pushi
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from sae_core.itd import (
+    ItDConcepts,
+    ItDPatch,
+    ItDSettings,
+    ItDTextHost,
+    PromptBatch,
+    SaeMath,
+    choose_layer,
+    default_layer,
+    hookpoint_layer,
+    layer_count,
+    run_itd,
+)
 from sae_core.prompts import parse_names, parse_prompts
-from sae_core.itd import ItDConcepts, ItDPatch, PromptBatch, SaeMath, TextLayerSource, build_concepts
 from sae_core.sae import SparseAutoencoder
 
+from .clip_patch import (
+    ClipLayerPatch,
+    clip_l_encoder,
+    encoder_width,
+    install_layer_patch,
+    layer_key,
+    output_layer,
+    run_encoder,
+)
+from .clip_text import first_chunk_tokenizer, tokenizer_of
 from .common import SAE_TYPE, Progress, category, inp, node_id, throw_if_interrupted
+
+__all__ = [
+    "ItDClassifier",
+    "ItDClipPatch",
+    "ItDEncodeRecord",
+    "ItDPromptClassifier",
+    "build_classifier",
+    "calibration_report",
+    "comfy_text_host",
+    "default_layer",
+    "hookpoint_layer",
+    "layer_key",
+]
 
 log = logging.getLogger("concept_erasure")
 
 NODE_NAME = "ItD Prompt Classifier"
 
-ENCODER_KEY = "clip_l"
-"""Attribute of the CLIP's ``cond_stage_model`` holding the CLIP-L encoder ItD edits."""
-
-LAYERS_PATH = "transformer.text_model.encoder.layers"
-"""Where ComfyUI's ``SDClipModel`` keeps its encoder layers."""
-
-ENCODE_KEY = f"{ENCODER_KEY}.encode_token_weights"
-"""Object-patch name of the wrapper that tells the layer patch which rows are real prompt chunks."""
-
 MAX_RECORDS = 64
 """How many encode calls a patch remembers."""
 
 
-def layer_key(index: int) -> str:
-    """Object-patch name of the forward of ``clip_l``'s encoder layer ``index``."""
-    return f"{ENCODER_KEY}.{LAYERS_PATH}.{int(index)}.forward"
+def comfy_text_host(clip: Any, encoder: Any) -> ItDTextHost:
+    """ItD's view of ``clip``'s ``clip_l``: ComfyUI's own tokenizer (the path CLIPTextEncode takes, 77 tokens
+    padded with EOS, first chunk only), ``clip_l`` run one prompt at a time as ``encode_token_weights`` runs it.
+    A one-chunk unweighted prompt at encode time is then exactly the computation calibration scored."""
+    tokenize_ids, length = first_chunk_tokenizer(clip, "l", NODE_NAME)
 
+    def tokenize(prompts: list[str]) -> PromptBatch:
+        ids, counts = tokenize_ids(prompts)
+        return PromptBatch(ids, torch.arange(length)[None, :] < torch.tensor(counts, dtype=torch.int64)[:, None])
 
-# ---------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------
-
-
-_HOOK_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|blocks|h)\.(\d+)(?:\.|$)")
-
-
-def hookpoint_layer(hookpoint: Optional[str]) -> Optional[int]:
-    """The encoder-layer index a text-encoder SAE's hookpoint names (``text_model.encoder.layers.8`` -> 8,
-    ``blocks.8.hook_resid_post`` -> 8), or ``None`` when it names none (or is not a string)."""
-    if not isinstance(hookpoint, str):
-        return None
-    found = _HOOK_LAYER_RE.findall(hookpoint)
-    return int(found[-1]) if found else None
-
-
-def default_layer(num_layers: int) -> int:
-    """The layer used when neither the node nor the SAE names one: two thirds of the way up the encoder,
-    which is ItD's layer 8 of CLIP-L's 12."""
-    return max(0, min(num_layers - 1, (2 * num_layers) // 3))
-
-
-def _encoder_width(encoder: Any) -> Optional[int]:
-    try:
-        return int(encoder.transformer.get_input_embeddings().weight.shape[-1])
-    except (AttributeError, IndexError, TypeError):
-        return None
-
-
-def describe_encoder(clip: Any) -> str:
-    """``"SD2ClipModel with clip_h (width 1024)"``: the text encoder class and its sub-encoders."""
-    model = getattr(clip, "cond_stage_model", None)
-    if model is None:
-        return f"{type(clip).__name__} without a text encoder"
-    parts = []
-    for name, child in model.named_children():
-        width = _encoder_width(child)
-        parts.append(f"{name} (width {width})" if width is not None else name)
-    inner = f" with {', '.join(parts)}" if parts else ""
-    return f"{type(model).__name__}{inner}"
-
-
-def supported_clip_l(clip: Any) -> tuple[Any, str]:
-    """``(clip_l module, family)`` for an SD1.x or SDXL CLIP; a ValueError naming the encoder otherwise."""
-    import comfy.clip_model
-    import comfy.sd1_clip
-    import comfy.sdxl_clip
-
-    if clip is None or not hasattr(clip, "cond_stage_model") or not hasattr(clip, "patcher"):
-        raise ValueError(f"clip: {NODE_NAME} needs a CLIP (got {type(clip).__name__}; does the checkpoint have a "
-                         "text encoder?)")
-    model = clip.cond_stage_model
-    if isinstance(model, comfy.sdxl_clip.SDXLClipModel):
-        family = "SDXL"
-    elif isinstance(model, comfy.sd1_clip.SD1ClipModel) and getattr(model, "clip", None) == ENCODER_KEY:
-        family = "SD1"
-    else:
-        raise ValueError(
-            f"clip: {NODE_NAME} edits a CLIP-L text encoder (SD1.x clip_l, or SDXL's clip_l); this CLIP is "
-            f"{describe_encoder(clip)}, which is not supported"
-        )
-    encoder = getattr(model, ENCODER_KEY, None)
-    transformer = getattr(encoder, "transformer", None)
-    if not isinstance(transformer, comfy.clip_model.CLIPTextModel):
-        raise ValueError(
-            f"clip: {NODE_NAME} needs clip_l to be ComfyUI's CLIP transformer; this CLIP ({describe_encoder(clip)}) "
-            f"has {type(transformer).__name__}"
-        )
-    return encoder, family
-
-
-def output_layer(clip: Any, encoder: Any, num_layers: int) -> Optional[int]:
-    """Index of the last ``clip_l`` layer whose output reaches the conditioning (``None``: every layer can).
-
-    SD1 outputs the last layer; SDXL's clip_l the penultimate one; CLIP Set Last Layer (``clip.layer_idx``)
-    overrides both as ComfyUI does at encode time.
-    """
-    default = getattr(encoder, "options_default", None) or (getattr(encoder, "layer", "last"),
-                                                             getattr(encoder, "layer_idx", None))
-    layer, layer_idx = default[0], default[1]
-    if getattr(clip, "layer_idx", None) is not None and layer != "all":
-        idx = int(clip.layer_idx)
-        layer, layer_idx = ("last", None) if abs(idx) > num_layers else ("hidden", idx)
-    if layer == "last":
-        return num_layers - 1
-    if layer == "hidden" and layer_idx is not None:
-        return int(layer_idx) % num_layers if int(layer_idx) < 0 else int(layer_idx)
-    return None
-
-
-def choose_layer(layer: int, sae: SparseAutoencoder, num_layers: int) -> tuple[int, str]:
-    """``(layer index, where it came from)``; ``layer = -1`` means the SAE's hookpoint, else ItD's default."""
-    layer = int(layer)
-    if layer >= 0:
-        origin = "set on the node"
-    else:
-        hooked = hookpoint_layer(getattr(sae.cfg, "hookpoint", None))
-        if hooked is not None:
-            layer, origin = hooked, f"the SAE's hookpoint {sae.cfg.hookpoint!r}"
-        else:
-            layer, origin = default_layer(num_layers), "default (the SAE records no layer)"
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"layer: clip_l layer {layer} ({origin}) is out of range; this CLIP's clip_l has "
-                         f"{num_layers} layers (0..{num_layers - 1})")
-    return layer, origin
-
-
-# ---------------------------------------------------------------------------------------------
-# calibration through ComfyUI's tokenizer
-# ---------------------------------------------------------------------------------------------
-
-
-def _tokenizer_of(clip: Any) -> Any:
-    return getattr(clip.tokenizer, ENCODER_KEY, None)
-
-
-def comfy_tokenize_fn(clip: Any) -> tuple[Callable[[Sequence[str]], PromptBatch], int]:
-    """``(tokenize, padded length)``: ComfyUI's own tokenization of ``clip_l`` (``clip.tokenize(text)["l"]``).
-
-    Only the first 77-token chunk of a prompt is used (a warning names longer prompts); prompts with a
-    textual-inversion embedding are refused, calibration needs plain token ids.
-    """
-    end = getattr(_tokenizer_of(clip), "end_token", None)
-    end = int(end) if isinstance(end, int) else 49407
-    length = len(clip.tokenize("")["l"][0])
-
-    def first_chunk(prompt: str) -> list[int]:
-        chunks = clip.tokenize(prompt)["l"]
-        if len(chunks) > 1:
-            log.warning("%s: prompt %r is longer than one 77-token chunk; only its first chunk is used for "
-                        "calibration", NODE_NAME, prompt)
-        ids = []
-        for item in chunks[0]:
-            token = item[0]
-            if not isinstance(token, int):
-                raise ValueError(f"{NODE_NAME}: prompt {prompt!r} contains a textual-inversion embedding; concept "
-                                 "and retain prompts must be plain text")
-            ids.append(int(token))
-        if len(ids) != length:
-            raise ValueError(f"{NODE_NAME}: prompt {prompt!r} tokenized to {len(ids)} tokens, expected {length}")
-        return ids
-
-    def tokenize(prompts: Sequence[str]) -> PromptBatch:
-        rows = [first_chunk(p) for p in prompts]
-        ids = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for r, row in enumerate(rows):
-            stop = next((i for i in range(1, len(row)) if row[i] == end), len(row) - 1)
-            mask[r, : stop + 1] = True
-        return PromptBatch(ids, mask)
-
-    return tokenize, length
-
-
-def _run_clip_l(encoder: Any, batch: PromptBatch) -> Any:
-    """``clip_l`` on token ids, exactly as ``encode_token_weights`` runs it."""
-    return encoder([[int(t) for t in row] for row in batch.input_ids.tolist()])
+    return ItDTextHost(encoder, tokenize, run=lambda model, batch: run_encoder(model, batch.input_ids),
+                       pad_to=length, pad_token="eos", batch_size=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,39 +126,27 @@ class ItDEncodeRecord(NamedTuple):
     """The threshold in force."""
 
 
-class _EncodeContext(NamedTuple):
-    sections: int
-    labels: list[str]
+class ItDClipPatch(ClipLayerPatch):
+    """ItD's patch on one ``clip_l`` layer: the gated edit of the prompt chunks, every decision logged.
 
-
-class ItDClipPatch:
-    """The object patch on one ``clip_l`` encoder layer's ``forward`` (and on ``clip_l.encode_token_weights``).
-
-    Called as the layer's forward: runs the original forward, then the gated ItD edit on its output. The
-    decision of every call is logged and kept in ``history``; ``last`` / ``last_scores`` / ``last_detected``
-    give the most recent one. Not an ``nn.Module`` on purpose: ComfyUI sets it as an attribute of the layer,
-    and a module there would join the CLIP's state dict.
+    The decision of every call is kept in ``history``; ``last`` / ``last_scores`` / ``last_detected`` give the
+    most recent one.
     """
 
     def __init__(
         self,
         itd: ItDPatch,
-        original_forward: Callable[..., Any],
-        original_encode: Callable[..., Any],
+        original_forward: Any,
+        original_encode: Any,
         layer: int,
         family: str,
         tokenizer: Any = None,
     ) -> None:
+        super().__init__(original_forward, original_encode, layer, tokenizer)
         self.itd = itd
-        self.original_forward = original_forward
-        self.original_encode = original_encode
-        self.layer = int(layer)
         self.family = family
-        self.tokenizer = tokenizer
         self.history: deque[ItDEncodeRecord] = deque(maxlen=MAX_RECORDS)
-        self._context: Optional[_EncodeContext] = None
 
-    # -- what the user sees -------------------------------------------------------------------
     @property
     def concepts(self) -> ItDConcepts:
         return self.itd.concepts
@@ -310,58 +172,11 @@ class ItDClipPatch:
         return (f"ItDClipPatch({self.family} clip_l layer {self.layer}, concepts={self.concepts.concept_names}, "
                 f"tau={self.tau:.4g}, features={self.concepts.features.numel()})")
 
-    # -- labels -------------------------------------------------------------------------------
-    def _label(self, row: Sequence[Any]) -> str:
-        tok = self.tokenizer
-        inv = getattr(tok, "inv_vocab", None) or {}
-        start, end = getattr(tok, "start_token", None), getattr(tok, "end_token", None)
-        words = []
-        for item in row:
-            token = item[0] if isinstance(item, (tuple, list)) else item
-            if not isinstance(token, int):
-                words.append("<embedding> ")
-                continue
-            if token == start and not words:
-                continue
-            if token == end:
-                break
-            words.append(str(inv.get(token, f"<{token}>")).replace("</w>", " "))
-        return "".join(words).strip()
-
-    # -- the two patched callables ------------------------------------------------------------
-    def encode_token_weights(self, token_weight_pairs: Any) -> Any:
-        """Stands in for ``clip_l.encode_token_weights``: notes the real chunks, then encodes as usual."""
-        sections = len(token_weight_pairs)
-        labels = [self._label(row) for row in token_weight_pairs]
-        if sections > 1:
-            labels = [f"{text} [chunk {i + 1}/{sections}]" for i, text in enumerate(labels)]
-        outer = self._context
-        self._context = _EncodeContext(sections, labels)
-        try:
-            return self.original_encode(token_weight_pairs)
-        finally:
-            self._context = outer
-
-    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.gate(self.original_forward(x, *args, **kwargs))
-
-    @torch.no_grad()
-    def gate(self, hidden: Tensor) -> Tensor:
-        """The gated edit of one layer output ``[rows, 77, d]``; the empty row of a weighted prompt is kept."""
-        rows = int(hidden.shape[0])
-        ctx = self._context
-        real = rows if ctx is None else max(0, min(ctx.sections, rows))
-        if real == 0:
-            return hidden
-        part = hidden if real == rows else hidden[:real]
-        result = self.itd.apply(part)
-        labels = ctx.labels[:real] if ctx is not None else [f"row {i}" for i in range(real)]
+    def edit(self, hidden: Tensor, labels: list[str]) -> Optional[Tensor]:
+        """The flagged chunks with their concept features deactivated (``None`` when none is flagged)."""
+        result = self.itd.apply(hidden)
         self._record(labels, result.scores, result.detected)
-        if not bool(result.detected.any()):
-            return hidden  # nothing detected: the layer's own output continues, untouched
-        if real == rows:
-            return result.hidden
-        return torch.cat([result.hidden, hidden[real:]], dim=0)
+        return result.hidden if bool(result.detected.any()) else None
 
     def _record(self, labels: list[str], scores: Tensor, detected: Tensor) -> None:
         record = ItDEncodeRecord(list(labels), scores.detach().float().cpu(), detected.detach().cpu(), self.tau)
@@ -391,33 +206,16 @@ class ItDClassifier(NamedTuple):
     """Human-readable calibration report."""
 
 
-def build_classifier(
-    clip: Any,
-    sae: SparseAutoencoder,
-    concepts: list[str],
-    retain: list[str],
-    layer: int = -1,
-    scale: float = -8.0,
-    margin: float = 0.99,
-    top_n: int = 128,
-    progress: Optional[Progress] = None,
-) -> ItDClassifier:
-    """Interpret, calibrate and install the ItD classifier on a clone of ``clip`` (the input is not changed)."""
-    if not concepts:
-        raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
+def build_classifier(clip: Any, sae: SparseAutoencoder, settings: ItDSettings,
+                     progress: Optional[Progress] = None) -> ItDClassifier:
+    """Interpret, calibrate (:func:`sae_core.itd.run_itd`) and install the ItD classifier on a clone of ``clip``
+    (the input is not changed)."""
     if sae is None or not all(hasattr(sae, a) for a in ("encoder", "W_dec", "b_dec", "cfg")):
         raise ValueError(f"sae: expected an SAE from Load SAE, got {type(sae).__name__}")
-    if not 0 < float(margin) <= 1:
-        raise ValueError(f"threshold_margin: must be in (0, 1], got {margin}")
-    if int(top_n) < 1:
-        raise ValueError(f"top_n: must be at least 1, got {top_n}")
-    if float(scale) == 1.0:
-        raise ValueError("scale: 1 leaves the concept features unchanged; use a negative strength such as -8")
-    encoder, family = supported_clip_l(clip)
-    layers = encoder.transformer.text_model.encoder.layers
-    num_layers = len(layers)
-    index, origin = choose_layer(layer, sae, num_layers)
-    width = _encoder_width(encoder)
+    encoder, family = clip_l_encoder(clip, NODE_NAME)
+    num_layers = layer_count(encoder)
+    index, origin = choose_layer(settings.layer, getattr(sae.cfg, "hookpoint", None), num_layers)
+    width = encoder_width(encoder)
     math = SaeMath(sae)
     if width is not None:
         math.check_width(width, f"the CLIP's clip_l layer {index} ({family})")
@@ -427,42 +225,27 @@ def build_classifier(
             f"layer: clip_l layer {index} ({origin}) comes after layer {last}, the last one whose output this "
             f"{family} CLIP uses; editing it would change nothing. Pick a layer <= {last}."
         )
-    retain = [p for p in retain if p not in set(concepts)]
 
-    # Calibrate in the deployment regime: ComfyUI's tokenizer, 77 tokens, clip_l run one prompt at a time,
-    # with this CLIP's own weights (its LoRAs included) loaded as for encoding.
+    # Calibrate in the deployment regime, with this CLIP's own weights (its LoRAs included) loaded as for encoding.
     clip.load_model()
-    tokenize, length = comfy_tokenize_fn(clip)
-    source = TextLayerSource(encoder, index, tokenize, run=_run_clip_l, pad_to=length, batch_size=1)
+    host = comfy_text_host(clip, encoder)
     throw_if_interrupted()
     if progress is not None:
         progress.update(1)
     try:
-        found = build_concepts(
-            sae, source, {c: [c] for c in concepts}, retain, top_n=int(top_n), scale=float(scale),
-            margin=float(margin), positions="content", pad_token="eos", score_retain=True,
-        )
+        found = run_itd(host, sae, settings).concepts
     except ValueError as err:
         raise ValueError(f"{NODE_NAME}: {err}") from err
-    found.extra.update({"family": family, "layer_origin": origin, "comfy_tokenizer": True})
+    found.extra.update({"family": family, "comfy_tokenizer": True})
     throw_if_interrupted()
     if progress is not None:
         progress.update(2)
 
     itd = ItDPatch(encoder, sae, found, layer=index, on_length_mismatch="warn", check_fingerprint=False)
-    patched = clip.clone()
-    key = layer_key(index)
-    patch = ItDClipPatch(
-        itd,
-        patched.patcher.get_model_object(key),
-        patched.patcher.get_model_object(ENCODE_KEY),
-        index,
-        family,
-        tokenizer=_tokenizer_of(clip),
-    )
-    patched.patcher.add_object_patch(key, patch)
-    patched.patcher.add_object_patch(ENCODE_KEY, patch.encode_token_weights)
-    report = calibration_report(found, concepts, retain, index, origin, family, math)
+    patched, patch = install_layer_patch(
+        clip, index, lambda forward, encode: ItDClipPatch(itd, forward, encode, index, family,
+                                                          tokenizer=tokenizer_of(clip, "l")))
+    report = calibration_report(found, list(settings.target_prompts), settings.retain, index, origin, family, math)
     return ItDClassifier(patched, patch, report)
 
 
@@ -577,12 +360,11 @@ class ItDPromptClassifier:
     def classify(self, clip: Any, sae: SparseAutoencoder, concepts: str, retain_prompts: str = "", layer: int = -1,
                  scale: float = -8.0, threshold_margin: float = 0.99, top_n: int = 128,
                  unique_id: Optional[str] = None) -> tuple[Any, str]:
-        names = parse_names(concepts)
-        if not names:
-            raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
+        settings = ItDSettings(concepts=parse_names(concepts), retain_prompts=parse_prompts(retain_prompts),
+                               layer=int(layer), scale=float(scale), threshold_margin=float(threshold_margin),
+                               top_n=int(top_n))
         with Progress(3, NODE_NAME, node_id=unique_id) as bar:
-            result = build_classifier(clip, sae, names, parse_prompts(retain_prompts), int(layer), float(scale),
-                                      float(threshold_margin), int(top_n), progress=bar)
+            result = build_classifier(clip, sae, settings, progress=bar)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
         return (result.clip, result.report)
 

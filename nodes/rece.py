@@ -1,11 +1,12 @@
 """RECE / UCE nodes: RECE Edit Model and Save Edit as LoRA.
 
 * **RECE Edit Model** erases concepts from the wired MODEL with the closed-form UCE edit, optionally followed
-  by RECE epochs (``sae_core.rece``, method brief ``methods/rece.md``). It reads every cross-attention
-  ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve prompts with
-  the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of the model
-  with one ``("diff", (delta,))`` weight patch per projection, plus the edit itself (type ``CE_EDIT``: dense
-  deltas, their exact low-rank factors and a description).
+  by RECE epochs (:func:`sae_core.rece.run_rece`, the pipeline the MiniCanvas bench runs too; method brief
+  ``methods/rece.md``); its inputs are the fields of :class:`sae_core.rece.RECESettings`. It reads every
+  cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve
+  prompts with the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of
+  the model with one ``("diff", (delta,))`` weight patch per projection, plus the edit itself (type ``CE_EDIT``:
+  dense deltas, their exact low-rank factors and a description).
 * **Save Edit as LoRA** writes a ``CE_EDIT`` as a LoRA file into ``models/loras`` (the stock LoraLoader finds
   it there) and outputs it as ComfyUI's ``LORA_MODEL`` (for LoraModelLoader and Save LoRA Weights).
 
@@ -40,8 +41,9 @@ from torch import Tensor
 import folder_paths
 from sae_core.lora import save_lora
 from sae_core.prompts import parse_names
-from sae_core.rece import UCEStart, rece_edit, uce_preserve_scale, uce_start
+from sae_core.rece import METHODS, RECESettings, run_rece
 
+from .clip_text import encode_first_chunks
 from .common import Progress, category, comfy_device, inp, node_id, throw_if_interrupted
 
 log = logging.getLogger("concept_erasure")
@@ -52,15 +54,9 @@ EDIT_TYPE = "CE_EDIT"
 LORA_MODEL_TYPE = "LORA_MODEL"
 """ComfyUI's type of an in-memory LoRA (``comfy_extras/nodes_train.py``): a dict of tensors."""
 
-METHODS = ("rece", "uce")
-"""``uce``: the UCE edit alone; ``rece``: the UCE edit followed by ``epochs`` RECE epochs."""
-
 DEVICE_CHOICES = ("auto", "cpu")
 
 UNET_PREFIX = "diffusion_model."
-
-CHUNK = 77
-"""Tokens per CLIP chunk."""
 
 SUPPORTED_FAMILIES = ("SD15", "SD20", "SDXL", "SDXLRefiner")
 """``comfy.supported_models`` classes (and their subclasses) whose cross-attention RECE edits."""
@@ -172,45 +168,29 @@ def effective_weights(model: Any, keys: list[str], device: torch.device) -> dict
     return out
 
 
-def _end_token(clip: Any, key: str) -> int:
-    tok = getattr(clip.tokenizer, f"clip_{key}", None) or getattr(clip.tokenizer, key, None)
-    end = getattr(tok, "end_token", None)
-    return int(end) if isinstance(end, int) else 49407
+class ComfyRECEHost:
+    """A ComfyUI MODEL + CLIP as a :class:`sae_core.rece.RECEHost`.
 
+    Texts go through the CLIP's normal encode path (first 77-token chunk, :mod:`.clip_text`); the weights are
+    the MODEL's effective ``attn2.to_k`` / ``attn2.to_v`` weights on ``device`` (:func:`effective_weights`).
+    Honours ComfyUI's interrupt between steps and advances ``progress`` once the inputs are read.
+    """
 
-def token_count(clip: Any, tokens: dict) -> int:
-    """Real tokens (BOS, words, EOS) of the first 77-token chunk of a ``clip.tokenize`` result."""
-    key = sorted(tokens)[0]
-    chunk = tokens[key][0]
-    end = _end_token(clip, key)
-    ids = [t[0] for t in chunk]
-    for i in range(1, len(ids)):
-        if isinstance(ids[i], int) and ids[i] == end:
-            return i + 1
-    return len(ids)
+    def __init__(self, model: Any, clip: Any, keys: list[str], device: torch.device,
+                 progress: Optional[Progress] = None) -> None:
+        self.model, self.clip, self.keys, self.device, self.progress = model, clip, keys, device, progress
 
+    def encode(self, texts: list[str]) -> tuple[Tensor, list[int]]:
+        out = encode_first_chunks(self.clip, texts, "RECE")
+        throw_if_interrupted()
+        return out
 
-@torch.no_grad()
-def encode_prompts(clip: Any, texts: list[str]) -> tuple[Tensor, list[int]]:
-    """``(encodings [n, 77, ctx] float32 CPU, real-token counts)`` through the CLIP's normal encode path."""
-    encs, counts = [], []
-    for text in texts:
-        tokens = clip.tokenize(text)
-        cond = clip.encode_from_tokens(tokens)
-        if isinstance(cond, (tuple, list)):
-            cond = cond[0]
-        if cond.dim() != 3 or cond.shape[1] < CHUNK:
-            raise ValueError(f"clip: encoding {text!r} gave conditioning of shape {tuple(cond.shape)}, "
-                             f"expected [1, 77*k, width]")
-        if cond.shape[1] > CHUNK:
-            log.warning("RECE: prompt %r is longer than one 77-token chunk; only the first chunk is used", text)
-        enc = cond[0, :CHUNK].detach().to("cpu", torch.float32)
-        if not torch.isfinite(enc).all():
-            raise ValueError(f"clip: encoding {text!r} produced NaN or Inf values; check the text encoder's weights "
-                             "and precision")
-        encs.append(enc)
-        counts.append(token_count(clip, tokens))
-    return torch.stack(encs), counts
+    def projection_weights(self) -> dict[str, Tensor]:
+        weights = effective_weights(self.model, self.keys, self.device)
+        throw_if_interrupted()
+        if self.progress is not None:
+            self.progress.update(1)
+        return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,89 +198,30 @@ def encode_prompts(clip: Any, texts: list[str]) -> tuple[Tensor, list[int]]:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EditSettings:
-    """Settings of RECE Edit Model (defaults: RECE's artist / hard-object setting)."""
-
-    method: str = "rece"
-    """``rece`` or ``uce``."""
-    epochs: int = 1
-    """RECE epochs after the UCE edit (ignored by ``uce``)."""
-    lambda_reg: float = 1e-3
-    """Ridge of RECE's adversarial embedding."""
-    erase_scale: float = 1.0
-    """``s_e`` of every edit."""
-    preserve_scale: float = -1.0
-    """``s_p`` of the UCE edit; negative: ``max(0.1, 1 / number of preserve prompts)``."""
-    uce_lambda: float = 0.5
-    """Ridge of the UCE edit towards the model's weights."""
-    rece_preserve_scale: float = 0.1
-    """``s_p`` of each RECE epoch."""
-    rece_lambda: float = 0.1
-    """Ridge of each RECE epoch towards that epoch's starting weights."""
-
-
-def compute_edit(model: Any, clip: Any, concepts: list[str], anchor: str, preserve: list[str],
-                 settings: EditSettings, device: torch.device, progress: Optional[Progress] = None) -> CEEdit:
-    """The closed-form edit of ``model``'s cross-attention for erasing ``concepts`` (not applied)."""
-    if settings.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
-    if not concepts:
-        raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
+def compute_edit(model: Any, clip: Any, settings: RECESettings, device: torch.device,
+                 progress: Optional[Progress] = None) -> CEEdit:
+    """The closed-form edit of ``model``'s cross-attention for ``settings`` (not applied): :func:`run_rece`."""
     if clip is None:
         raise ValueError("clip: no CLIP is wired (the checkpoint has no text encoder?); RECE needs it to encode "
                          "the concepts")
     family = model_family(model)
     keys = cross_attention_keys(model)
-    preserve = list(dict.fromkeys([""] + [p for p in preserve if p not in concepts]))
-
     t0 = time.perf_counter()
-    texts = concepts + [anchor] + preserve
-    enc, counts = encode_prompts(clip, texts)
-    throw_if_interrupted()
-    if progress is not None:
-        progress.update(1)
-    weights = effective_weights(model, keys, device)
-    throw_if_interrupted()
-    if progress is not None:
-        progress.update(1)
-    widths = sorted({int(w.shape[1]) for w in weights.values()})
-    if len(widths) != 1:
-        raise ValueError(f"model: the cross-attention layers read contexts of different widths {widths}")
-    if enc.shape[-1] != widths[0]:
-        raise ValueError(f"clip: the CLIP's conditioning is {enc.shape[-1]} wide but the model's cross-attention "
-                         f"reads {widths[0]}-wide context; wire the CLIP that belongs to this {family} model")
-
-    enc = enc.to(device)
-    n = len(concepts)
-    concept_enc, concept_counts = enc[:n], counts[:n]
-    anchor_enc, anchor_count = enc[n], counts[n]
-    preserve_enc = enc[n + 1:]
-    preserve_rows = preserve_enc.reshape(-1, enc.shape[-1])
-    s_p = settings.preserve_scale if settings.preserve_scale >= 0 else uce_preserve_scale(len(preserve))
-    start: UCEStart = uce_start(list(concept_enc), concept_counts, anchor_enc, anchor_count, list(preserve_enc),
-                                erase_scale=settings.erase_scale, preserve_scale=s_p, lam=settings.uce_lambda)
-    epochs = settings.epochs if settings.method == "rece" else 0
-    result = rece_edit(weights, list(concept_enc), anchor_enc, preserve_rows, start=start, epochs=int(epochs),
-                       lambda_reg=settings.lambda_reg, erase_scale=settings.erase_scale,
-                       preserve_scale=settings.rece_preserve_scale, lam=settings.rece_lambda,
-                       dtype=torch.float32, progress=True)
+    run = run_rece(ComfyRECEHost(model, clip, keys, device, progress), settings, progress=True)
     throw_if_interrupted()
     if progress is not None:
         progress.update(1)
 
-    deltas = {k: d.detach().to("cpu", torch.float32) for k, d in result.deltas.items()}
+    deltas = {k: d.detach().to("cpu", torch.float32) for k, d in run.result.deltas.items()}
     factors = {k: (u.detach().to("cpu", torch.float32), d.detach().to("cpu", torch.float32))
-               for k, (u, d) in result.factors.items()}
-    num = sum(float(d.double().pow(2).sum()) for d in deltas.values())
-    den = sum(float(w.double().pow(2).sum()) for w in weights.values())
+               for k, (u, d) in run.result.factors.items()}
     metadata = {
-        "method": settings.method, "concepts": list(concepts), "anchor": anchor, "preserve": preserve,
-        "epochs": int(epochs), "lambda_reg": settings.lambda_reg, "erase_scale": settings.erase_scale,
-        "uce_preserve_scale": s_p, "uce_lambda": settings.uce_lambda,
-        "rece_preserve_scale": settings.rece_preserve_scale, "rece_lambda": settings.rece_lambda,
-        "model_family": family, "context_dim": widths[0], "num_weights": len(deltas),
-        "relative_change": (num / den) ** 0.5 if den > 0 else 0.0, "seconds": time.perf_counter() - t0,
+        "method": settings.method, "concepts": run.concept_texts, "anchor": run.anchor,
+        "preserve": run.preserve_texts, "epochs": run.epochs, "lambda_reg": settings.lambda_reg,
+        "erase_scale": settings.erase_scale, "uce_preserve_scale": run.uce_preserve_scale,
+        "uce_lambda": settings.uce_lambda, "preserve_scale": settings.preserve_scale, "lam": settings.lam,
+        "model_family": family, "context_dim": run.context_dim, "num_weights": len(deltas),
+        "relative_change": run.relative_change, "seconds": time.perf_counter() - t0,
     }
     return CEEdit(deltas, factors, metadata)
 
@@ -372,15 +293,15 @@ class RECEEditModel:
             "optional": {
                 "erase_scale": inp("FLOAT", "Advanced: weight of the erase term in every edit.", default=1.0,
                                    min=0.0, max=100.0, step=0.01),
-                "preserve_scale": inp("FLOAT", "Advanced: weight of the preserve term in the UCE edit; -1 = "
-                                               "max(0.1, 1 / number of preserve prompts).", default=-1.0,
-                                      min=-1.0, max=100.0, step=0.01),
+                "uce_preserve_scale": inp("FLOAT", "Advanced: weight of the preserve term in the UCE edit; -1 = "
+                                                   "max(0.1, 1 / number of preserve prompts).", default=-1.0,
+                                          min=-1.0, max=100.0, step=0.01),
                 "uce_lambda": inp("FLOAT", "Advanced: how strongly the UCE edit stays close to the model's "
                                            "weights.", default=0.5, min=0.0, max=100.0, step=0.01),
-                "rece_preserve_scale": inp("FLOAT", "Advanced: weight of the preserve term in each RECE epoch.",
-                                           default=0.1, min=0.0, max=100.0, step=0.01),
-                "rece_lambda": inp("FLOAT", "Advanced: how strongly each RECE epoch stays close to the weights "
-                                            "it starts from.", default=0.1, min=0.0, max=100.0, step=0.01),
+                "preserve_scale": inp("FLOAT", "Advanced: weight of the preserve term in each RECE epoch.",
+                                      default=0.1, min=0.0, max=100.0, step=0.01),
+                "lam": inp("FLOAT", "Advanced: how strongly each RECE epoch stays close to the weights it starts "
+                                    "from.", default=0.1, min=0.0, max=100.0, step=0.01),
                 "device": inp(list(DEVICE_CHOICES), "Where to solve: auto = ComfyUI's device; cpu = system "
                                                     "memory (always float64).", default="auto"),
             },
@@ -388,17 +309,16 @@ class RECEEditModel:
         }
 
     def edit(self, model: Any, clip: Any, concepts: str, anchor: str = "", preserve: str = "", method: str = "rece",
-             epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, preserve_scale: float = -1.0,
-             uce_lambda: float = 0.5, rece_preserve_scale: float = 0.1, rece_lambda: float = 0.1,
+             epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, uce_preserve_scale: float = -1.0,
+             uce_lambda: float = 0.5, preserve_scale: float = 0.1, lam: float = 0.1,
              device: str = "auto", unique_id: Optional[str] = None) -> tuple[Any, CEEdit]:
-        names = parse_names(concepts)
-        if not names:
-            raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
-        settings = EditSettings(method, int(epochs), float(lambda_reg), float(erase_scale), float(preserve_scale),
-                                float(uce_lambda), float(rece_preserve_scale), float(rece_lambda))
-        with Progress(4, "RECE edit", node_id=unique_id) as bar:
-            edit = compute_edit(model, clip, names, (anchor or "").strip(), parse_names(preserve), settings,
-                                comfy_device(device), progress=bar)
+        settings = RECESettings(
+            concepts=parse_names(concepts), anchor=(anchor or "").strip(), preserve=[""] + parse_names(preserve),
+            method=method, epochs=int(epochs), lambda_reg=float(lambda_reg), erase_scale=float(erase_scale),
+            uce_preserve_scale=float(uce_preserve_scale) if uce_preserve_scale >= 0 else None,
+            uce_lambda=float(uce_lambda), preserve_scale=float(preserve_scale), lam=float(lam))
+        with Progress(3, "RECE edit", node_id=unique_id) as bar:
+            edit = compute_edit(model, clip, settings, comfy_device(device), progress=bar)
             patched = apply_edit(model, edit)
             bar.update(1)
         meta = edit.metadata

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_core.closed_form import (
+from sae_core.rece.closed_form import (
     EMBEDDING_VARIANTS,
     adversarial_map,
     adversarial_map_from_grams,

@@ -572,3 +572,36 @@ def test_minicanvas_itd_method(tmp_path, monkeypatch):
         itd_method(canvas, "style", ["baroque"], quiet=True)
     with pytest.raises(ValueError, match="unknown itd option"):
         itd_method(canvas, "style", ["dotted"], topn=3, quiet=True)
+
+
+def test_settings_are_validated_once_at_construction():
+    from sae_core.itd import ItDSettings
+
+    s = ItDSettings(concepts=["cat", "dog"], retain_prompts=["a house", "cat", "a tree"])
+    assert s.concepts == {"cat": ("cat",), "dog": ("dog",)} and s.target_prompts == ["cat", "dog"]
+    assert s.retain == ["a house", "a tree"]  # a prompt cannot be both erased and kept
+    per = ItDSettings(concepts={"cat": ["a cat", "cat"]}, retain_prompts={"cat": ["cat", "a dog"]})
+    assert per.retain == {"cat": ["a dog"]}
+    for bad, match in [({"concepts": []}, "concept list is empty"), ({"concepts": "cat"}, "list of texts"),
+                       ({"concepts": {"cat": []}}, "no target prompts"), ({"retain_prompts": "a dog"}, "one string"),
+                       ({"retain_prompts": {"x": ["a"]}}, "no retain prompts given"), ({"layer": -2}, "layer"),
+                       ({"scale": 1.0}, "scale"), ({"threshold_margin": 0.0}, "threshold_margin"),
+                       ({"threshold_margin": 1.5}, "threshold_margin"), ({"top_n": 0}, "top_n"),
+                       ({"error_mode": "zero"}, "error_mode"), ({"positions": "bos"}, "positions"),
+                       ({"skip_positions": -1}, "skip_positions")]:
+        with pytest.raises(ValueError, match=match):
+            ItDSettings(**{"concepts": ["cat"], **bad})
+
+
+def test_gate_steers_like_the_checked_entry_point(sae, source, concepts):
+    """ItDGate validates its settings once and then steers without re-checking; same values as ``steer``."""
+    from sae_core.itd import ERROR_MODES, steer
+
+    h = source.residual(RETAIN[:3]).hidden
+    for mode in ERROR_MODES:
+        gate = ItDGate(sae, concepts.features, None, -4.0, mode)
+        torch.testing.assert_close(gate.steer(h), steer(gate.math, h, gate.table, -4.0, mode), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="error_mode"):
+        ItDGate(sae, concepts.features, None, -4.0, "zero")
+    with pytest.raises(ValueError, match="error_mode"):
+        steer(gate.math, h, gate.table, -4.0, "zero")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_core.closed_form import adversarial_map, uce_edit, uce_solve_reference
+from sae_core.rece.closed_form import adversarial_map, uce_edit, uce_solve_reference
 from sae_core.rece import (
     RECE_PRESETS,
     RECEConfig,

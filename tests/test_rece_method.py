@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from sae_core.closed_form import uce_solve_reference
+from sae_core.rece.closed_form import uce_solve_reference
 from sae_core.minicanvas.plugins import rece as plugin
 from sae_core.minicanvas.canvas import MiniCanvas
 from sae_core.minicanvas.diffusion import NoiseSchedule
@@ -77,7 +79,7 @@ def test_edit_leaves_input_unchanged_and_touches_only_attn2_kv(canvas, method, k
     anchor_final = int(canvas.tokenize([rep.anchor]).attention_mask.sum()) - 2
     length = mask.shape[1]
     uce_rows = sum(length - max(int(m.sum()) - 2, anchor_final) for m in mask)
-    epochs = rep.recipe["epochs"]
+    epochs = rep.settings.rece_epochs
     bound = uce_rows + epochs * length * len(rep.concept_texts)
     for k in kv:
         delta = (after_sd[k].double() - before_sd[k].double())
@@ -153,3 +155,77 @@ def test_rece_erases_an_object_in_every_phrasing_by_default(canvas):
                              anchor="").rece_report
     assert rep.concept_texts == ["an image of a star"] and rep.anchor == ""
     assert plugin.uce_method(canvas, "object", ["star"]).rece_report.concept_texts == ["an image of a star"]
+
+
+class _CountsHost:
+    """The node's side of the pipeline without ComfyUI: every text encoded on its own, real-token counts
+    (ints, as ``nodes/clip_text.py`` counts them) instead of masks, and float32 copies of the weights."""
+
+    def __init__(self, canvas):
+        self.canvas = canvas
+        self.calls = []
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        encs = [self.canvas.encode_text([t]).float()[0] for t in texts]
+        counts = [int(self.canvas.tokenize([t]).attention_mask.sum()) for t in texts]
+        return torch.stack(encs), counts
+
+    def projection_weights(self):
+        return {k: w.detach().clone().float() for k, w in plugin.canvas_projection_weights(self.canvas.unet).items()}
+
+
+@pytest.mark.parametrize("method,kind,concepts,options", [
+    ("rece", "style", ["striped"], {}),
+    ("rece", "object", ["star", "ring"], {"epochs": 2, "lambda_reg": 0.1, "uce_preserve_scale": 0.3}),
+    ("uce", "object", ["heart"], {"anchor": "an image of a"}),
+])
+def test_plugin_and_node_style_host_reach_the_same_pipeline(canvas, monkeypatch, method, kind, concepts, options):
+    """The plug-in calls ``run_rece`` with the settings a node builds from the same texts and knobs, and a
+    node-style host (texts one by one, token counts, weight copies) gives the same deltas to 1e-6."""
+    from sae_core.rece import RECESettings, pipeline, run_rece
+
+    seen = []
+    monkeypatch.setattr(plugin, "run_rece", lambda host, settings, **kw: seen.append(settings) or run_rece(
+        host, settings, **kw))
+    edited = get_method(method)(canvas, kind, concepts, **options)
+    rep = edited.rece_report
+    (settings,) = seen
+    assert settings is rep.settings and settings.method == method
+
+    # what the node builds from its inputs: concepts, anchor, "" + preserve prompts, and the same knobs
+    knobs = {f: getattr(settings, f) for f in pipeline.settings_fields()
+             if f not in ("concepts", "anchor", "preserve", "method")}
+    node_settings = RECESettings(concepts=rep.concept_texts, anchor=rep.anchor, preserve=[""] + rep.preserve_texts,
+                                 method=method, **knobs)
+    # equal settings: the node's "" + preserve list names the same texts as the plug-in's
+    assert dataclasses.replace(node_settings, preserve=settings.preserve) == settings
+    assert node_settings.preserve_texts == settings.preserve_texts == rep.preserve_texts
+
+    host = _CountsHost(canvas)
+    run = run_rece(host, node_settings)
+    assert host.calls[0] == rep.concept_texts and host.calls[1] == [rep.anchor]
+    assert run.epochs == settings.rece_epochs == (0 if method == "uce" else settings.epochs)
+    before = dict(canvas.unet.state_dict())
+    after = edited.unet.state_dict()
+    assert set(run.result.deltas) == set(plugin.canvas_projection_weights(canvas.unet))
+    for k, delta in run.result.deltas.items():
+        torch.testing.assert_close(delta.double(), (after[k] - before[k]).double(), rtol=0, atol=1e-6)
+        assert delta.abs().max() > 1e-4
+
+
+def test_settings_are_validated_once_at_construction():
+    from sae_core.rece import RECESettings
+
+    ok = RECESettings(concepts=["a"], preserve=["", "b", "a", "b"])
+    assert ok.concepts == ("a",) and ok.preserve_texts == ["", "b"]
+    assert ok.resolved_uce_preserve_scale == 0.5
+    assert RECESettings(("a",), uce_preserve_scale=0.0).resolved_uce_preserve_scale == 0.0
+    for bad, match in [({"concepts": []}, "concept list is empty"), ({"concepts": "a"}, "list of texts"),
+                       ({"method": "esd"}, "method"), ({"epochs": 1.5}, "epochs"), ({"epochs": True}, "epochs"),
+                       ({"variant": "x"}, "variant"), ({"lam": -1.0}, "lam"),
+                       ({"uce_preserve_scale": -0.5}, "uce_preserve_scale"),
+                       ({"lambda_reg": float("inf")}, "lambda_reg"), ({"uce_tokens": "first"}, "uce_tokens"),
+                       ({"method": "uce", "start_from_uce": False}, "start_from_uce")]:
+        with pytest.raises(ValueError, match=match):
+            RECESettings(**{"concepts": ["a"], **bad})

@@ -12,7 +12,9 @@ Modules, one job each:
 * :mod:`.interpret` -- ``a(p)``, ``Top_n`` (positive only) and the set difference;
 * :mod:`.concepts` -- :class:`ItDConcepts` (features, tau, layer, padding, SAE fingerprint) I/O;
 * :mod:`.patch` -- the forward-hook patch for a transformers ``CLIPTextModel``;
-* :mod:`.pipeline` -- SAE training, ``build_concepts`` (interpret + calibrate), classifier report.
+* :mod:`.pipeline` -- SAE training, ``build_concepts`` (interpret + calibrate), classifier report, and
+  :func:`run_itd` (:class:`ItDSettings` + :class:`ItDTextHost`), the one orchestration the ComfyUI node and
+  the MiniCanvas plug-in both run.
 
 Typical use::
 
@@ -29,6 +31,9 @@ from .interpret import ConceptFeatures, max_latent_activations, prompt_top_featu
 from .patch import ItDCall, ItDPatch, patch_text_encoder
 from .pipeline import (
     ClassifierReport,
+    ItDRun,
+    ItDSettings,
+    ItDTextHost,
     build_concepts,
     calibrate,
     Whitening,
@@ -37,6 +42,7 @@ from .pipeline import (
     fold_whitening,
     interpret,
     prompt_tops,
+    run_itd,
     score_prompts,
     train_text_sae,
 )
@@ -45,7 +51,11 @@ from .text import (
     PromptBatch,
     Residual,
     TextLayerSource,
+    choose_layer,
     clip_tokenize_fn,
+    default_layer,
+    hookpoint_layer,
+    layer_count,
     module_width,
     residual_token_batches,
     resolve_layer,
@@ -61,6 +71,9 @@ __all__ = [
     "ItDConcepts",
     "ItDGate",
     "ItDPatch",
+    "ItDRun",
+    "ItDSettings",
+    "ItDTextHost",
     "PromptBatch",
     "Residual",
     "SaeMath",
@@ -68,11 +81,15 @@ __all__ = [
     "Whitening",
     "build_concepts",
     "calibrate",
+    "choose_layer",
     "classifier_report",
     "clip_tokenize_fn",
+    "default_layer",
     "fit_whitening",
     "fold_whitening",
+    "hookpoint_layer",
     "interpret",
+    "layer_count",
     "max_latent_activations",
     "module_width",
     "patch_text_encoder",
@@ -80,6 +97,7 @@ __all__ = [
     "prompt_tops",
     "residual_token_batches",
     "resolve_layer",
+    "run_itd",
     "sae_fingerprint",
     "score_prompts",
     "select_features",

@@ -1,5 +1,10 @@
 """End-to-end ItD: train the text SAE, interpret concepts, calibrate the classifier, evaluate it.
 
+:func:`run_itd` is the one orchestration both hosts run (the ComfyUI node ``nodes/itd.py`` and the
+MiniCanvas plug-in ``sae_core/minicanvas/plugins/itd.py``): one :class:`ItDSettings` (validated at
+construction) and an :class:`ItDTextHost` (the text encoder, its deployment tokenisation and how it is
+run) in, the calibrated :class:`ItDConcepts` out.
+
 ``build_concepts`` runs interpretation and calibration for any number of concepts at once:
 each concept's features are its target prompts' top features minus the retain prompts' top
 features, the concept sets are unioned, and one threshold ``tau = margin * min target score`` is
@@ -10,10 +15,10 @@ so the calibration reports how far the two score populations are apart.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,11 +29,14 @@ from ..sae import SparseAutoencoder
 from ..trainer import SaeTrainer
 from .concepts import Calibration, ItDConcepts, sae_fingerprint
 from .interpret import ConceptFeatures, prompt_top_features, select_features, union
-from .steering import ItDGate, SaeMath
-from .text import TextLayerSource, residual_token_batches
+from .steering import ERROR_MODES, ItDGate, SaeMath
+from .text import PromptBatch, TextLayerSource, choose_layer, layer_count, residual_token_batches
 
 __all__ = [
     "ClassifierReport",
+    "ItDRun",
+    "ItDSettings",
+    "ItDTextHost",
     "Whitening",
     "build_concepts",
     "calibrate",
@@ -37,6 +45,7 @@ __all__ = [
     "fold_whitening",
     "interpret",
     "prompt_tops",
+    "run_itd",
     "score_prompts",
     "train_text_sae",
 ]
@@ -232,6 +241,139 @@ def build_concepts(
         retain_scores=retain_scores,
         extra={"positions": positions, "concepts_without_features": empty, "n_retain_prompts": len(retain_prompts)},
     )
+
+
+POSITIONS = ("content", "all")
+
+
+@dataclass(frozen=True)
+class ItDSettings:
+    """Everything that decides an ItD classifier, validated once at construction.
+
+    The ComfyUI node's inputs carry these names (``concepts`` there is a list of names, each its own
+    calibration prompt); the MiniCanvas plug-in's options are these fields too.
+    """
+
+    concepts: Mapping[str, Sequence[str]]
+    """Concept name -> its target prompts (also the calibration prompts). A list of texts is read as
+    ``{text: [text]}``: each concept is its own prompt."""
+    retain_prompts: Sequence[str] | Mapping[str, Sequence[str]] = ()
+    """Prompts to keep (one shared list, or one per concept); a retain prompt that is also a target
+    prompt is dropped (see :attr:`retain`)."""
+    layer: int = -1
+    """Encoder layer the SAE reads (0-based); -1: the SAE's hookpoint, else 2/3 of the way up."""
+    scale: float = -8.0
+    """Factor ``s`` on the concept features of flagged prompts (``-8`` in the reference)."""
+    threshold_margin: float = 0.99
+    """``tau = threshold_margin * min target score`` (0.99 in the reference)."""
+    top_n: int = 128
+    """``n`` of ``Top_n`` (128 for people, 256 for styles in the reference)."""
+    error_mode: str = "reconstruct"
+    """``"reconstruct"`` (the reference: the full SAE reconstruction) or ``"preserve"``."""
+    positions: str = "content"
+    """Positions of ``a(p)``: ``"content"`` (1..EOS, as the reference's unpadded prompts) or ``"all"``
+    (also the padding)."""
+    skip_positions: int = 1
+    """Leading positions never edited nor counted (1 = BOS)."""
+
+    def __post_init__(self) -> None:
+        concepts = self.concepts
+        if not isinstance(concepts, Mapping):
+            if isinstance(concepts, str) or not all(isinstance(c, str) for c in concepts):
+                raise ValueError(f"concepts: expected a list of texts or a mapping name -> prompts, got {concepts!r}")
+            concepts = {c: [c] for c in concepts}
+        concepts = {str(name): tuple(prompts) for name, prompts in concepts.items()}
+        if not concepts:
+            raise ValueError("concepts: the concept list is empty (write one concept per line or comma-separated)")
+        empty = [name for name, prompts in concepts.items() if not prompts]
+        if empty:
+            raise ValueError(f"concepts: {empty} have no target prompts")
+        object.__setattr__(self, "concepts", concepts)
+        retain = self.retain_prompts
+        if isinstance(retain, Mapping):
+            missing = [name for name in concepts if name not in retain]
+            if missing:
+                raise ValueError(f"retain_prompts: no retain prompts given for concepts {missing}")
+            retain = {name: tuple(retain[name]) for name in concepts}
+        elif isinstance(retain, str):
+            raise ValueError("retain_prompts: expected a list of prompts, got one string")
+        else:
+            retain = tuple(retain)
+        object.__setattr__(self, "retain_prompts", retain)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < -1:
+            raise ValueError(f"layer: expected a layer index >= 0, or -1 for the SAE's own, got {self.layer!r}")
+        if float(self.scale) == 1.0:
+            raise ValueError("scale: 1 leaves the concept features unchanged; use a negative strength such as -8")
+        if not 0 < float(self.threshold_margin) <= 1:
+            raise ValueError(f"threshold_margin: must be in (0, 1], got {self.threshold_margin}")
+        if isinstance(self.top_n, bool) or not isinstance(self.top_n, int) or self.top_n < 1:
+            raise ValueError(f"top_n: must be an integer >= 1, got {self.top_n!r}")
+        if self.error_mode not in ERROR_MODES:
+            raise ValueError(f"error_mode must be one of {ERROR_MODES}, got {self.error_mode!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if isinstance(self.skip_positions, bool) or not isinstance(self.skip_positions, int) or self.skip_positions < 0:
+            raise ValueError(f"skip_positions must be an integer >= 0, got {self.skip_positions!r}")
+
+    @property
+    def target_prompts(self) -> list[str]:
+        """Every concept's target prompts, without duplicates."""
+        return _unique([p for prompts in self.concepts.values() for p in prompts])
+
+    @property
+    def retain(self) -> list[str] | dict[str, list[str]]:
+        """``retain_prompts`` without the target prompts (a prompt cannot be both erased and kept)."""
+        targets = set(self.target_prompts)
+        if isinstance(self.retain_prompts, Mapping):
+            return {name: [p for p in prompts if p not in targets] for name, prompts in self.retain_prompts.items()}
+        return [p for p in self.retain_prompts if p not in targets]
+
+
+@dataclass(frozen=True)
+class ItDTextHost:
+    """What ItD needs from a host: the text encoder and how the host feeds it prompts."""
+
+    model: Any
+    """The text encoder (its encoder layers are found by :func:`~sae_core.itd.text.resolve_layer`)."""
+    tokenize: Callable[[Sequence[str]], PromptBatch]
+    """The deployment tokenisation (the padding the host encodes with)."""
+    run: Callable[[Any, PromptBatch], Any] | None = None
+    """``run(model, batch)``; ``None``: ``model(input_ids=...)`` without an attention mask."""
+    pad_to: int | None = None
+    """Fixed padded length of ``tokenize`` (``None``: pads to the longest prompt)."""
+    pad_token: str | None = None
+    """Description of the padding, stored with the concepts (e.g. ``"eos"``)."""
+    batch_size: int = 64
+    """Prompts per encoder call."""
+
+    def source(self, layer: int) -> TextLayerSource:
+        """The host's text encoder read at ``layer``."""
+        return TextLayerSource(self.model, layer, self.tokenize, run=self.run, pad_to=self.pad_to,
+                               batch_size=self.batch_size)
+
+
+class ItDRun(NamedTuple):
+    """What :func:`run_itd` built."""
+
+    concepts: ItDConcepts
+    """Features, threshold and calibration scores (``extra["layer_origin"]`` says where the layer came from)."""
+    source: TextLayerSource
+    """The text encoder read at the chosen layer (to score more prompts the same way)."""
+    layer_origin: str
+    """Where the layer index came from (as set, the SAE's hookpoint, the default)."""
+
+
+def run_itd(host: ItDTextHost, sae: SparseAutoencoder, settings: ItDSettings, *, progress: bool = False) -> ItDRun:
+    """Interpret and calibrate ``settings.concepts`` on ``host``'s text encoder (the one ItD pipeline)."""
+    layer, origin = choose_layer(settings.layer, getattr(sae.cfg, "hookpoint", None), layer_count(host.model))
+    source = host.source(layer)
+    found = build_concepts(
+        sae, source, settings.concepts, settings.retain, top_n=settings.top_n, scale=float(settings.scale),
+        margin=float(settings.threshold_margin), error_mode=settings.error_mode, positions=settings.positions,
+        skip_positions=settings.skip_positions, score_retain=True, pad_token=host.pad_token, progress=progress,
+    )
+    found.extra["layer_origin"] = origin
+    return ItDRun(found, source, origin)
 
 
 class ClassifierReport(NamedTuple):

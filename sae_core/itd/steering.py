@@ -150,18 +150,32 @@ def steer(
     """The steered residual ``h~`` (fp32, ``[B, L, d]``) for a feature membership ``table``.
 
     ``skip_positions`` leading positions (the BOS token) keep their code unchanged.
-    ``code`` may pass a precomputed ``math.encode(hidden)``.
+    ``code`` may pass a precomputed ``math.encode(hidden)``. (:class:`ItDGate` validates its
+    settings once and steers through :func:`_steer` without these checks.)
     """
     if error_mode not in ERROR_MODES:
         raise ValueError(f"error_mode must be one of {ERROR_MODES}, got {error_mode!r}")
     if hidden.dim() != 3:
         raise ValueError(f"expected a [batch, tokens, width] residual, got shape {tuple(hidden.shape)}")
+    return _steer(math, hidden, table, float(scale), error_mode == "reconstruct", int(skip_positions), code)
+
+
+def _steer(
+    math: SaeMath,
+    hidden: Tensor,
+    table: Tensor,
+    scale: float,
+    reconstruct: bool,
+    skip_positions: int,
+    code: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """:func:`steer` on validated settings."""
     h = hidden.to(device=math.device, dtype=torch.float32)
     acts, idx = code if code is not None else math.encode(h)
     selected = table[idx]
     if skip_positions > 0:
         selected[:, :skip_positions] = False
-    if error_mode == "reconstruct":
+    if reconstruct:
         return math.decode(torch.where(selected, acts * scale, acts), idx)
     delta = math.decode(torch.where(selected, acts * (scale - 1.0), torch.zeros_like(acts)), idx, bias=False)
     return h + delta
@@ -219,11 +233,12 @@ class ItDGate:
         self.tau = None if tau is None else float(tau)
         self.scale = float(scale)
         self.error_mode = error_mode
+        self._reconstruct = error_mode == "reconstruct"
         self.skip_positions = int(skip_positions)
 
     def steer(self, hidden: Tensor) -> Tensor:
-        """``h~`` for every row (fp32)."""
-        return steer(self.math, hidden, self.table, self.scale, self.error_mode, self.skip_positions)
+        """``h~`` for every row (fp32); the SAE checks the width (settings were checked at construction)."""
+        return _steer(self.math, hidden, self.table, self.scale, self._reconstruct, self.skip_positions)
 
     def scores(self, hidden: Tensor) -> Tensor:
         """Classifier scores ``[B]`` (fp32, CPU)."""
@@ -231,7 +246,6 @@ class ItDGate:
 
     @torch.no_grad()
     def __call__(self, hidden: Tensor) -> GateOutput:
-        self.math.check_width(hidden.shape[-1], "the hooked layer's output")
         steered = self.steer(hidden)
         scores = steering_scores(hidden, steered).cpu()
         if self.tau is None:

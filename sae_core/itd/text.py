@@ -11,6 +11,7 @@ exactly what inference will see.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -24,7 +25,11 @@ __all__ = [
     "PromptBatch",
     "Residual",
     "TextLayerSource",
+    "choose_layer",
     "clip_tokenize_fn",
+    "default_layer",
+    "hookpoint_layer",
+    "layer_count",
     "module_width",
     "resolve_layer",
     "residual_token_batches",
@@ -82,6 +87,54 @@ def resolve_layer(model: nn.Module, layer: int | str) -> tuple[str, nn.Module]:
         f"cannot find the encoder layer list in {type(model).__name__}; looked for "
         f"{', '.join(repr(p) for p in LAYER_LIST_PATHS)}. Pass the layer as a dotted module path instead."
     )
+
+
+def layer_count(model: nn.Module) -> int:
+    """Number of encoder layers of ``model`` (found as :func:`resolve_layer` finds them)."""
+    for path in LAYER_LIST_PATHS:
+        try:
+            layers = get_submodule(model, path)
+        except ValueError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return len(layers)
+    raise ValueError(f"cannot find the encoder layer list in {type(model).__name__}; looked for "
+                     f"{', '.join(repr(p) for p in LAYER_LIST_PATHS)}")
+
+
+_HOOK_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|blocks|h)\.(\d+)(?:\.|$)")
+
+
+def hookpoint_layer(hookpoint: str | None) -> int | None:
+    """The encoder-layer index a text-encoder SAE's hookpoint names (``text_model.encoder.layers.8`` -> 8,
+    ``blocks.8.hook_resid_post`` -> 8), or ``None`` when it names none (or is not a string)."""
+    if not isinstance(hookpoint, str):
+        return None
+    found = _HOOK_LAYER_RE.findall(hookpoint)
+    return int(found[-1]) if found else None
+
+
+def default_layer(num_layers: int) -> int:
+    """The layer used when neither the settings nor the SAE name one: two thirds of the way up the encoder,
+    which is ItD's layer 8 of CLIP-L's 12."""
+    return max(0, min(num_layers - 1, (2 * num_layers) // 3))
+
+
+def choose_layer(layer: int, hookpoint: str | None, num_layers: int) -> tuple[int, str]:
+    """``(layer index, where it came from)``; ``layer = -1`` means the SAE's ``hookpoint``, else ItD's default."""
+    layer = int(layer)
+    if layer >= 0:
+        origin = "as set"
+    else:
+        hooked = hookpoint_layer(hookpoint)
+        if hooked is not None:
+            layer, origin = hooked, f"the SAE's hookpoint {hookpoint!r}"
+        else:
+            layer, origin = default_layer(num_layers), "default (the SAE records no layer)"
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer: encoder layer {layer} ({origin}) is out of range; this text encoder has "
+                         f"{num_layers} layers (0..{num_layers - 1})")
+    return layer, origin
 
 
 def module_width(module: nn.Module, model: nn.Module | None = None) -> int | None:

@@ -361,6 +361,64 @@ def test_sdxl_edits_clip_l_only(comfy):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_node_and_plugin_reach_the_same_pipeline(comfy, tiny, monkeypatch):
+    """ItD Prompt Classifier and the MiniCanvas plug-in's path (its canvas host over the same clip_l) call the
+    one ``run_itd`` with equal settings and select the same features and threshold."""
+    from types import SimpleNamespace
+
+    from sae_core.itd import ItDSettings
+    from sae_core.minicanvas.plugins import itd as plugin
+
+    itd, clip_text, clip_patch = comfy.nodes_pkg.itd, comfy.nodes_pkg.clip_text, comfy.nodes_pkg.clip_patch
+    clip, sae = tiny
+    seen = []
+    real = itd.run_itd
+    assert real is plugin.run_itd
+
+    def spy(host, sae_, settings, **kwargs):
+        run = real(host, sae_, settings, **kwargs)
+        seen.append((host, settings, run))
+        return run
+
+    monkeypatch.setattr(itd, "run_itd", spy)
+    monkeypatch.setattr(plugin, "run_itd", spy)
+    run_node(comfy, clip, sae, threshold_margin=0.9, top_n=4)
+
+    encoder = clip.cond_stage_model.clip_l
+    tokenize, length = clip_text.first_chunk_tokenizer(clip, "l", "test")
+
+    class TextEncoder(torch.nn.Module):
+        """clip_l fed token ids as a MiniCanvas text encoder is."""
+
+        def __init__(self):
+            super().__init__()
+            self.transformer = encoder.transformer
+
+        def forward(self, ids):
+            return clip_patch.run_encoder(encoder, ids)
+
+    def tokenizer(prompts):
+        ids, counts = tokenize(prompts)
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.arange(length)[None] < torch.tensor(counts)[:, None])
+
+    tokenizer.max_length = length
+    canvas = SimpleNamespace(text_encoder=TextEncoder(), tokenizer=tokenizer)
+    names = split(CONCEPTS)
+    settings = ItDSettings(concepts={c: [c] for c in names}, retain_prompts=split(RETAIN), layer=LAYER,
+                           threshold_margin=0.9, top_n=4)
+    with torch.inference_mode():
+        plugin.build_canvas_concepts(canvas, sae, "object", settings)
+    (node_host, node_settings, node_run), (plugin_host, plugin_settings, plugin_run) = seen
+    assert node_settings == plugin_settings == settings
+    assert node_run.concepts.layer == plugin_run.concepts.layer == LAYER
+    assert (node_host.pad_to, node_host.batch_size, plugin_host.batch_size) == (77, 1, 128)
+    a, b = node_run.concepts, plugin_run.concepts
+    assert a.features.numel() > 0 and torch.equal(a.features, b.features)
+    assert all(torch.equal(a.concept_features[n], b.concept_features[n]) for n in names)
+    assert a.tau == pytest.approx(b.tau, rel=1e-5) and a.calibration.margin == b.calibration.margin == 0.9
+    torch.testing.assert_close(a.target_scores, b.target_scores, rtol=1e-5, atol=0)
+
+
 def test_workflow_wiring():
     """The classifier feeds the positive prompt only (tests/comfy/test_workflows.py checks every
     workflow against the node definitions)."""

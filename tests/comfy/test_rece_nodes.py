@@ -344,6 +344,58 @@ def test_clear_errors(comfy, tiny):
     assert not model.patches
 
 
+def test_node_and_plugin_reach_the_same_pipeline(comfy, monkeypatch):
+    """RECE Edit Model and the MiniCanvas plug-in's path (CanvasRECEHost over the same UNet and CLIP) call the
+    one ``run_rece`` with equal settings and give the same deltas to 1e-6."""
+    from types import SimpleNamespace
+
+    from sae_core.minicanvas.plugins import rece as plugin
+    from sae_core.rece import RECESettings
+
+    rece_nodes, clip_text = comfy.nodes_pkg.rece, comfy.nodes_pkg.clip_text
+    with torch.inference_mode():
+        model, clip = tiny_sd15(seed=4), tiny_sd1_clip()
+    seen = []
+    real = rece_nodes.run_rece
+    assert real is plugin.run_rece
+
+    def spy(host, settings, **kwargs):
+        seen.append((type(host).__name__, settings))
+        return real(host, settings, **kwargs)
+
+    monkeypatch.setattr(rece_nodes, "run_rece", spy)
+    monkeypatch.setattr(plugin, "run_rece", spy)
+    knobs = dict(method="rece", epochs=2, lambda_reg=0.01, erase_scale=1.5, uce_lambda=0.4, preserve_scale=0.2,
+                 lam=0.3)
+    _, edit = _run(comfy, model, clip, uce_preserve_scale=0.25, **knobs)
+
+    class Canvas:
+        """What CanvasRECEHost reads of a canvas, over the ComfyUI UNet module and CLIP."""
+
+        unet = model.model.diffusion_model
+
+        def encode_text(self, texts):
+            return clip_text.encode_first_chunks(clip, texts, "test")[0]
+
+        def tokenize(self, texts):
+            counts = torch.tensor(clip_text.encode_first_chunks(clip, texts, "test")[1])
+            return SimpleNamespace(attention_mask=(torch.arange(77) < counts[:, None]).long())
+
+    settings = RECESettings(concepts=split(CONCEPTS), preserve=["", *split(PRESERVE)], uce_preserve_scale=0.25,
+                            **knobs)
+    with torch.inference_mode():
+        run = plugin.rece_canvas_edit(Canvas(), settings)
+    (node_host, node_settings), (plugin_host, plugin_settings) = seen
+    assert (node_host, plugin_host) == ("ComfyRECEHost", "CanvasRECEHost")
+    assert node_settings == plugin_settings == settings
+    assert {f"diffusion_model.{k}" for k in run.result.deltas} == set(edit.deltas)
+    for k, delta in run.result.deltas.items():
+        want = edit.deltas[f"diffusion_model.{k}"]
+        torch.testing.assert_close(delta.double(), want.double(), rtol=0, atol=1e-6)
+        assert want.abs().max() > 1e-4
+    assert edit.metadata["uce_preserve_scale"] == run.uce_preserve_scale == 0.25 and not model.patches
+
+
 def test_workflow_wiring():
     """The example workflow edits the checkpoint's model, samples with it and saves the edit
     (tests/comfy/test_workflows.py checks every workflow against the node definitions)."""

@@ -40,11 +40,13 @@ from ...itd import (
     ClassifierReport,
     ItDConcepts,
     ItDGate,
+    ItDPatch,
+    ItDSettings,
+    ItDTextHost,
     PromptBatch,
     TextLayerSource,
-    build_concepts,
     classifier_report,
-    patch_text_encoder,
+    run_itd,
     score_prompts,
     train_text_sae,
 )
@@ -54,11 +56,14 @@ from ..methods import KINDS, validate_concepts
 from ...sae import SparseAutoencoder
 
 __all__ = [
+    "CANVAS_SETTINGS",
     "DEFAULT_SCALE",
     "MiniCanvasItDConfig",
     "ItDCanvasReport",
     "build_canvas_concepts",
+    "canvas_host",
     "canvas_prompts",
+    "canvas_settings",
     "concept_prompt_sets",
     "itd_method",
     "load_or_train_sae",
@@ -68,6 +73,11 @@ __all__ = [
 
 SHIPPED_SAE = "itd_text_sae.safetensors"
 """File name of the shipped SAE inside ``sae_core/minicanvas/weights/``."""
+
+CANVAS_SETTINGS: dict[str, Any] = {"top_n": 32, "positions": "all"}
+"""The :class:`~sae_core.itd.ItDSettings` values MiniCanvas uses where they differ from the node's
+defaults: ``top_n`` 32 (4k; the reference uses 2k-4k) and ``a(p)`` over every non-BOS position of the
+padded sequence (the SAE was trained on those too)."""
 
 DEFAULT_SCALE: dict[str, float] = {"style": -8.0, "object": -1.0}
 """Strength ``s`` per kind. Styles use the reference's -8 (UA, IRA and CRA 100% over the eight
@@ -79,10 +89,12 @@ follow it (CRA 88%, -2: 89%); -1 flips the features just enough to erase the obj
 
 @dataclass
 class MiniCanvasItDConfig:
-    """ItD settings for MiniCanvas (SAE shape and training, interpretation, the edit)."""
+    """The MiniCanvas text SAE: its layer, shape and training (the classifier's settings are
+    :class:`sae_core.itd.ItDSettings` fields, see :data:`CANVAS_SETTINGS`)."""
 
     layer: int = 2
-    """Text-encoder layer whose output the SAE reads (0-based; the encoder has 4)."""
+    """Text-encoder layer whose output the SAE reads (0-based; the encoder has 4); also the
+    ``layer`` of the :class:`~sae_core.itd.ItDSettings`."""
 
     num_latents: int = 1024
     """SAE width (8x the 128-wide residual)."""
@@ -114,21 +126,6 @@ class MiniCanvasItDConfig:
 
     seed: int = 0
     """SAE initialisation / prompt-shuffle seed."""
-
-    top_n: int = 32
-    """``n`` of ``Top_n`` in the interpretation (4k; the reference uses 2k-4k)."""
-
-    scale: float | None = None
-    """Strength ``s`` applied to the concept features; None: :data:`DEFAULT_SCALE` of the kind."""
-
-    margin: float = 0.99
-    """``tau = margin * min target score`` (reference: 0.99)."""
-
-    error_mode: str = "reconstruct"
-    """``"reconstruct"`` (reference) or ``"preserve"``."""
-
-    positions: str = "all"
-    """Positions counted for ``a(p)``: ``"all"`` non-BOS positions of the padded sequence or ``"content"`` (1..EOS)."""
 
     def train_key(self) -> dict[str, Any]:
         """The fields that determine the trained SAE (with the text encoder's fingerprint)."""
@@ -213,10 +210,16 @@ def _run(model: nn.Module, batch: PromptBatch) -> Any:
     return model(batch.input_ids.to(device))  # no attention mask, as MiniCanvas encodes
 
 
-def text_source(canvas: Any, layer: int = 2, batch_size: int = 128) -> TextLayerSource:
-    """The ItD view of a canvas's text encoder: the layer, the fixed padding and no mask."""
+def canvas_host(canvas: Any, batch_size: int = 128) -> ItDTextHost:
+    """The ItD view of a canvas's text encoder: its fixed ``<pad>`` padding and no attention mask."""
     encoder, tokenizer = _text_parts(canvas)
-    return TextLayerSource(encoder, layer, _tokenize_fn(tokenizer), run=_run, pad_to=int(tokenizer.max_length), batch_size=batch_size)
+    return ItDTextHost(encoder, _tokenize_fn(tokenizer), run=_run, pad_to=int(tokenizer.max_length),
+                       pad_token="<pad>", batch_size=batch_size)
+
+
+def text_source(canvas: Any, layer: int = 2, batch_size: int = 128) -> TextLayerSource:
+    """The canvas's text encoder read at ``layer`` (see :func:`canvas_host`)."""
+    return canvas_host(canvas, batch_size).source(layer)
 
 
 def text_encoder_fingerprint(text_encoder: nn.Module) -> str:
@@ -321,75 +324,73 @@ class ItDCanvasReport(NamedTuple):
         )
 
 
-def build_canvas_concepts(
-    canvas: Any,
-    sae: SparseAutoencoder,
-    kind: str,
-    concepts: Sequence[str],
-    cfg: MiniCanvasItDConfig | None = None,
-) -> ItDCanvasReport:
-    """Interpret + calibrate ``concepts`` on the canvas and score every MiniCanvas prompt."""
-    cfg = cfg or MiniCanvasItDConfig()
+def canvas_settings(kind: str, concepts: Sequence[str], layer: int = 2, **options: Any) -> ItDSettings:
+    """The :class:`~sae_core.itd.ItDSettings` of a MiniCanvas erasure: the concepts' prompts as targets,
+    every other MiniCanvas prompt as retain prompts, :data:`CANVAS_SETTINGS` and the kind's
+    :data:`DEFAULT_SCALE` unless ``options`` (settings fields) say otherwise."""
     sets = concept_prompt_sets(kind, list(concepts))
-    source = text_source(canvas, cfg.layer)
-    found = build_concepts(
-        sae,
-        source,
-        sets.targets,
-        sets.retain,
-        top_n=cfg.top_n,
-        scale=DEFAULT_SCALE[kind] if cfg.scale is None else cfg.scale,
-        margin=cfg.margin,
-        error_mode=cfg.error_mode,
-        positions=cfg.positions,
-        pad_token="<pad>",
-    )
+    options = {**CANVAS_SETTINGS, "scale": DEFAULT_SCALE[kind], **options}
+    return ItDSettings(concepts=sets.targets, retain_prompts=sets.retain, layer=layer, **options)
+
+
+def build_canvas_concepts(canvas: Any, sae: SparseAutoencoder, kind: str, settings: ItDSettings) -> ItDCanvasReport:
+    """Interpret + calibrate (:func:`sae_core.itd.run_itd`) on the canvas and score every MiniCanvas prompt."""
+    run = run_itd(canvas_host(canvas), sae, settings)
+    found = run.concepts
     found.extra.update(kind=kind, model="minicanvas")
     gate = ItDGate(sae, found.features, found.tau, found.scale, found.error_mode, found.skip_positions)
-    positives = [p for ps in sets.targets.values() for p in ps]
-    report = classifier_report(score_prompts(gate, source, positives), score_prompts(gate, source, sets.retain), found.tau)
+    positives = [p for ps in settings.concepts.values() for p in ps]
+    retain = settings.retain
+    report = classifier_report(score_prompts(gate, run.source, positives), score_prompts(gate, run.source, retain),
+                               found.tau)
     return ItDCanvasReport(found, report)
 
 
-_OPTION_FIELDS = {f.name for f in fields(MiniCanvasItDConfig)}
+_TRAIN_FIELDS = {f.name for f in fields(MiniCanvasItDConfig)}
+_SETTING_FIELDS = {f.name for f in fields(ItDSettings)} - {"concepts", "retain_prompts", "layer"}
 
 
 def itd_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
     """The ``itd`` MiniCanvas method: returns a canvas whose text encoding runs the ItD edit.
 
-    Options are :class:`MiniCanvasItDConfig` fields (e.g. ``top_n=8``, ``scale=-4``,
-    ``error_mode="preserve"``) plus ``quiet=True`` to skip the classifier summary line.
+    Options are :class:`MiniCanvasItDConfig` fields (the SAE; ``layer`` is also the settings') and
+    :class:`~sae_core.itd.ItDSettings` fields (e.g. ``top_n=8``, ``scale=-4``, ``error_mode="preserve"``,
+    ``threshold_margin=0.9``), plus ``quiet=True`` to skip the classifier summary line.
     """
     quiet = bool(options.pop("quiet", False))
     validate_concepts(canvas, kind, list(concepts))
-    unknown = sorted(set(options) - _OPTION_FIELDS)
+    unknown = sorted(set(options) - _TRAIN_FIELDS - _SETTING_FIELDS)
     if unknown:
-        raise ValueError(f"unknown itd option(s) {unknown}; known: {sorted(_OPTION_FIELDS)}")
-    cfg = replace(MiniCanvasItDConfig(), **options)
+        raise ValueError(f"unknown itd option(s) {unknown}; known: {sorted(_TRAIN_FIELDS | _SETTING_FIELDS)}")
+    cfg = replace(MiniCanvasItDConfig(), **{k: v for k, v in options.items() if k in _TRAIN_FIELDS})
+    settings = canvas_settings(kind, concepts, cfg.layer, **{k: v for k, v in options.items() if k in _SETTING_FIELDS})
     sae = load_or_train_sae(canvas, cfg, progress=not quiet)
-    report = build_canvas_concepts(canvas, sae, kind, concepts, cfg)
+    report = build_canvas_concepts(canvas, sae, kind, settings)
     if not quiet:
         print(report.summary())
     return _edited_canvas(canvas, sae, report)
 
 
 def _edited_canvas(canvas: Any, sae: SparseAutoencoder, report: ItDCanvasReport) -> Any:
-    """A copy of ``canvas`` whose text encoding runs under the ItD patch (the input canvas is untouched)."""
+    """A copy of ``canvas`` whose text encoding runs under the ItD patch (the input canvas is untouched).
+
+    The patch is built (and the SAE checked against the concepts) once; each encode only installs its
+    hook for the duration of the call.
+    """
     encoder, _ = _text_parts(canvas)
-    concepts = report.concepts
+    patch = ItDPatch(encoder, sae, report.concepts, on_length_mismatch="error")
     encode_default = canvas.encode_text_default
 
     def encode_fn(prompts: list[str]) -> torch.Tensor:
-        with patch_text_encoder(encoder, sae, concepts, on_length_mismatch="error"):
+        with patch:
             return encode_default(prompts)
 
     edited = canvas.replace(encode_fn=encode_fn)
     edited.itd_report = report
+    edited.itd_patch = patch
     edited.extra_metrics = {
         "precision": report.classifier.precision,
         "recall": report.classifier.recall,
         "fpr": report.classifier.false_positive_rate,
     }
     return edited
-
-

@@ -2,12 +2,17 @@
 
 Listed as ``uce`` and ``rece`` in :data:`sae_core.minicanvas.methods.PLUGINS`.
 
-Both edit a deepcopy of the UNet: every cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight gets a
-closed-form delta (:mod:`sae_core.closed_form`, :mod:`sae_core.rece`); nothing else changes and the input
-canvas is left untouched. The texts are encoded by the canvas' own text encoder (``canvas.encode_text``, the
-conditioning the UNet sees), with the canvas tokenizer's attention mask giving the real-token counts.
+Both edit a deepcopy of the UNet: every cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight gets the
+closed-form delta of :func:`sae_core.rece.run_rece`, the pipeline the ComfyUI node runs too; nothing else
+changes and the input canvas is left untouched. :class:`CanvasRECEHost` adapts the canvas to that pipeline:
+the texts are encoded by the canvas' own text encoder (``canvas.encode_text``, the conditioning the UNet
+sees), with the canvas tokenizer's attention mask giving the real-token counts.
 
-Texts (``methods/rece.md`` sections 1.3-1.5, 2.2), built from how MiniCanvas prompts read
+Options (``--option key=value`` on the bench command line) are the fields of
+:class:`sae_core.rece.RECESettings` (``epochs``, ``lambda_reg``, ``variant``, ``erase_scale``,
+``uce_preserve_scale``, ``uce_lambda``, ``preserve_scale``, ``lam``, ``uce_tokens``, ``start_from_uce``,
+``anchor``), except its texts, which this plug-in builds from the canvas with the fields of
+:class:`RECERecipe` (``methods/rece.md`` sections 1.3-1.5, 2.2), from how MiniCanvas prompts read
 ("an image of a star in striped style", "an image of a star"):
 
 * **concept**: ``concept_template`` filled with the erased name, e.g. ``"{concept} style"`` for a style and
@@ -19,40 +24,41 @@ Texts (``methods/rece.md`` sections 1.3-1.5, 2.2), built from how MiniCanvas pro
   template filled with every other concept of the erased kind (``preserve="others"``), optionally also the
   other kind's texts (``"all"``), only the empty prompt (``"empty"``) or nothing (``"none"``).
 
-``uce`` is the UCE edit RECE starts from (last-word-token alignment, ridge ``uce_lam``, preserve scale
+``uce`` is the UCE edit RECE starts from (last-word-token alignment, ridge ``uce_lambda``, preserve scale
 ``max(0.1, 1 / #preserve)`` unless ``uce_preserve_scale`` is set). ``rece`` runs that edit and then
 ``epochs`` RECE epochs (adversarial embedding with ``lambda_reg``, all token positions, ridge ``lam``,
-preserve scale ``preserve_scale``). Options (``--option key=value`` on the bench command line) are the
-fields of :class:`RECERecipe`.
+preserve scale ``preserve_scale``).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, NamedTuple, Optional
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..data import styled_prompt, unstyled_prompt
 from ..methods import validate_concepts
-from ...rece import RECEResult, rece_edit, uce_preserve_scale, uce_start
+from ...rece import RECERun, RECESettings, run_rece
+from ...rece.pipeline import settings_fields
 
 __all__ = [
+    "CanvasRECEHost",
     "DEFAULT_TEMPLATES",
     "PRESERVE_MODES",
     "RECERecipe",
     "RECEReport",
-    "RECE_RECIPE",
     "RECE_OBJECT_ANCHOR",
     "RECE_STYLE_DEFAULTS",
-    "object_templates",
-    "UCE_RECIPE",
     "apply_deltas",
     "canvas_projection_weights",
+    "canvas_settings",
     "edit_texts",
+    "object_templates",
     "rece_canvas_edit",
     "rece_method",
     "uce_method",
@@ -68,43 +74,32 @@ PRESERVE_MODES = ("others", "all", "empty", "none")
 
 @dataclass(frozen=True)
 class RECERecipe:
-    """Settings of the MiniCanvas ``uce`` / ``rece`` methods (every field is a factory option)."""
+    """How the plug-in writes a MiniCanvas erasure as texts (the options that are not
+    :class:`~sae_core.rece.RECESettings` fields)."""
 
-    epochs: int = 1
-    """RECE epochs after the UCE edit (0 gives plain UCE)."""
-    lambda_reg: float = 1e-3
-    """Ridge of the adversarial embedding (1e-3 for styles and hard objects, 0.1 for easy objects)."""
-    variant: str = "regularized"
-    """Adversarial-embedding objective (a key of ``sae_core.closed_form.EMBEDDING_VARIANTS``)."""
-    erase_scale: float = 1.0
-    """``s_e`` of every edit (UCE start and RECE epochs)."""
-    preserve_scale: float = 0.1
-    """``s_p`` of the RECE epochs."""
-    lam: float = 0.1
-    """Ridge of each RECE epoch towards the weights at the start of that epoch."""
-    uce: bool = True
-    """Start from the UCE edit (as RECE does); False runs the epochs on the unedited weights."""
-    uce_lam: float = 0.5
-    """Ridge of the UCE edit towards the original weights (UCE's 0.5)."""
-    uce_preserve_scale: Optional[float] = None
-    """``s_p`` of the UCE edit; None: UCE's ``max(0.1, 1 / number of preserve prompts)``."""
     concept_template: str = ""
     """Concept text(s) with ``{concept}``, several separated by ``|``; empty: :data:`DEFAULT_TEMPLATES`."""
-    anchor: str = ""
-    """Anchor text the concept is mapped to (the empty prompt)."""
     preserve: str = "others"
     """Preserve set, one of :data:`PRESERVE_MODES`."""
-    uce_tokens: str = "last"
-    """UCE start alignment: ``"last"`` (from the last word token, UCE 2023) or ``"all"`` (every position)."""
     quiet: bool = True
     """No progress bar / summary line."""
 
+    def __post_init__(self) -> None:
+        if self.preserve not in PRESERVE_MODES:
+            raise ValueError(f"preserve must be one of {PRESERVE_MODES}, got {self.preserve!r}")
+        raw = self.concept_template
+        if raw and (not self.templates() or any("{concept}" not in t for t in self.templates())):
+            raise ValueError(f"concept_template must contain '{{concept}}' (several separated by '|'), got {raw!r}")
 
-RECE_RECIPE = RECERecipe()
-"""Default recipe of ``rece``."""
+    def templates(self, kind: str = "") -> list[str]:
+        """The concept templates (``kind``'s default when ``concept_template`` is empty)."""
+        raw = self.concept_template or DEFAULT_TEMPLATES[kind]
+        return [t.strip() for t in raw.split("|") if t.strip()]
 
-UCE_RECIPE = replace(RECE_RECIPE, epochs=0)
-"""Default recipe of ``uce``."""
+
+_RECIPE_FIELDS = tuple(f.name for f in fields(RECERecipe))
+_SETTING_OPTIONS = tuple(n for n in settings_fields() if n not in ("concepts", "preserve", "method"))
+"""Settings a bench option may set (the texts come from the canvas, the method from the method name)."""
 
 RECE_STYLE_DEFAULTS: dict[str, Any] = {"epochs": 3, "preserve": "all"}
 """``rece`` defaults for styles (before the caller's options). MiniCanvas' text encoder carries the
@@ -146,12 +141,14 @@ class RECEReport(NamedTuple):
     """``||dW||_F / ||W||_F`` over all edited weights."""
     seconds: float
     """Wall time of the closed-form part (encoding + solves + applying the deltas)."""
+    settings: RECESettings
+    """The pipeline settings used."""
     recipe: dict
-    """The recipe used."""
+    """The plug-in's text options used."""
 
 
 # ---------------------------------------------------------------------------------------------
-# pieces
+# the host adapter
 # ---------------------------------------------------------------------------------------------
 
 
@@ -170,6 +167,22 @@ def canvas_projection_weights(unet: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+class CanvasRECEHost:
+    """A MiniCanvas as a :class:`sae_core.rece.RECEHost`: its text encoder and its UNet's projections."""
+
+    def __init__(self, canvas: Any) -> None:
+        self.canvas = canvas
+
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+        """Encodings ``[B, L, d]`` (float32, CPU) and attention masks (one ``[L]`` per text)."""
+        enc = self.canvas.encode_text(list(texts)).detach().float().cpu()
+        mask = self.canvas.tokenize(list(texts)).attention_mask.cpu()
+        return enc, list(mask)
+
+    def projection_weights(self) -> dict[str, Tensor]:
+        return canvas_projection_weights(self.canvas.unet)
+
+
 @torch.no_grad()
 def apply_deltas(unet: nn.Module, deltas: dict[str, Tensor]) -> None:
     """Add ``deltas`` (parameter name -> tensor) to the parameters of ``unet`` in place."""
@@ -183,19 +196,14 @@ def apply_deltas(unet: nn.Module, deltas: dict[str, Tensor]) -> None:
         p.add_(delta.to(device=p.device, dtype=p.dtype))
 
 
-def _templates(recipe: RECERecipe, kind: str) -> list[str]:
-    raw = recipe.concept_template or DEFAULT_TEMPLATES[kind]
-    templates = [t.strip() for t in raw.split("|") if t.strip()]
-    if not templates or any("{concept}" not in t for t in templates):
-        raise ValueError(f"concept_template must contain '{{concept}}' (several separated by '|'), got {raw!r}")
-    return templates
+# ---------------------------------------------------------------------------------------------
+# texts and settings
+# ---------------------------------------------------------------------------------------------
 
 
 def edit_texts(canvas: Any, kind: str, concepts: list[str], recipe: RECERecipe) -> tuple[list[str], list[str]]:
     """``(concept texts, preserve texts)`` of an erasure; see the module docstring."""
-    if recipe.preserve not in PRESERVE_MODES:
-        raise ValueError(f"preserve must be one of {PRESERVE_MODES}, got {recipe.preserve!r}")
-    templates = _templates(recipe, kind)
+    templates = recipe.templates(kind)
     concept_texts = [t.format(concept=c) for c in concepts for t in templates]
     preserve: list[str] = []
     if recipe.preserve != "none":
@@ -211,78 +219,46 @@ def edit_texts(canvas: Any, kind: str, concepts: list[str], recipe: RECERecipe) 
     return concept_texts, preserve
 
 
-def _encode(canvas: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
-    """Encodings ``[B, L, d]`` (float32, CPU) and attention masks ``[B, L]`` of ``texts``."""
-    enc = canvas.encode_text(texts).detach().float().cpu()
-    mask = canvas.tokenize(texts).attention_mask.cpu()
-    return enc, mask
+def canvas_settings(canvas: Any, kind: str, concepts: list[str], method: str = "rece",
+                    **options: Any) -> tuple[RECESettings, RECERecipe]:
+    """The pipeline settings (and the plug-in's text options) of a MiniCanvas erasure.
 
-
-def rece_canvas_edit(canvas: Any, kind: str, concepts: list[str], recipe: RECERecipe) -> tuple[RECEResult, list[str], list[str]]:
-    """The closed-form edit of ``canvas``' cross-attention projections (deltas, not applied).
-
-    Returns the :class:`sae_core.rece.RECEResult` (keys: UNet parameter names) and the concept and preserve
-    texts used.
+    ``options`` are :class:`~sae_core.rece.RECESettings` fields (not the texts) and :class:`RECERecipe` fields.
     """
-    concept_texts, preserve_texts = edit_texts(canvas, kind, concepts, recipe)
-    weights = canvas_projection_weights(canvas.unet)
-    c_enc, c_mask = _encode(canvas, concept_texts)
-    a_enc, a_mask = _encode(canvas, [recipe.anchor])
-    p_enc = _encode(canvas, preserve_texts)[0] if preserve_texts else None
-    ctx = next(iter(weights.values())).shape[1]
-    if c_enc.shape[-1] != ctx:
-        raise ValueError(f"text encodings are {c_enc.shape[-1]} wide but the cross-attention reads {ctx}")
-    device = next(iter(weights.values())).device
-    preserve_rows = p_enc.reshape(-1, ctx).to(device) if p_enc is not None else None
-    start = None
-    if recipe.uce:
-        s_p = recipe.uce_preserve_scale
-        if s_p is None:
-            s_p = uce_preserve_scale(len(preserve_texts))
-        if recipe.uce_tokens == "last":
-            start = uce_start(list(c_enc.to(device)), list(c_mask), a_enc[0].to(device), a_mask[0],
-                              list(p_enc.to(device)) if p_enc is not None else [],
-                              erase_scale=recipe.erase_scale, preserve_scale=s_p, lam=recipe.uce_lam)
-        elif recipe.uce_tokens == "all":
-            from ...rece import UCEStart
-
-            start = UCEStart(c_enc.reshape(-1, ctx).to(device), a_enc[0].repeat(len(concept_texts), 1).to(device),
-                             preserve_rows, recipe.erase_scale, s_p, recipe.uce_lam)
-        else:
-            raise ValueError(f"uce_tokens must be 'last' or 'all', got {recipe.uce_tokens!r}")
-    result = rece_edit(weights, list(c_enc.to(device)), a_enc[0].to(device), preserve_rows, start=start,
-                       epochs=recipe.epochs, lambda_reg=recipe.lambda_reg, variant=recipe.variant,
-                       erase_scale=recipe.erase_scale, preserve_scale=recipe.preserve_scale, lam=recipe.lam,
-                       progress=not recipe.quiet)
-    return result, concept_texts, preserve_texts
-
-
-def _recipe(base: RECERecipe, options: dict[str, Any], method: str) -> RECERecipe:
-    known = {f.name for f in fields(RECERecipe)}
-    bad = sorted(set(options) - known)
+    bad = sorted(set(options) - set(_SETTING_OPTIONS) - set(_RECIPE_FIELDS))
     if bad:
-        raise ValueError(f"unknown {method} option(s) {bad}; known: {', '.join(sorted(known))}")
-    recipe = replace(base, **options)
-    if isinstance(recipe.epochs, bool) or not isinstance(recipe.epochs, int) or recipe.epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {recipe.epochs!r}")
-    return recipe
+        known = ", ".join(sorted(_SETTING_OPTIONS + _RECIPE_FIELDS))
+        raise ValueError(f"unknown {method} option(s) {bad}; known: {known}")
+    recipe = RECERecipe(**{k: v for k, v in options.items() if k in _RECIPE_FIELDS})
+    concept_texts, preserve_texts = edit_texts(canvas, kind, concepts, recipe)
+    knobs = {k: v for k, v in options.items() if k in _SETTING_OPTIONS}
+    return RECESettings(concepts=concept_texts, preserve=preserve_texts, method=method, **knobs), recipe
 
 
-def _run(canvas: Any, kind: str, concepts: list[str], recipe: RECERecipe, method: str) -> Any:
+def rece_canvas_edit(canvas: Any, settings: RECESettings, progress: bool = False) -> RECERun:
+    """The closed-form edit of ``canvas``' cross-attention projections (deltas keyed by UNet parameter names,
+    not applied): :func:`sae_core.rece.run_rece` on :class:`CanvasRECEHost`."""
+    return run_rece(CanvasRECEHost(canvas), settings, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(canvas: Any, kind: str, concepts: list[str], method: str, options: dict[str, Any]) -> Any:
     concepts = validate_concepts(canvas, kind, concepts)
+    settings, recipe = canvas_settings(canvas, kind, concepts, method, **options)
     t0 = time.perf_counter()
-    result, concept_texts, preserve_texts = rece_canvas_edit(canvas, kind, concepts, recipe)
+    run = rece_canvas_edit(canvas, settings, progress=not recipe.quiet)
     unet = copy.deepcopy(canvas.unet).eval().requires_grad_(False)
-    apply_deltas(unet, result.deltas)
+    apply_deltas(unet, run.result.deltas)
     seconds = time.perf_counter() - t0
-    weights = canvas_projection_weights(canvas.unet)
-    num = sum(float(d.double().pow(2).sum()) for d in result.deltas.values())
-    den = sum(float(w.double().pow(2).sum()) for w in weights.values())
-    report = RECEReport(concept_texts, recipe.anchor, preserve_texts,
-                        {k: int(f[1].shape[0]) for k, f in result.factors.items()},
-                        (num / den) ** 0.5 if den > 0 else float("nan"), seconds, asdict(recipe))
+    report = RECEReport(run.concept_texts, run.anchor, run.preserve_texts,
+                        {k: int(f[1].shape[0]) for k, f in run.result.factors.items()},
+                        run.relative_change, seconds, settings, asdict(recipe))
     if not recipe.quiet:
-        print(f"{method} {kind}:{','.join(concepts)}: {len(result.deltas)} projections, relative change "
+        print(f"{method} {kind}:{','.join(concepts)}: {len(run.result.deltas)} projections, relative change "
               f"{report.relative_change:.3g}, {seconds:.2f}s", flush=True)
     edited = canvas.replace(unet=unet)
     edited.rece_report = report
@@ -293,17 +269,15 @@ def rece_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> 
     """Erase ``concepts`` (styles or objects) with RECE (UCE start + ``epochs`` RECE epochs).
 
     Returns a copy of the canvas with an edited deepcopy of the UNet and a :class:`RECEReport` as
-    ``rece_report``; ``options`` are :class:`RECERecipe` fields.
+    ``rece_report``; ``options``: see :func:`canvas_settings`.
     """
     if kind == "style":
         options = {**RECE_STYLE_DEFAULTS, **options}
     elif kind == "object":
         options = {"concept_template": object_templates(canvas), "anchor": RECE_OBJECT_ANCHOR, **options}
-    return _run(canvas, kind, concepts, _recipe(RECE_RECIPE, options, "rece"), "rece")
+    return _run(canvas, kind, concepts, "rece", options)
 
 
 def uce_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
-    """Erase ``concepts`` with UCE alone (the edit RECE starts from; ``epochs`` defaults to 0)."""
-    return _run(canvas, kind, concepts, _recipe(UCE_RECIPE, options, "uce"), "uce")
-
-
+    """Erase ``concepts`` with UCE alone (the edit RECE starts from; RECE's options are accepted and unused)."""
+    return _run(canvas, kind, concepts, "uce", options)

@@ -13,7 +13,7 @@ Algorithm (``W`` the original weights, never modified)::
     return W' - W  (dense deltas and an exact low-rank factorisation)
 
 Implementation. Every UCE edit with anchor targets is a right multiplication ``W'_l <- W'_l (I + a D)`` by a
-``[ctx, ctx]`` matrix shared by all layers (see :mod:`sae_core.closed_form`), so the driver tracks one matrix
+``[ctx, ctx]`` matrix shared by all layers (see :mod:`sae_core.rece.closed_form`), so the driver tracks one matrix
 ``K = I + A B`` (``A [ctx, R]``, ``B [R, ctx]``, ``R`` = erase rows so far) instead of the layers. The sums
 RECE needs become ``sum W'^T W' = K^T S K`` and ``sum W'^T W = K^T S`` with ``S = sum W^T W`` computed once;
 only ``S`` and the final factors ``up_l = W_l A`` touch the weights. All of it is float64.
@@ -78,7 +78,7 @@ class RECEConfig:
     """Regulariser of the adversarial embedding: 0.1 for nudity, unsafe and easy objects; 1e-3 for artists
     and difficult objects."""
     variant: str = "regularized"
-    """Adversarial-embedding objective, a key of :data:`sae_core.closed_form.EMBEDDING_VARIANTS`:
+    """Adversarial-embedding objective, a key of :data:`sae_core.rece.closed_form.EMBEDDING_VARIANTS`:
     ``"regularized"`` (ridge towards zero, as every published script) or ``"reference"`` (ridge towards
     reference rows, by default the anchor encoding); the ``"surrogate_*"`` variants are the unused alternatives."""
     erase_scale: float = 1.0

@@ -20,7 +20,7 @@ The preserve and ``lam`` terms both pull towards ``W0``, so they cancel in the d
 ``n`` erase rows as right-hand sides serve every projection that reads the same context rows, and the
 factorisation is exact with rank ``<= n``. With anchor targets (``V = C_a W0^T``, UCE's "replace" technique)
 ``up = s_e W0 (C_a - C_e)^T``, so the whole edit is a right multiplication ``W = W0 (I + s_e (C_a - C_e)^T down)``
-by one ``[ctx, ctx]`` matrix shared by all layers; :mod:`sae_core.rece` chains edits through that matrix.
+by one ``[ctx, ctx]`` matrix shared by all layers; :mod:`sae_core.rece.epochs` chains edits through that matrix.
 
 **RECE embedding.** With ``W'_l`` the current (edited) and ``W_l`` the original projections, the adversarial
 embedding of a concept encoding ``c`` is ``c' = argmin_x sum_l ||W'_l x - W_l c||^2 + penalty(x)``, solved for
