@@ -17,6 +17,9 @@ Whether a store or checkpoint is reused, resumed or redone is decided by ``sae_c
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -266,22 +269,25 @@ class TrainSAE:
                           dead_feature_threshold=int(dead_feature_threshold),
                           checkpoint_every=max(10, int(steps) // 20), device=str(comfy_device(device)),
                           hookpoint=reader.attrs.get("hookpoint"), model_family=reader.attrs.get("model_family"))
-        ckpt = training_folder(filename)
-        settings = {"dataset": str(folder), "tokens": len(reader), "steps": int(steps),
-                    "train_config": {k_: v for k_, v in cfg.to_dict().items() if k_ != "device"}}
-        wanted = _as_json(settings)
+        # The run's identity: the data (content fingerprint of the store, so a store collected again under the
+        # same name is other data) and every training setting except the step count, so raising `steps`
+        # continues the run. Each identity has its own checkpoint folder: nothing of another run is deleted.
+        identity = _as_json({"dataset": str(folder), "dataset_fingerprint": reader.fingerprint, "tokens": len(reader),
+                             "train_config": {k_: v for k_, v in cfg.to_dict().items()
+                                              if k_ not in ("device", "checkpoint_every")}})
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        ckpt = training_folder(filename) / digest
         marker = ckpt / "settings.json"
-        found = _checkpoint_settings(marker) if ckpt.is_dir() else None
-        # a checkpoint is this node's own cache: one of other settings is started over, never an error
-        decision = decide_artefact("Train SAE checkpoint", ckpt, wanted, found, complete=False, resumable=True,
-                                   overwrite=found is not None and found != wanted)
-        if decision.action is Action.REDO:
-            log.info("Train SAE: %s holds a checkpoint of other settings; starting over", ckpt)
-            for name in ("trainer_state.safetensors", "settings.json"):
-                (ckpt / name).unlink(missing_ok=True)
-        elif decision.action is Action.RESUME:
+        found = _checkpoint_settings(marker) if marker.is_file() else None
+        decision = decide_artefact("Train SAE checkpoint", ckpt, identity, found, complete=False, resumable=True)
+        others = [p.name for p in training_folder(filename).glob("*/settings.json") if p.parent != ckpt] \
+            if training_folder(filename).is_dir() else []
+        if decision.action is Action.RESUME:
             log.info("%s", decision.message)
-        save_json(marker, settings)
+        elif others:
+            log.info("Train SAE: %s holds checkpoints of other data or settings (%s); they are kept, this run starts "
+                     "in %s", training_folder(filename), ", ".join(sorted(others)), ckpt)
+        save_json(marker, identity)
 
         trainer = SaeTrainer(cfg, d)
         epochs = reader.iter_epochs(int(batch_size), drop_last=True, seed=int(seed))
@@ -348,7 +354,9 @@ class DownloadSAE:
         label = f"{got.repo_id}/{got.hookpoint}"
         sae = load_sae_cached(str(weights), comfy_device(device), torch_dtype(dtype), label=label)
         if not getattr(sae.cfg, "hookpoint", None):  # SAeUron's cfg.json does not name its hook point
-            sae.cfg.hookpoint = got.hookpoint.split("/")[-1]
+            # a shallow copy with its own config: the cached module (shared with Load SAE's outputs) is not touched
+            sae = copy.copy(sae)
+            sae.cfg = dataclasses.replace(sae.cfg, hookpoint=got.hookpoint.split("/")[-1])
         log.info("Download SAE: %s %s -> %s", label, "downloaded" if got.downloaded else "already present", got.folder)
         return (sae, str(got.folder))
 

@@ -248,7 +248,7 @@ def test_train_interrupt_leaves_a_checkpoint_that_resumes(comfy, pipeline, monke
     monkeypatch.setattr(sae_tools, "interrupt_requested", stop_after_five)
     with pytest.raises(RuntimeError, match="stopped at step 5"):
         _train(comfy, pipeline.dataset, name="saeuron_test/resumed", steps=12)
-    ckpt = comfy.base / "output" / "sae_training" / "saeuron_test" / "resumed"
+    (ckpt,) = (comfy.base / "output" / "sae_training" / "saeuron_test" / "resumed").iterdir()  # one per run identity
     partial = load_sae(ckpt / "sae")  # the checkpoint is a usable SAE
     assert partial.cfg.d_in == WIDTH
     assert not (comfy.base / "models" / "sae" / "saeuron_test" / "resumed").exists()
@@ -258,6 +258,54 @@ def test_train_interrupt_leaves_a_checkpoint_that_resumes(comfy, pipeline, monke
     straight, _ = _train(comfy, pipeline.dataset, name="saeuron_test/straight", steps=12)
     for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_raising_steps_continues_the_cancelled_run(comfy, pipeline, monkeypatch):
+    sae_tools = comfy.nodes_pkg.sae_tools
+    polls = {"n": 0}
+
+    def stop_after_four() -> bool:
+        polls["n"] += 1
+        return polls["n"] > 4
+
+    monkeypatch.setattr(sae_tools, "interrupt_requested", stop_after_four)
+    with pytest.raises(RuntimeError, match="stopped at step 4"):
+        _train(comfy, pipeline.dataset, name="saeuron_test/raised", steps=8)
+    monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
+    calls = []
+    real_step = sae_tools.SaeTrainer._train_step
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.step)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(sae_tools.SaeTrainer, "_train_step", counting)
+    _train(comfy, pipeline.dataset, name="saeuron_test/raised", steps=12)  # more steps: the checkpoint continues
+    assert calls == list(range(4, 12))  # steps 4..11 only: the cancelled run's 4 steps were kept
+
+
+def test_train_does_not_resume_a_checkpoint_of_other_data(comfy, pipeline, monkeypatch, tmp_path):
+    """A store collected again (same name, same row count) is other data: its run starts afresh, and the
+    checkpoint of the first data stays."""
+    import shutil
+
+    from sae_core.store import ActivationReader, ActivationWriter
+
+    sae_tools = comfy.nodes_pkg.sae_tools
+    monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
+    copy = comfy.base / "output" / "sae_activations" / "saeuron_test" / "recollected"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(pipeline.dataset, copy)
+    _train(comfy, str(copy), name="saeuron_test/other_data", steps=4)
+    rows = ActivationReader(copy).read_all()
+    w = ActivationWriter(copy, d=rows.shape[1], overwrite=True)  # the same number of rows, other values
+    w.add(torch.randn_like(rows.float()))
+    w.close()
+    runs = comfy.base / "output" / "sae_training" / "saeuron_test" / "other_data"
+    with pytest.raises(ValueError, match="already exists"):
+        _train(comfy, str(copy), name="saeuron_test/other_data", steps=4)  # the output SAE is not replaced
+    _train(comfy, str(copy), name="saeuron_test/other_data", steps=4, overwrite=True)
+    assert len(list(runs.iterdir())) == 2  # the first data's checkpoint is kept beside the new run's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +463,9 @@ def test_block_errors_are_clear(comfy, pipeline):
         _block(comfy, model, sae, pipeline.stats, block="output_blocks.0.1")
     with pytest.raises(ValueError, match="wire SAeUron Concept Features"):
         _block(comfy, model, sae, None)
+    for bad in (float("nan"), float("inf")):  # ComfyUI's range check lets "nan" through a FLOAT input
+        with pytest.raises(ValueError, match="gamma must be a finite number"):
+            _block(comfy, model, sae, pipeline.stats, gamma=bad)
     with pytest.raises(ValueError, match="32-wide.*'output_blocks.1.1'"):
         _features(comfy, model, pipeline.clip, narrow)
     assert not model.wrappers
@@ -520,3 +571,37 @@ def test_download_node_with_a_fake_hub(comfy, pipeline, tmp_path, monkeypatch):
     assert len(calls) == 1  # the local copy is reused
     with pytest.raises(FileNotFoundError, match="no SAE under 'unet.up_blocks.1.attentions.2/'"):
         node.download("someone/SAeUron", "unet.up_blocks.1.attentions.2", "", "cpu", "float32")
+
+
+def test_download_does_not_change_the_sae_other_nodes_hold(comfy, pipeline, tmp_path, monkeypatch):
+    """The hook point Download SAE fills in goes on its own copy, not on the cached SAE Load SAE handed out."""
+    import dataclasses
+
+    import huggingface_hub
+
+    from sae_core.formats import save_sae
+
+    repo = tmp_path / "repo2"
+    bare = type(pipeline.sae)(dataclasses.replace(pipeline.sae.cfg, hookpoint=None))
+    bare.load_state_dict(pipeline.sae.state_dict())
+    save_sae(bare, repo / "unet.up_blocks.1.attentions.2", layout="folder")
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        for f in repo.rglob("*"):
+            rel = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in kwargs["allow_patterns"]):
+                dst = Path(kwargs["local_dir"]) / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dst)
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with torch.inference_mode():
+        _, path = _node(comfy, DOWNLOAD_ID).download("other/SAeUron", "unet.up_blocks.1.attentions.2", "", "cpu", "float32")
+        name = "other__SAeUron/unet.up_blocks.1.attentions.2/sae.safetensors"
+        (held,) = _node(comfy, "CE_LoadSAE").load(name, device="cpu", dtype="float32")
+        downloaded, _ = _node(comfy, DOWNLOAD_ID).download("other/SAeUron", "unet.up_blocks.1.attentions.2", "", "cpu",
+                                                           "float32")
+    assert downloaded.cfg.hookpoint == "unet.up_blocks.1.attentions.2"
+    assert held.cfg.hookpoint is None
+    assert downloaded.W_dec.data_ptr() == held.W_dec.data_ptr()  # same weights in memory, not a second load
