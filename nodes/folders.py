@@ -105,7 +105,7 @@ def sae_output_folder(name: str) -> Path:
 
 
 def training_folder(name: str) -> Path:
-    """``output/sae_training/<name>``: the checkpoint of an SAE training run."""
+    """``output/sae_training/<name>``: the checkpoints of an SAE training run (one sub-folder per data and settings)."""
     return Path(folder_paths.get_output_directory()) / TRAINING_FOLDER / safe_name(name, "filename")
 
 

@@ -8,7 +8,7 @@
   The hook sits on a clone of the MODEL only while the node samples.
 * **Train SAE** trains a TopK SAE on such a store (``sae_core.trainer``) and saves it in
   ``models/sae/<name>/`` (``cfg.json`` + ``sae.safetensors``). Cancel keeps a checkpoint in
-  ``output/sae_training/<name>/`` that the next run continues.
+  ``output/sae_training/<name>/<run>/`` (one per data and settings) that the next run continues.
 * **Download SAE** fetches a published SAeUron checkpoint folder from the Hugging Face Hub into
   ``models/sae/`` (``sae_core.hub``).
 
@@ -200,7 +200,8 @@ class TrainSAE:
         "Trains a TopK sparse autoencoder (SAeUron's recipe: BatchTopK, AuxK for dead latents, Adam with a "
         "linearly decaying learning rate) on an activation store from Collect SAE Activations and saves it in "
         "models/sae/<filename>/ (cfg.json + sae.safetensors, the SAeUron layout). Cancel keeps a checkpoint "
-        "(also a usable SAE) in output/sae_training/<filename>; queueing again with the same settings continues it."
+        "(also a usable SAE) in output/sae_training/<filename>/<run>; queueing again with the same data and settings "
+        "continues it (a higher steps value trains on from there); other data or settings start a new run beside it."
     )
     CATEGORY = category("sae")
     RETURN_TYPES = (SAE_TYPE, "STRING")
