@@ -126,9 +126,7 @@ def test_names():
 
 
 def test_another_revision_is_downloaded_not_relabelled(fake_repo, tmp_path):
-    repo, saes = fake_repo
-    hub = FakeHub({"owner/SAeUron": repo})
-    dest = tmp_path / "models" / "sae"
+    hub, dest = FakeHub({"owner/SAeUron": fake_repo[0]}), tmp_path / "models" / "sae"
     hook = HOOKS[0]
     first = download_sae("owner/SAeUron", hook, dest, download_fn=hub)
     assert first.downloaded
@@ -142,9 +140,7 @@ def test_another_revision_is_downloaded_not_relabelled(fake_repo, tmp_path):
 
 def test_a_corrupt_local_copy_is_downloaded_again(fake_repo, tmp_path):
     repo, saes = fake_repo
-    hub = FakeHub({"owner/SAeUron": repo})
-    dest = tmp_path / "models" / "sae"
-    hook = HOOKS[1]
+    hub, dest, hook = FakeHub({"owner/SAeUron": repo}), tmp_path / "models" / "sae", HOOKS[1]
     got = download_sae("owner/SAeUron", hook, dest, download_fn=hub)
     weights = got.folder / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated

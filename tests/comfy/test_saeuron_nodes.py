@@ -235,17 +235,22 @@ def test_train_saves_a_loadable_sae_that_reconstructs(comfy, pipeline):
         _train(comfy, "saeuron_test/missing", name="saeuron_test/x")
 
 
+def _cancel_after(n: int):
+    """An ``interrupt_requested`` stand-in: Cancel is pressed after ``n`` training steps."""
+    polls = {"n": 0}
+
+    def requested() -> bool:
+        polls["n"] += 1
+        return polls["n"] > n
+
+    return requested
+
+
 def test_train_interrupt_leaves_a_checkpoint_that_resumes(comfy, pipeline, monkeypatch):
     from sae_core.formats import load_sae
 
     sae_tools = comfy.nodes_pkg.sae_tools
-    polls = {"n": 0}
-
-    def stop_after_five() -> bool:
-        polls["n"] += 1
-        return polls["n"] > 5
-
-    monkeypatch.setattr(sae_tools, "interrupt_requested", stop_after_five)
+    monkeypatch.setattr(sae_tools, "interrupt_requested", _cancel_after(5))
     with pytest.raises(RuntimeError, match="stopped at step 5"):
         _train(comfy, pipeline.dataset, name="saeuron_test/resumed", steps=12)
     (ckpt,) = (comfy.base / "output" / "sae_training" / "saeuron_test" / "resumed").iterdir()  # one per run identity
@@ -262,13 +267,7 @@ def test_train_interrupt_leaves_a_checkpoint_that_resumes(comfy, pipeline, monke
 
 def test_train_raising_steps_continues_the_cancelled_run(comfy, pipeline, monkeypatch):
     sae_tools = comfy.nodes_pkg.sae_tools
-    polls = {"n": 0}
-
-    def stop_after_four() -> bool:
-        polls["n"] += 1
-        return polls["n"] > 4
-
-    monkeypatch.setattr(sae_tools, "interrupt_requested", stop_after_four)
+    monkeypatch.setattr(sae_tools, "interrupt_requested", _cancel_after(4))
     with pytest.raises(RuntimeError, match="stopped at step 4"):
         _train(comfy, pipeline.dataset, name="saeuron_test/raised", steps=8)
     monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
@@ -536,17 +535,10 @@ def test_node_and_plugin_apply_the_same_pipeline_edit(comfy, pipeline, monkeypat
 # ---------------------------------------------------------------------------------------------
 
 
-def test_download_node_with_a_fake_hub(comfy, pipeline, tmp_path, monkeypatch):
-    import huggingface_hub
+def _fake_snapshot_download(repo: Path, calls: list):
+    """Stands in for huggingface_hub.snapshot_download: copies the matching files of a local folder."""
 
-    from sae_core.formats import save_sae
-
-    repo = tmp_path / "repo"
-    save_sae(pipeline.sae, repo / "unet.up_blocks.1.attentions.1", layout="folder")
-    (repo / "README.md").write_text("card")
-    calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
+    def download(repo_id, **kwargs):
         calls.append((repo_id, kwargs))
         for f in repo.rglob("*"):
             rel = f.relative_to(repo).as_posix()
@@ -556,7 +548,19 @@ def test_download_node_with_a_fake_hub(comfy, pipeline, tmp_path, monkeypatch):
                 shutil.copyfile(f, dst)
         return kwargs["local_dir"]
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    return download
+
+
+def test_download_node_with_a_fake_hub(comfy, pipeline, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from sae_core.formats import save_sae
+
+    repo = tmp_path / "repo"
+    save_sae(pipeline.sae, repo / "unet.up_blocks.1.attentions.1", layout="folder")
+    (repo / "README.md").write_text("card")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(repo, calls))
     node = _node(comfy, DOWNLOAD_ID)
     with torch.inference_mode():
         sae, path = node.download("someone/SAeUron", "unet.up_blocks.1.attentions.1", "", "cpu", "float32")
@@ -585,17 +589,7 @@ def test_download_does_not_change_the_sae_other_nodes_hold(comfy, pipeline, tmp_
     bare = type(pipeline.sae)(dataclasses.replace(pipeline.sae.cfg, hookpoint=None))
     bare.load_state_dict(pipeline.sae.state_dict())
     save_sae(bare, repo / "unet.up_blocks.1.attentions.2", layout="folder")
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        for f in repo.rglob("*"):
-            rel = f.relative_to(repo).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in kwargs["allow_patterns"]):
-                dst = Path(kwargs["local_dir"]) / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, dst)
-        return kwargs["local_dir"]
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(repo, []))
     with torch.inference_mode():
         _, path = _node(comfy, DOWNLOAD_ID).download("other/SAeUron", "unet.up_blocks.1.attentions.2", "", "cpu", "float32")
         name = "other__SAeUron/unet.up_blocks.1.attentions.2/sae.safetensors"
