@@ -68,8 +68,8 @@ def fisher_file(comfy, tiny):
 
 
 def test_compute_fisher_writes_target_fisher(comfy, tiny, fisher_file):
-    from sae_core.fisher import load_fisher
-    from sae_core.lora import select_targets
+    from sae_core.amnesia.fisher import load_fisher
+    from sae_core.amnesia.lora import select_targets
 
     model, clip = tiny
     path = Path(fisher_file)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artefacts import save_tensors
+from ..artefacts import save_tensors
 
 __all__ = [
     "TARGET_PRESETS",
