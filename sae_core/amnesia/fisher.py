@@ -50,7 +50,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ..artefacts import Action, read_metadata, save_tensors
+from ..artefacts import Action, load_tensors, read_metadata, save_tensors
 from .ewc import fisher_key
 from .lora import UNET_PREFIX, LoRALayer, select_targets
 from .resumable import decide_checkpoint, run_units
@@ -244,19 +244,12 @@ def load_fisher(
     Args:
         dtype: fp32 (default) or bf16; fp16 is refused (small values underflow).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Fisher file not found: {path}")
     if dtype == torch.float16:
         raise ValueError("Fisher dtype float16 is refused: small Fisher values underflow; use float32 or bfloat16")
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    meta = read_metadata(path, "Fisher file")
     if meta.get("format") != FISHER_FORMAT:
         raise ValueError(f"{path}: not a Fisher file (metadata format={meta.get('format')!r}, expected {FISHER_FORMAT!r})")
-    tensors = load_file(path, device="cpu")
+    tensors = load_tensors(path, what="Fisher file")
     fisher = {k: v.to(device or "cpu", dtype) for k, v in tensors.items()}
     count = int(meta["count"]) if meta.get("count", "").isdigit() else None
     return FisherFile(fisher, count, meta)
@@ -364,8 +357,6 @@ def compute_fisher(
         total = max_samples if total is None else min(total, max_samples)
 
     if path is not None and resume and os.path.exists(path):
-        from safetensors.torch import load_file
-
         found, found_count = fisher_file_identity(path, expected)
         if found_count is None:
             raise ValueError(f"cannot resume from {path}: metadata 'count' is missing or invalid")
@@ -374,7 +365,7 @@ def compute_fisher(
         if decision.action is Action.REDO:
             log.warning("%s", decision.message)
         else:
-            tensors = load_file(path, device="cpu")
+            tensors = load_tensors(path, what="Fisher file")
             count = found_count
             running = {n: tensors[n].to(params[n].device, torch.float32) for n in names}
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artefacts import save_tensors
+from ..artefacts import load_tensors, read_metadata, save_tensors
 
 __all__ = [
     "TARGET_PRESETS",
@@ -501,23 +501,12 @@ def save_lora(path: Union[str, os.PathLike], state_dict: Mapping[str, torch.Tens
 
 def load_lora_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """Read a LoRA safetensors file onto the CPU."""
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    return load_file(path, device="cpu")
+    return load_tensors(path, what="LoRA file")
 
 
 def load_lora_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
     """The string metadata stored in a LoRA safetensors file."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_metadata(path, "LoRA file")
 
 
 def _resolve_module(root: nn.Module, key: str, prefix: str) -> Optional[nn.Module]:

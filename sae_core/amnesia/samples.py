@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from ..artefacts import save_json, save_tensors
+from ..artefacts import load_tensors, save_json, save_tensors
 
 __all__ = [
     "SAMPLES_FORMAT",
@@ -179,8 +179,6 @@ def save_samples(path: PathLike, samples: SampleSet, metadata: Optional[Mapping[
 
 def load_samples(path: PathLike) -> tuple[SampleSet, dict[str, Any]]:
     """Read a sample set written by :func:`save_samples`; returns ``(samples, metadata)``."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     side = _sidecar(path)
     if not path.is_file() or not side.is_file():
@@ -189,7 +187,7 @@ def load_samples(path: PathLike) -> tuple[SampleSet, dict[str, Any]]:
         doc = json.load(fh)
     if doc.get("format") != SAMPLES_FORMAT:
         raise ValueError(f"{side}: not a sample set (format {doc.get('format')!r}, expected {SAMPLES_FORMAT!r})")
-    x = load_file(str(path), device="cpu").get("samples")
+    x = load_tensors(path, what="sample set").get("samples")
     prompts = doc.get("prompts")
     if x is None or not isinstance(prompts, list) or len(prompts) != x.shape[0]:
         raise ValueError(f"{path}: samples and prompts do not match ({None if x is None else x.shape[0]} vs "

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artefacts import Action, read_metadata, save_tensors
+from ..artefacts import Action, load_tensors, read_metadata, save_tensors
 from ..prompts import parse_names
 from .config import FISHER_ONLY_FIELDS, AmnesiaConfig, ForgetPrompts
 from .ewc import ewc_penalty, prepare_fisher
@@ -403,13 +403,11 @@ class AmnesiaTrainer:
             ValueError: not a checkpoint.
             FileExistsError: made with another config / data / LoRA layout (the message names what differs).
         """
-        from safetensors.torch import load_file
-
         path = Path(path)
         found, _ = self.read_checkpoint_identity(path)
         decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found, complete=False)
         meta = read_metadata(path, "Selective Amnesia checkpoint")
-        tensors = load_file(str(path), device="cpu")
+        tensors = load_tensors(path, what="Selective Amnesia checkpoint")
         with torch.no_grad():
             for n in self.names:
                 a = self.adapters[n]
