@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +58,7 @@ from sae_core.prompts import parse_prompts
 
 from .clip_text import encode_prompts
 from .common import Progress, category, inp, interrupt_requested, node_id, sampler_choices, throw_if_interrupted
+from .folders import forget_file_list, safe_name
 from .sampling import alphas_cumprod, comfy_sampler, discrete_eps_sampling, eps_denoiser
 from .training import ComfyLoRA, GradientProbe, TrainingClone, target_modules
 
@@ -89,30 +89,14 @@ def register_fisher_folder() -> list[str]:
     new_exts = set(exts) | {".safetensors"}
     if FISHER_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
         table[FISHER_FOLDER] = (new_paths, new_exts)
-        cache = getattr(folder_paths, "filename_list_cache", None)
-        if isinstance(cache, dict):
-            cache.pop(FISHER_FOLDER, None)
+        forget_file_list(FISHER_FOLDER)
     return new_paths
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/]*$")
-
-
-def _safe_name(name: str, what: str) -> str:
-    """A relative file/folder name without traversal; ValueError naming the input otherwise."""
-    name = (name or "").strip().replace("\\", "/")
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    parts = [p for p in name.split("/") if p]
-    if not parts or not _NAME_RE.match(name) or any(p in (".", "..") for p in parts):
-        raise ValueError(f"{what}: {name!r} is not a usable name (letters, digits, space, _ . - and / for sub-folders)")
-    return "/".join(parts)
 
 
 def fisher_path_for(name: str) -> Path:
     """``models/sae_fisher/<name>.safetensors`` for the Fisher node's ``filename`` input."""
     folder = Path(folder_paths.models_dir) / FISHER_FOLDER
-    return folder / f"{_safe_name(name, 'filename')}.safetensors"
+    return folder / f"{safe_name(name, 'filename')}.safetensors"
 
 
 def resolve_fisher(path_or_name: str) -> Path:
@@ -135,7 +119,7 @@ def resolve_fisher(path_or_name: str) -> Path:
 
 def run_dir(run_name: str) -> Path:
     """``output/selective_amnesia/<run_name>``."""
-    return Path(folder_paths.get_output_directory()) / RUN_FOLDER / _safe_name(run_name, "run_name")
+    return Path(folder_paths.get_output_directory()) / RUN_FOLDER / safe_name(run_name, "run_name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +267,7 @@ class SAComputeFisher:
                     "sample_steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler,
                     "width": int(width), "height": int(height), "targets": targets, "precision": precision,
                     "timestep_batch": int(timestep_batch)}
-        cache = run_dir("fisher_samples") / f"{_safe_name(filename, 'filename').replace('/', '_')}.safetensors"
+        cache = run_dir("fisher_samples") / f"{safe_name(filename, 'filename').replace('/', '_')}.safetensors"
         progress = Progress(2 * int(samples), desc="Fisher", node_id=unique_id)
 
         def data() -> SampleSet:
