@@ -24,8 +24,8 @@ import time
 import torch
 
 from sae_core.amnesia import AmnesiaConfig, AmnesiaTrainer, SampleSet
-from sae_core.ewc import fisher_key
-from sae_core.lora import inject_lora
+from sae_core.amnesia.ewc import fisher_key
+from sae_core.amnesia.lora import inject_lora
 from sae_core.minicanvas.diffusion import NoiseSchedule
 from sae_core.minicanvas.unet import MiniUNet, UNetConfig
 

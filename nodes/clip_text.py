@@ -1,7 +1,8 @@
 """Text through a ComfyUI CLIP: tokenize, encode, count the real tokens of a prompt's first chunk.
 
 One mechanism, shared by the methods that need prompt encodings outside a sampler (RECE encodes its
-concept, anchor and preserve prompts; ItD tokenizes its calibration prompts exactly as CLIPTextEncode does).
+concept, anchor and preserve prompts; ItD tokenizes its calibration prompts exactly as CLIPTextEncode does;
+Selective Amnesia conditions its training on :func:`encode_prompts`, the same conditioning its sampler uses).
 
 ComfyUI tokenizes a prompt into 77-token chunks per sub-encoder (``clip.tokenize(text)`` is
 ``{"l": [[(token, weight), ...], ...], "g": ...}``), padded with the end token (SD1/SDXL) or a pad token, and
@@ -25,6 +26,7 @@ __all__ = [
     "TokenizeFn",
     "chunk_ids",
     "encode_first_chunks",
+    "encode_prompts",
     "end_token",
     "first_chunk_tokenizer",
     "real_token_count",
@@ -122,3 +124,15 @@ def first_chunk_tokenizer(clip: Any, key: str, who: str) -> tuple[TokenizeFn, in
         return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length), counts
 
     return tokenize, length
+
+
+def encode_prompts(clip: Any, prompts: list[str]) -> torch.Tensor:
+    """CLIP conditioning ``[N, L, D]`` of each prompt (ValueError if lengths differ)."""
+    rows = []
+    for p in prompts:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(p))
+        rows.append(cond[0][0].detach().to("cpu", torch.float32).clone())
+    shapes = {tuple(r.shape[1:]) for r in rows}
+    if len(shapes) > 1:
+        raise ValueError(f"prompts encode to different lengths {sorted(shapes)}; keep every prompt under 75 tokens")
+    return torch.cat(rows) if rows else torch.zeros(0)

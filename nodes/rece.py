@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 import folder_paths
-from sae_core.lora import save_lora
+from sae_core.amnesia.lora import save_lora
 from sae_core.prompts import parse_names
 from sae_core.rece import METHODS, RECESettings, run_rece
 

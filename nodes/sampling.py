@@ -10,6 +10,10 @@ answer to "where is the sampler during this UNet call?".
   :class:`SamplerState`, with ComfyUI's sampler and scheduler.
 * :func:`sampler_inputs` are the node inputs of such a sampling run.
 * :class:`ComfyHost` is a MODEL (and a :class:`ComfySampling`) as the SAeUron pipeline's host.
+* For methods that train on the wired model's own samples (Selective Amnesia):
+  :func:`discrete_eps_sampling` checks the model has a discrete eps/v schedule,
+  :func:`alphas_cumprod` reads that schedule, :func:`eps_denoiser` is the model's eps prediction in
+  DDPM form, and :func:`comfy_sampler` samples ``(prompt, seed)`` rows to model-space latents.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ __all__ = [
     "ComfyHost",
     "ComfySampling",
     "SamplerState",
+    "alphas_cumprod",
+    "comfy_sampler",
     "cond_mask",
     "diffusion_model_wrapper",
+    "discrete_eps_sampling",
+    "eps_denoiser",
     "first_value",
     "nearest_step",
     "sampler_inputs",
@@ -282,3 +290,82 @@ class ComfyHost:
 
     def position(self) -> SamplerState:
         return self._sampling().state
+
+
+def discrete_eps_sampling(model: Any, method: str) -> Any:
+    """The MODEL's ``model_sampling`` if it is a discrete-timestep eps/v schedule without extra conditioning
+    (SD1.x/SD2.x-style UNets); ValueError naming the model and ``method`` otherwise."""
+    import comfy.model_sampling
+
+    base = model.model
+    ms = model.get_model_object("model_sampling")
+    kind = type(base).__name__
+    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(ms, comfy.model_sampling.EPS):
+        raise ValueError(f"model: {method} needs a discrete-timestep eps/v model (SD1.x/SD2.x); "
+                         f"{kind} with {type(ms).__name__} is not supported")
+    for bad in (comfy.model_sampling.EDM, comfy.model_sampling.X0):
+        if isinstance(ms, bad):
+            raise ValueError(f"model: {kind} uses {bad.__name__} sampling, which {method} does not support")
+    if getattr(base, "adm_channels", 0) or getattr(base, "concat_keys", ()):
+        raise ValueError(f"model: {kind} needs extra conditioning (pooled text / concat channels: SDXL, inpainting, ...); "
+                         f"{method} supports SD1.x/SD2.x UNets")
+    if not hasattr(base, "diffusion_model"):
+        raise ValueError(f"model: {kind} has no diffusion_model")
+    return ms
+
+
+def alphas_cumprod(ms: Any) -> torch.Tensor:
+    """abar_t of the model's own schedule (``sigma_t^2 = (1 - abar_t) / abar_t``), fp32 on the CPU."""
+    sigmas = ms.sigmas.detach().to("cpu", torch.float32)
+    return 1.0 / (1.0 + sigmas * sigmas)
+
+
+def eps_denoiser(patcher: Any, ms: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``eps(x_t, t, context)`` in DDPM form through ``BaseModel.apply_model`` (works for eps and v models).
+
+    ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` becomes ComfyUI's ``x_sigma = x_t / sqrt(abar)``
+    at ``sigma_t``; the model's x0 prediction gives back ``eps = (x_sigma - x0) / sigma``.
+    """
+    abar = alphas_cumprod(ms)
+
+    def eps(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        a = abar.to(x_t.device)[t.to(x_t.device)].view(-1, *([1] * (x_t.dim() - 1)))
+        sigma = ((1.0 - a) / a).sqrt()
+        x_sigma = x_t.float() / a.sqrt()
+        x0 = patcher.model.apply_model(x_sigma, sigma.view(-1), c_crossattn=context, transformer_options={})
+        return (x_sigma - x0.float()) / sigma
+
+    return eps
+
+
+def comfy_sampler(model: Any, clip: Any, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                  width: int, height: int, negative: str = "") -> Callable[[list[str], list[int]], torch.Tensor]:
+    """``sampler(prompts, seeds) -> [B, C, h, w]`` model-space latents (``process_latent_in`` applied).
+
+    Each row's noise comes from its own seed, so rows do not depend on how they are batched.
+    """
+    import comfy.sample
+
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    conds: dict[str, Any] = {}
+    channels = model.get_model_object("latent_format").latent_channels
+    shape = (1, channels, height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
+
+    def sampler(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        out: list[Optional[torch.Tensor]] = [None] * len(prompts)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        for p, rows in groups.items():
+            if p not in conds:
+                conds[p] = clip.encode_from_tokens_scheduled(clip.tokenize(p))
+            latent = torch.zeros((len(rows), *shape[1:]))
+            noise = torch.cat([comfy.sample.prepare_noise(torch.zeros(shape), int(seeds[i])) for i in rows])
+            x = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, conds[p], neg, latent,
+                                    disable_pbar=True, seed=int(seeds[rows[0]]))
+            x = model.model.process_latent_in(x.to(torch.float32))
+            for j, i in enumerate(rows):
+                out[i] = x[j].detach().to("cpu", torch.float32).clone()
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    return sampler

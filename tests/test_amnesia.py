@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,9 +24,10 @@ from sae_core.amnesia import (
     noise_samples,
     save_samples,
 )
-from sae_core.ewc import ewc_penalty
-from sae_core.fisher import eps_mse_loss, fisher_key
-from sae_core.lora import LoRADelta, LoRALinear, inject_lora
+from sae_core.amnesia import pipeline
+from sae_core.amnesia.ewc import ewc_penalty, fisher_key
+from sae_core.amnesia.fisher import eps_mse_loss
+from sae_core.amnesia.lora import LoRADelta, LoRALinear, inject_lora, merge_lora, select_targets
 from sae_core.minicanvas.canvas import MiniCanvas
 from sae_core.minicanvas.diffusion import NoiseSchedule
 from sae_core.minicanvas.text_encoder import TextEncoderConfig, build_text_encoder
@@ -169,7 +173,7 @@ def test_lora_delta_matches_the_module_wrapper_and_the_penalty():
 
 def test_chunked_fisher_equals_one_backward_pass():
     """compute_fisher(chunk_size=c) sums the chunks' gradients: the gradient of the sum over all K."""
-    from sae_core.fisher import compute_fisher
+    from sae_core.amnesia.fisher import compute_fisher
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)
@@ -268,7 +272,7 @@ def test_base_replay_target_regresses_onto_the_frozen_model():
     assert rec["replay"] > 0.0
     assert rec["replay"] == pytest.approx(torch.stack(ref).mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="replay_target"):
-        AmnesiaConfig(replay_target="teacher").validate()
+        AmnesiaConfig(replay_target="teacher")
 
 
 def test_replay_data_does_not_leak_into_the_surrogate_term():
@@ -328,7 +332,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     # a checkpoint of another run is refused with the differing field named
     other, _, _ = make_trainer(canvas, AmnesiaConfig(steps=6, lr=2e-2, batch_size=2, lam=1.0, seed=5))
-    with pytest.raises(ValueError, match="lr=0.01 in the file vs 0.02 now"):
+    with pytest.raises(FileExistsError, match="lr: 0.01 there, 0.02 now"):
         other.train(ckpt, progress=False)
 
 
@@ -393,7 +397,7 @@ def test_clear_errors():
         AmnesiaTrainer(AmnesiaConfig(lam=0.0, gamma=1.0), unet, canvas.schedule.alphas_cumprod,
                        canvas.encode_text_default, loras, s, FORGET, replay=None)
     with pytest.raises(ValueError, match="batch_size"):
-        AmnesiaConfig(batch_size=0).validate()
+        AmnesiaConfig(batch_size=0)
     with pytest.raises(KeyError, match="no Fisher information"):
         AmnesiaTrainer(AmnesiaConfig(lam=1.0), unet, canvas.schedule.alphas_cumprod, canvas.encode_text_default,
                        loras, s, FORGET, replay=r, fisher={"x": torch.zeros(1)})
@@ -419,7 +423,7 @@ def test_minicanvas_plugin_on_a_random_canvas(tmp_path, monkeypatch):
     assert get_method("amnesia") is plugin.amnesia_method
     canvas = tiny_canvas()
     before = forward(canvas.unet)
-    opts = dict(steps=3, batch_size=2, bank_seeds=(7,), bank_steps=2, fisher_timesteps=2, quiet=True)
+    opts = dict(steps=3, batch_size=2, bank_seeds=(7,), bank_steps=2, timesteps_per_sample=2, quiet=True)
     edited = plugin.amnesia_method(canvas, "style", ["striped"], **opts)
     assert edited.unet is not canvas.unet and torch.equal(forward(canvas.unet), before)
     assert not torch.equal(forward(edited.unet), before)
@@ -458,3 +462,111 @@ def test_minicanvas_plugin_on_a_random_canvas(tmp_path, monkeypatch):
         plugin.amnesia_method(canvas, "style", ["striped"], lamda=1)
     with pytest.raises(ValueError, match="unknown style"):
         plugin.amnesia_method(canvas, "style", ["baroque"])
+
+
+# --------------------------------------------------------------------------- one pipeline, two hosts
+
+
+class WeightFunctionHost:
+    """The ComfyUI node's training mechanism on a MiniCanvas: LoRA factors as weight functions
+    (``LoRADelta``, what ``nodes/training.py`` hands ComfyUI's ``add_weight_wrapper``) on an untouched
+    copy of the UNet, instead of the plug-in's injected LoRA layers."""
+
+    def __init__(self, canvas):
+        self.canvas = canvas
+        self.device = canvas.device
+        self.alphas_cumprod = canvas.schedule.alphas_cumprod
+
+    def encode(self, prompts):
+        return self.canvas.encode_text_default(prompts)
+
+    def sample(self, prompts, seeds):
+        raise AssertionError("not used")
+
+    @contextlib.contextmanager
+    def lora_training(self, config, generator):
+        from torch.nn.utils import parametrize
+
+        unet = copy.deepcopy(self.canvas.unet).eval()
+        unet.requires_grad_(False)
+        adapters = {}
+        for name in select_targets(unet, config.targets):
+            module = unet.get_submodule(name)
+            adapters[name] = LoRADelta(module.weight.shape, config.rank, config.alpha, generator=generator)
+            parametrize.register_parametrization(module, "weight", adapters[name], unsafe=True)
+        yield pipeline.LoRATraining(unet, adapters)
+
+    def fisher_training(self, config):
+        raise AssertionError("not used")
+
+
+def test_injected_layers_and_weight_functions_train_the_same_factors():
+    """The pipeline gives the same LoRA whichever way a host applies it: the plug-in's injected layers
+    and the node's weight functions reach equal factors after several steps from one seed and config."""
+    canvas = tiny_canvas()
+    surrogate, replay = data(canvas)
+    names = select_targets(canvas.unet, "xattn")
+    fisher = random_fisher(canvas.unet, names)
+    cfg = AmnesiaConfig(forget_prompts=FORGET, targets="xattn", rank=2, steps=4, lr=1e-2, batch_size=3, lam=1.0,
+                        gamma=1.0, seed=7, replay_target="base")
+    layers = pipeline.train_forgetting_lora(plugin_host(canvas), cfg, surrogate, replay, fisher, progress=False)
+    functions = pipeline.train_forgetting_lora(WeightFunctionHost(canvas), cfg, surrogate, replay, fisher, progress=False)
+    assert sorted(layers.adapters) == sorted(functions.adapters) == sorted(names)
+    assert len(layers.result.history) == 4
+    for a, b in zip(layers.result.history, functions.result.history):
+        assert a["surrogate"] == pytest.approx(b["surrogate"], rel=1e-4)
+        assert a["ewc"] == pytest.approx(b["ewc"], rel=1e-4, abs=1e-9)
+    for x, y in zip(factors(layers.adapters), factors(functions.adapters)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # float rounding differs between the two forms
+    assert any(float(a.up.detach().abs().sum()) > 0 for a in layers.adapters.values())  # something was trained
+    # another seed draws other factors: the comparison above is not vacuous
+    other = pipeline.train_forgetting_lora(plugin_host(canvas), replace(cfg, seed=8), surrogate, replay, fisher, progress=False)
+    assert not all(torch.equal(x, y) for x, y in zip(factors(layers.adapters), factors(other.adapters)))
+
+
+def plugin_host(canvas):
+    from sae_core.minicanvas.plugins.amnesia import CanvasHost
+
+    return CanvasHost(canvas)
+
+
+def test_plugin_is_a_thin_host_of_the_pipeline(tmp_path, monkeypatch):
+    """The bench's erasure is exactly ``pipeline.train_forgetting_lora`` with the config its options build."""
+    monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path))
+    from sae_core.minicanvas.plugins import amnesia as plugin
+
+    calls = []
+    real = pipeline.train_forgetting_lora
+
+    def spy(host, config, *args, **kwargs):
+        calls.append((config, args))
+        return real(host, config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_forgetting_lora", spy)
+    canvas = tiny_canvas()
+    opts = dict(steps=3, batch_size=2, bank_seeds=(7,), bank_steps=2, timesteps_per_sample=2, quiet=True, rank=3, lr=2e-2)
+    edited = plugin.amnesia_method(canvas, "object", ["star"], **opts)
+    (config, (surrogate, replay, fisher)), = calls
+    assert isinstance(config, AmnesiaConfig)
+    assert (config.steps, config.batch_size, config.rank, config.lr, config.lam) == (3, 2, 3, 2e-2, plugin.KIND_DEFAULTS["object"]["lam"])
+    assert config.forget_prompts["an image of a cross"] == ("an image of a star",)
+    host = plugin.CanvasHost(canvas)
+    again = real(host, config, surrogate, replay, fisher, progress=False)
+    assert again.result.history == edited.amnesia_report.history
+    merge_lora(host.unet)
+    assert torch.equal(forward(host.unet), forward(edited.unet))
+
+
+def test_config_is_validated_once_and_parses_prompt_lists():
+    cfg = AmnesiaConfig(forget_prompts="brad pitt, a man\n# note\nbrad pitt", remember_prompts="a dog\n\na cat\na dog",
+                        surrogate_prompt="  a middle aged man ")
+    assert cfg.forget_prompts == ("brad pitt", "a man") and cfg.remember_prompts == ("a dog", "a cat")
+    assert cfg.surrogate_prompt == "a middle aged man"
+    assert AmnesiaConfig(forget_prompts={"x": "a, b"}).forget_prompts == {"x": ("a", "b")}
+    assert replace(cfg, lam=0.0).forget_prompts == cfg.forget_prompts  # re-validation keeps parsed values
+    for bad in (dict(targets="attn"), dict(rank=0), dict(precision="fp16"), dict(timestep_batch=0), dict(alpha=-1.0),
+                dict(steps=-1), dict(lr=0.0), dict(lam=float("nan")), dict(surrogate_samples=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AmnesiaConfig(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lam = 1.0  # type: ignore[misc]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sae_core.ewc import ewc_backward, ewc_penalty, fisher_key, prepare_fisher
-from sae_core.lora import LoRAConv2d, LoRALinear
+from sae_core.amnesia.ewc import ewc_backward, ewc_penalty, fisher_key, prepare_fisher
+from sae_core.amnesia.lora import LoRAConv2d, LoRALinear
 
 LAM = 50.0
 

@@ -11,19 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from sae_core.ewc import ewc_penalty, fisher_key
-from sae_core.fisher import (
+from sae_core.amnesia.ewc import ewc_penalty, fisher_key
+from sae_core.amnesia.convert import convert_fisher_pickle, main
+from sae_core.amnesia.fisher import (
     compute_fisher,
-    convert_fisher_pickle,
     eps_mse_loss,
     eps_mse_loss_fn,
     fisher_params,
     load_fisher,
-    main,
     sample_generator,
     stratified_timesteps,
 )
-from sae_core.lora import inject_lora
+from sae_core.amnesia.lora import inject_lora
 
 D_IN, D_OUT, SIGMA = 4, 3, 0.5
 VARS = torch.tensor([0.5, 1.0, 2.0, 4.0])  # c_j = Var[x_j]
@@ -147,10 +146,14 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # Resuming a finished file is a no-op; a mismatched configuration is refused.
     again = compute_fisher(loss_fn, params, xs, 3, 30, out_path=path, progress=False)
     assert again.count == 23 and torch.equal(again["w"], full["w"])
-    with pytest.raises(ValueError, match="timesteps_per_sample"):
+    with pytest.raises(FileExistsError, match="timesteps_per_sample: '3' there, '4' now"):
         compute_fisher(loss_fn, params, xs, 4, 30, out_path=path, progress=False)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(FileExistsError, match="seed"):
         compute_fisher(loss_fn, params, xs, 3, 30, out_path=path, progress=False, seed=1)
+    redone = compute_fisher(loss_fn, params, xs[:4], 3, 30, out_path=path, progress=False, seed=1, redo_different=True)
+    assert redone.count == 4 and load_fisher(path).metadata["seed"] == "1"
+    fresh = compute_fisher(loss_fn, params, xs[:5], 3, 30, out_path=path, resume=False, progress=False)
+    assert fresh.count == 5 and load_fisher(path).count == 5
     fresh = compute_fisher(loss_fn, params, xs[:5], 3, 30, out_path=path, resume=False, progress=False)
     assert fresh.count == 5 and load_fisher(path).count == 5
 
@@ -334,12 +337,12 @@ def test_convert_reads_plain_pickle_dump(tmp_path, protocol):
 
 def test_convert_command_line(tmp_path, capsys):
     write_source(tmp_path / "fisher.pkl")
-    assert main(["convert", str(tmp_path / "fisher.pkl"), str(tmp_path / "x.safetensors"), "--targets", "xattn"]) == 0
+    assert main([str(tmp_path / "fisher.pkl"), str(tmp_path / "x.safetensors"), "--targets", "xattn"]) == 0
     assert "2 tensors" in capsys.readouterr().out
     assert len(load_fisher(tmp_path / "x.safetensors").fisher) == 2
-    assert main(["convert", str(tmp_path / "fisher.pkl"), str(tmp_path / "y.safetensors"),
+    assert main([str(tmp_path / "fisher.pkl"), str(tmp_path / "y.safetensors"),
                  "--targets", "input_blocks.1.1.proj_in,time_embed.0"]) == 0
-    assert main(["convert", str(tmp_path / "missing.pkl"), str(tmp_path / "z.safetensors")]) == 2
+    assert main([str(tmp_path / "missing.pkl"), str(tmp_path / "z.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

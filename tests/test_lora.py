@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae_core.lora import (
+from sae_core.amnesia.lora import (
     LoRAConv2d,
     LoRALayer,
     LoRALinear,

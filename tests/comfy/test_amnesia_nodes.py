@@ -68,8 +68,8 @@ def fisher_file(comfy, tiny):
 
 
 def test_compute_fisher_writes_target_fisher(comfy, tiny, fisher_file):
-    from sae_core.fisher import load_fisher
-    from sae_core.lora import select_targets
+    from sae_core.amnesia.fisher import load_fisher
+    from sae_core.amnesia.lora import select_targets
 
     model, clip = tiny
     path = Path(fisher_file)
@@ -204,6 +204,52 @@ def test_lambda_matters_and_fisher_must_cover_targets(comfy, tiny, fisher_file):
                    "normal", 64, 64, "fp32", "wrongtargets", fisher_path=fisher_file)
 
 
+def test_node_and_plugin_reach_one_pipeline_with_equal_settings(comfy, tiny, fisher_file, monkeypatch, tmp_path):
+    """The LoRA Train node and the MiniCanvas bench plug-in both call
+    ``sae_core.amnesia.pipeline.train_forgetting_lora``; equal node inputs and bench options give equal
+    settings; and the node's LoRA is exactly what that function returns for the node's arguments."""
+    from sae_core.amnesia import pipeline
+    from sae_core.amnesia.config import AmnesiaConfig
+    from sae_core.amnesia.lora import lora_state_dict
+    from sae_core.minicanvas.canvas import MiniCanvas
+    from sae_core.minicanvas.plugins import amnesia as plugin
+
+    calls = []
+    real = pipeline.train_forgetting_lora
+
+    def spy(host, config, *args, **kwargs):
+        calls.append((host, config, args, kwargs))
+        return real(host, config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_forgetting_lora", spy)
+    monkeypatch.setenv("SAE_CORE_CACHE", str(tmp_path))  # the shipped bank and Fisher are used; nothing is written
+    model, clip = tiny
+    # the values _train gives the node's inputs, as bench options
+    shared = dict(lam=10.0, gamma=1.0, rank=2, steps=3, lr=1e-2, batch_size=1, seed=0, targets="xattn", replay_target="base")
+    _, lora, _ = _train(comfy, model, clip, fisher_file, "one_pipeline", steps=3, lam=10.0)
+    # weight_decay and grad_clip are no node inputs: the node keeps the library's defaults
+    plugin.amnesia_method(MiniCanvas.load(judges=False), "style", ["striped"], **shared,
+                          weight_decay=AmnesiaConfig.weight_decay, quiet=True)
+    (node_host, node_cfg, node_args, node_kw), (plugin_host, plugin_cfg, _, _) = calls
+    assert type(node_host).__name__ == "ComfyAmnesiaHost" and isinstance(plugin_host, plugin.CanvasHost)
+    assert isinstance(node_cfg, AmnesiaConfig) and isinstance(plugin_cfg, AmnesiaConfig)
+    training = ("targets", "rank", "alpha", "steps", "lr", "batch_size", "lam", "gamma", "weight_decay", "grad_clip", "seed",
+                "replay_target")
+    assert {f: getattr(node_cfg, f) for f in training} == {f: getattr(plugin_cfg, f) for f in training}
+    assert {f: getattr(node_cfg, f) for f in shared} == shared
+    # a node input and the field it sets carry the same name
+    spec = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID].INPUT_TYPES()
+    inputs = set(spec["required"]) | set(spec["optional"])
+    assert set(AmnesiaConfig.field_names()) & inputs >= set(shared) | {
+        "forget_prompts", "surrogate_prompt", "remember_prompts", "surrogate_samples", "replay_per_prompt", "precision"}
+    assert node_cfg.forget_prompts == ("a photo of a cat", "a cat") and node_cfg.remember_prompts == ("a house", "a tree")
+    # the node is a thin host: the same call, from scratch, gives its LoRA exactly
+    again = real(node_host, node_cfg, *node_args, **{**node_kw, "checkpoint": None, "should_stop": None, "callback": None})
+    redo = lora_state_dict(again.adapters)
+    assert set(redo) == set(lora)
+    assert all(torch.equal(redo[k].detach().float(), lora[k]) for k in lora)
+
+
 def test_unsupported_model_is_refused(comfy):
     import comfy.model_patcher as comfy_model_patcher
     import comfy.supported_models as comfy_supported_models
@@ -221,6 +267,9 @@ def test_unsupported_model_is_refused(comfy):
         sdxl = comfy_model_patcher.ModelPatcher(cfg.get_model({}, device="meta"), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match="SD1.x/SD2.x"):
         comfy.nodes_pkg.amnesia.check_model(sdxl)
+    with pytest.raises(ValueError, match="SD1.x/SD2.x"):
+        comfy.nodes_pkg.amnesia.SALoRATrain().train(sdxl, None, "a cat", "a dog", REMEMBER, 0.0, 1.0, 2, 1, 1e-2, 1, 0, "xattn",
+                                                     1, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", "sdxl")
 
 
 def test_workflow_matches_the_node_definitions(comfy):

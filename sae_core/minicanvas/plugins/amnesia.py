@@ -8,12 +8,12 @@ What a run does (``methods/selective_amnesia.md``, scaled down to MiniCanvas):
    8 unstyled) with a few seeds disjoint from the bench's evaluation seeds. Cached as
    safetensors + JSON in ``$SAE_CORE_CACHE/amnesia_minicanvas/<unet fingerprint>/``
    (default ``~/.cache/sae_core``).
-2. **Fisher** (once per model and target preset): the reference estimator
-   (:func:`sae_core.fisher.compute_fisher`: per-sample gradient of the eps-MSE summed over
-   stratified timesteps, scaled by T/K, squared per sample) over the whole bank, for the base
-   weights of the LoRA targets. Cached beside the bank.
-3. **Training** (per erasure): a LoRA on a deepcopy of the UNet, trained with
-   :class:`sae_core.amnesia.AmnesiaTrainer`:
+2. **Fisher** (once per model and target preset): :func:`sae_core.amnesia.pipeline.estimate_fisher`,
+   the reference estimator (per-sample gradient of the eps-MSE summed over stratified timesteps,
+   scaled by T/K, squared per sample) over the whole bank, for the base weights of the LoRA
+   targets, with seed 0 whatever the erasure's seed (one Fisher per model). Cached beside the bank.
+3. **Training** (per erasure): :func:`sae_core.amnesia.pipeline.train_forgetting_lora`, the
+   function the ComfyUI node calls, with a LoRA injected into a deepcopy of the UNet:
 
    * forget prompts: every prompt naming the erased concept(s);
    * surrogate: for a style, the base model's images of the *same object in the other styles*
@@ -29,7 +29,9 @@ What a run does (``methods/selective_amnesia.md``, scaled down to MiniCanvas):
    the input canvas is untouched.
 
 Factory options (``--option key=value`` on the bench command line) are the fields of
-:class:`AmnesiaRecipe`, e.g. ``--option lam=0`` to switch EWC off or ``--option steps=200``.
+:class:`sae_core.amnesia.AmnesiaConfig` (the names the ComfyUI node's inputs carry; defaults in
+:data:`RECIPE`) and of :class:`CanvasOptions` (what only MiniCanvas has), e.g. ``--option lam=0``
+to switch EWC off or ``--option steps=200``.
 
 The bank and Fisher of the default recipe may ship in ``sae_core/minicanvas/weights/``
 (``python -m sae_core.minicanvas.plugins.amnesia prepare --out sae_core/minicanvas/weights``); they are
@@ -46,22 +48,29 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ...amnesia import AmnesiaConfig, AmnesiaTrainer, SampleSet, cached_samples, load_samples, noise_samples
-from ...fisher import compute_fisher, eps_mse_loss_fn, fisher_params, load_fisher
-from ...lora import TARGET_PRESETS, inject_lora, merge_lora
+from ...amnesia import pipeline
+from ...amnesia.config import AmnesiaConfig
+from ...amnesia.fisher import fisher_params
+from ...amnesia.lora import TARGET_PRESETS, inject_lora, merge_lora
+from ...amnesia.pipeline import FisherTraining, LoRATraining
+from ...amnesia.samples import SampleSet, cached_samples, load_samples, noise_samples
 from .. import files as mc_files
 from ..files import unet_fingerprint
 from ..data import styled_prompt, unstyled_prompt
 from ..methods import validate_concepts
 
 __all__ = [
-    "AmnesiaRecipe",
+    "CanvasOptions",
+    "Recipe",
+    "CanvasHost",
     "AmnesiaReport",
     "KIND_DEFAULTS",
     "RECIPE",
@@ -75,37 +84,10 @@ __all__ = [
 ]
 
 
-@dataclass
-class AmnesiaRecipe:
-    """Settings of the MiniCanvas ``amnesia`` method (every field is a factory option)."""
+@dataclass(frozen=True)
+class CanvasOptions:
+    """Settings only the MiniCanvas method has (factory options besides the :class:`AmnesiaConfig` fields)."""
 
-    targets: str = "xattn"
-    """LoRA target preset: xattn, noxattn or full (the Fisher is computed for the same preset)."""
-    rank: int = 4
-    """LoRA rank."""
-    alpha: Optional[float] = None
-    """LoRA alpha (None: equal to the rank, scale 1)."""
-    steps: int = 100
-    """Optimiser steps per erasure."""
-    lr: float = 1e-2
-    """AdamW learning rate."""
-    batch_size: int = 8
-    """Surrogate examples per step (and as many replay examples)."""
-    lam: float = 0.1
-    """EWC weight (0 switches EWC off). Not the reference's 50: with the same Fisher scale, the
-    per-element mean eps-MSE of 3x32x32 pixel images calls for a much smaller weight here (lambda is
-    not portable between setups). See :data:`KIND_DEFAULTS` for what it trades."""
-    gamma: float = 1.0
-    """Replay weight (0 switches generative replay off)."""
-    replay_target: str = "base"
-    """Replay regression target: ``base`` (the frozen model's prediction at the same noisy input) or
-    ``noise`` (the drawn eps, the reference). See :data:`KIND_DEFAULTS` for what it changes."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on the LoRA factors."""
-    grad_clip: Optional[float] = 1.0
-    """Gradient-norm clip."""
-    seed: int = 0
-    """Seed of the LoRA initialisation and of the training draws."""
     surrogate: str = "partner"
     """What the forget prompts learn to produce: ``partner`` (style S: the same object in the fixed
     partner style; object O: the partner object in the same style), ``mixed`` (all the other
@@ -117,16 +99,32 @@ class AmnesiaRecipe:
     """Sampling seeds of the data bank (disjoint from the bench's evaluation seeds)."""
     bank_steps: Optional[int] = None
     """DDIM steps of the data bank (None: the model's default)."""
-    fisher_timesteps: int = 16
-    """K: stratified timesteps per Fisher sample (the T/K scaling keeps the reference scale)."""
     threads: int = 0
     """torch CPU threads during the run (0: leave torch's setting alone)."""
     quiet: bool = False
     """No progress bars or summary line."""
 
 
-RECIPE = AmnesiaRecipe()
-"""Defaults of the factory."""
+class Recipe(NamedTuple):
+    """A MiniCanvas run's settings: the pipeline's and the canvas's."""
+
+    settings: AmnesiaConfig
+    """What the pipeline gets (the forget prompts are filled in per erasure)."""
+    canvas: CanvasOptions
+    """How the bank and the surrogates are made."""
+
+
+RECIPE = Recipe(
+    AmnesiaConfig(targets="xattn", rank=4, alpha=None, steps=100, lr=1e-2, batch_size=8, lam=0.1, gamma=1.0,
+                  replay_target="base", weight_decay=0.0, grad_clip=1.0, seed=0, checkpoint_every=20,
+                  timesteps_per_sample=16),
+    CanvasOptions(),
+)
+"""Defaults of the factory. ``lam`` is not the reference's 50: with the same Fisher scale, the
+per-element mean eps-MSE of 3x32x32 pixel images calls for a much smaller weight here (lambda is
+not portable between setups); see :data:`KIND_DEFAULTS` for what it trades. ``replay_target``
+``base`` regresses replay onto the frozen model's prediction (``noise`` is the reference's target).
+``checkpoint_every`` applies to the Fisher only (erasures are not checkpointed)."""
 
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {"style": {"lam": 0.03}, "object": {"lam": 0.3}}
 """Per-kind changes to :data:`RECIPE` (before the caller's options), measured over all eight
@@ -156,7 +154,8 @@ class AmnesiaReport(NamedTuple):
     replay_count: int
     """Replay samples."""
     recipe: dict[str, Any]
-    """The settings used (:data:`RECIPE`, the kind's :data:`KIND_DEFAULTS`, the caller's options)."""
+    """The settings used (:data:`RECIPE`, the kind's :data:`KIND_DEFAULTS`, the caller's options),
+    flat, as the factory options name them (the per-erasure forget prompts left out)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,9 +197,47 @@ def _canvas_sampler(canvas: Any, steps: Optional[int]):
     return sampler
 
 
-def _bank_settings(canvas: Any, recipe: AmnesiaRecipe) -> dict[str, Any]:
+class CanvasHost:
+    """A MiniCanvas as the pipeline's :class:`~sae_core.amnesia.pipeline.AmnesiaHost`.
+
+    Training works on a deepcopy of the UNet with LoRA layers injected (kept as :attr:`unet`, so
+    the plug-in can merge it); the Fisher on another deepcopy whose target weights take gradients.
+    The canvas is never modified. Everything runs in fp32 (``precision`` does not apply).
+    """
+
+    def __init__(self, canvas: Any, sample_steps: Optional[int] = None) -> None:
+        self.canvas = canvas
+        self.device = canvas.device
+        self.alphas_cumprod = canvas.schedule.alphas_cumprod
+        self.sample_steps = sample_steps
+        self.unet: Optional[torch.nn.Module] = None
+        """The UNet copy of the last :meth:`lora_training`, its LoRA layers still injected."""
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.canvas.encode_text_default(prompts)
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        base = self.canvas.replace(hooks=[], encode_fn=None)
+        return _canvas_sampler(base, self.sample_steps)(prompts, seeds)
+
+    @contextmanager
+    def lora_training(self, config: AmnesiaConfig, generator: torch.Generator) -> Iterator[LoRATraining]:
+        unet = copy.deepcopy(self.canvas.unet).eval()
+        adapters = inject_lora(unet, config.targets, config.rank, config.alpha, generator=generator)
+        self.unet = unet
+        yield LoRATraining(unet, adapters)
+
+    @contextmanager
+    def fisher_training(self, config: AmnesiaConfig) -> Iterator[FisherTraining]:
+        unet = copy.deepcopy(self.canvas.unet).eval()
+        unet.requires_grad_(False)
+        yield FisherTraining(unet, fisher_params(unet, config.targets))
+
+
+def _bank_settings(canvas: Any, recipe: Recipe) -> dict[str, Any]:
+    opts = recipe.canvas
     return {"unet": unet_fingerprint(canvas.unet), "prompts": [p for p, _, _ in prompt_table(canvas)],
-            "seeds": [int(s) for s in recipe.bank_seeds], "steps": int(recipe.bank_steps or canvas.default_steps),
+            "seeds": [int(s) for s in opts.bank_seeds], "steps": int(opts.bank_steps or canvas.default_steps),
             "cfg": float(canvas.default_cfg)}
 
 
@@ -208,9 +245,9 @@ def _bank_name(settings: dict[str, Any]) -> str:
     return f"amnesia_bank_{'-'.join(map(str, settings['seeds']))}_{settings['steps']}.safetensors"
 
 
-def data_bank(canvas: Any, recipe: AmnesiaRecipe = RECIPE, progress: bool = True,
+def data_bank(canvas: Any, recipe: Recipe = RECIPE, progress: bool = True,
               out_dir: Optional[Path] = None) -> SampleSet:
-    """Base-model samples of every MiniCanvas prompt x ``recipe.bank_seeds``.
+    """Base-model samples of every MiniCanvas prompt x ``recipe.canvas.bank_seeds``.
 
     Read from the shipped weights or the cache when a file made with the same settings (model
     fingerprint included) exists; otherwise generated and written to ``out_dir`` (default: the cache).
@@ -225,51 +262,34 @@ def data_bank(canvas: Any, recipe: AmnesiaRecipe = RECIPE, progress: bool = True
                 continue
             if meta.get("settings") == json.loads(json.dumps(settings)):
                 return found
-    base = canvas.replace(hooks=[], encode_fn=None)
-    sampler = _canvas_sampler(base, settings["steps"])
+    host = CanvasHost(canvas, settings["steps"])
 
     def make() -> SampleSet:
         # one sampler call per seed covers every prompt; rows are prompt-major
         pairs = [(p, s) for p in settings["prompts"] for s in settings["seeds"]]
-        x = sampler([p for p, _ in pairs], [s for _, s in pairs])
+        x = host.sample([p for p, _ in pairs], [s for _, s in pairs])
         return SampleSet(x, [p for p, _ in pairs])
 
     # fp16 halves the file; pixel values in [-1, 1] lose nothing that matters at 8-bit colour depth
     return cached_samples(Path(out_dir or cache_dir(canvas)) / name, settings, make, dtype=torch.float16)
 
 
-def minicanvas_fisher(canvas: Any, bank: SampleSet, recipe: AmnesiaRecipe = RECIPE, progress: bool = True,
+def minicanvas_fisher(canvas: Any, bank: SampleSet, recipe: Recipe = RECIPE, progress: bool = True,
                       out_dir: Optional[Path] = None) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher of the base weights of ``recipe.targets`` over ``bank``.
+    """Diagonal Fisher of the base weights of ``recipe.settings.targets`` over ``bank`` (seed 0).
 
-    Read from the shipped weights or the cache when a file for this model, bank and K exists;
-    otherwise computed (resumable) and written to ``out_dir`` (default: the cache).
+    Reused from the shipped weights or the cache when a complete file for this model, bank, K and
+    targets exists; otherwise computed (resumable) into ``out_dir`` (default: the cache).
     """
-    if recipe.targets not in TARGET_PRESETS:
-        raise ValueError(f"targets must be one of {', '.join(TARGET_PRESETS)}, got {recipe.targets!r}")
-    k = int(recipe.fisher_timesteps)
-    big_t = int(canvas.schedule.num_train_timesteps)
+    settings = replace(recipe.settings, seed=0)  # one Fisher per model, whatever the erasure's seed
     # keyed by the bank's settings (not its bytes, which may differ in the last bits across machines)
     bank_digest = hashlib.sha256(json.dumps(_bank_settings(canvas, recipe), sort_keys=True).encode()).hexdigest()[:16]
-    fp = unet_fingerprint(canvas.unet)
-    name = f"amnesia_fisher_{recipe.targets}_k{k}_{bank_digest}.safetensors"
-    for folder in ([] if out_dir is not None else _search_dirs(canvas)):
-        if (folder / name).is_file():
-            f = load_fisher(folder / name)
-            if f.count == len(bank) and f.metadata.get("unet") == fp and f.metadata.get("bank") == bank_digest:
-                return f.fisher
-    unet = copy.deepcopy(canvas.unet).eval()
-    unet.requires_grad_(False)
-    params = fisher_params(unet, recipe.targets)
-    with torch.no_grad():
-        unique = sorted(set(bank.prompts))
-        enc = canvas.encode_text_default(unique)
-    contexts = {p: enc[i : i + 1] for i, p in enumerate(unique)}
-    samples = [(bank.samples[i : i + 1], contexts[p]) for i, p in enumerate(bank.prompts)]
-    loss_fn = eps_mse_loss_fn(unet, canvas.schedule.alphas_cumprod, device=canvas.device)
-    est = compute_fisher(loss_fn, params, samples, timesteps_per_sample=k, total_timesteps=big_t,
-                         out_path=Path(out_dir or cache_dir(canvas)) / name, resume=True, progress=progress, seed=0,
-                         metadata={"unet": fp, "bank": bank_digest, "targets_preset": recipe.targets})
+    name = f"amnesia_fisher_{settings.targets}_k{settings.timesteps_per_sample}_{bank_digest}.safetensors"
+    search = [] if out_dir is not None else [folder / name for folder in _search_dirs(canvas)]
+    est = pipeline.estimate_fisher(
+        CanvasHost(canvas), settings, lambda: bank, len(bank), Path(out_dir or cache_dir(canvas)) / name,
+        identity={"unet": unet_fingerprint(canvas.unet), "bank": bank_digest, "targets_preset": settings.targets},
+        search=search, progress=progress)
     return {n: v.detach().cpu() for n, v in est.items()}
 
 
@@ -282,7 +302,7 @@ def _split(canvas: Any, prompt: str) -> tuple[int, int]:
 
 
 def erasure_data(canvas: Any, kind: str, concepts: list[str], bank: SampleSet,
-                 recipe: AmnesiaRecipe = RECIPE) -> tuple[SampleSet, Any, SampleSet]:
+                 recipe: Recipe = RECIPE) -> tuple[SampleSet, Any, SampleSet]:
     """``(surrogate, forget_prompts, replay)`` for erasing ``concepts`` of ``kind``.
 
     ``forget_prompts`` is a mapping ``{surrogate prompt: [forget prompts]}`` for the image
@@ -297,17 +317,17 @@ def erasure_data(canvas: Any, kind: str, concepts: list[str], bank: SampleSet,
 
     replay = bank.select([i for i, (o, s) in enumerate(labels) if not involves_target(o, s)])
     forget_all = sorted({p for p, o, s in prompt_table(canvas) if involves_target(o, s)})
-    mode = recipe.surrogate
+    mode = recipe.canvas.surrogate
     if mode == "noise":
-        n = max(len(forget_all), 2 * recipe.batch_size)
-        return noise_samples(n, tuple(bank.samples.shape[1:]), "noise", seed=recipe.seed), forget_all, replay
+        n = max(len(forget_all), 2 * recipe.settings.batch_size)
+        return noise_samples(n, tuple(bank.samples.shape[1:]), "noise", seed=recipe.settings.seed), forget_all, replay
 
     mapping: dict[str, list[str]] = {}
     keep: list[int] = []
     n = len(names)
 
     def partner_of(t: int) -> int:
-        p = (t + recipe.partner_offset) % n
+        p = (t + recipe.canvas.partner_offset) % n
         while p in target:  # never stand in with another erased concept
             p = (p + 1) % n
         return p
@@ -341,56 +361,63 @@ def erasure_data(canvas: Any, kind: str, concepts: list[str], bank: SampleSet,
 # ---------------------------------------------------------------------------------------------
 
 
-def _recipe(options: dict[str, Any]) -> AmnesiaRecipe:
-    known = {f.name for f in fields(AmnesiaRecipe)}
-    bad = sorted(set(options) - known)
+NOT_OPTIONS = ("forget_prompts", "surrogate_prompt", "remember_prompts", "surrogate_samples", "replay_per_prompt",
+               "precision")
+""":class:`AmnesiaConfig` fields that are no factory options: the bank supplies the data, per erasure,
+and MiniCanvas runs in fp32."""
+
+
+def _recipe(options: dict[str, Any]) -> Recipe:
+    setting_names = set(AmnesiaConfig.field_names()) - set(NOT_OPTIONS)
+    canvas_names = {f.name for f in fields(CanvasOptions)}
+    bad = sorted(set(options) - setting_names - canvas_names)
     if bad:
-        raise ValueError(f"unknown amnesia option(s) {bad}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown amnesia option(s) {bad}; known: {', '.join(sorted(setting_names | canvas_names))}")
     opts = dict(options)
     if "bank_seeds" in opts:
         v = opts["bank_seeds"]
         opts["bank_seeds"] = tuple(int(s) for s in (v if isinstance(v, (list, tuple)) else str(v).split(",")))
-    return replace(RECIPE, **opts)
+    return Recipe(replace(RECIPE.settings, **{k: v for k, v in opts.items() if k in setting_names}),
+                  replace(RECIPE.canvas, **{k: v for k, v in opts.items() if k in canvas_names}))
 
 
 def amnesia_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
     """Erase ``concepts`` (styles or objects) from ``canvas`` with Selective Amnesia.
 
     Returns a copy of the canvas whose UNet is a deepcopy with the trained LoRA merged in, and
-    an :class:`AmnesiaReport` as ``amnesia_report``. ``options`` are :class:`AmnesiaRecipe` fields.
+    an :class:`AmnesiaReport` as ``amnesia_report``. ``options`` are :class:`AmnesiaConfig` fields
+    (less :data:`NOT_OPTIONS`) and :class:`CanvasOptions` fields.
     """
     concepts = validate_concepts(canvas, kind, concepts)
     recipe = _recipe({**KIND_DEFAULTS.get(kind, {}), **options})
+    settings, opts = recipe
     old_threads = torch.get_num_threads()
-    if recipe.threads:
-        torch.set_num_threads(int(recipe.threads))
+    if opts.threads:
+        torch.set_num_threads(int(opts.threads))
     try:
-        progress = not recipe.quiet
+        progress = not opts.quiet
         t0 = time.perf_counter()
         bank = data_bank(canvas, recipe, progress=progress)
-        fisher = minicanvas_fisher(canvas, bank, recipe, progress=progress) if recipe.lam > 0 else None
+        fisher = minicanvas_fisher(canvas, bank, recipe, progress=progress) if settings.lam > 0 else None
         surrogate, forget, replay = erasure_data(canvas, kind, concepts, bank, recipe)
         t1 = time.perf_counter()
 
-        unet = copy.deepcopy(canvas.unet).eval()
-        gen = torch.Generator().manual_seed(int(recipe.seed))
-        loras = inject_lora(unet, recipe.targets, recipe.rank, recipe.alpha, generator=gen)
-        config = AmnesiaConfig(steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, lam=recipe.lam,
-                               gamma=recipe.gamma, weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip,
-                               seed=recipe.seed, checkpoint_every=0, replay_target=recipe.replay_target)
-        trainer = AmnesiaTrainer(config, unet, canvas.schedule.alphas_cumprod, canvas.encode_text_default, loras,
-                                 surrogate, forget, replay=replay if recipe.gamma > 0 else None, fisher=fisher,
-                                 device=canvas.device)
-        result = trainer.train(progress=progress)
+        host = CanvasHost(canvas)
+        run = pipeline.train_forgetting_lora(host, replace(settings, forget_prompts=forget), surrogate, replay, fisher,
+                                             progress=progress)
+        result = run.result
+        unet = host.unet
+        assert unet is not None
         merge_lora(unet)
         unet.requires_grad_(False)
         t2 = time.perf_counter()
     finally:
-        if recipe.threads:
+        if opts.threads:
             torch.set_num_threads(old_threads)
     flat_forget = sorted({p for v in forget.values() for p in v}) if isinstance(forget, dict) else list(forget)
-    report = AmnesiaReport(result.history, t2 - t1, t1 - t0, flat_forget, len(surrogate), len(replay), asdict(recipe))
-    if not recipe.quiet:
+    used = {k: v for k, v in asdict(settings).items() if k not in NOT_OPTIONS}
+    report = AmnesiaReport(result.history, t2 - t1, t1 - t0, flat_forget, len(surrogate), len(replay), {**used, **asdict(opts)})
+    if not opts.quiet:
         last = result.history[-1] if result.history else {}
         print(f"amnesia {kind}:{','.join(concepts)}: {result.steps} steps in {t2 - t1:.1f}s "
               f"(bank+Fisher {t1 - t0:.1f}s); final surrogate {last.get('surrogate', float('nan')):.4f} "
@@ -399,8 +426,6 @@ def amnesia_method(canvas: Any, kind: str, concepts: list[str], **options: Any) 
     edited = canvas.replace(unet=unet)
     edited.amnesia_report = report
     return edited
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,14 +441,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="build the data bank and Fisher of the default recipe")
-    p.add_argument("--targets", default=RECIPE.targets, choices=TARGET_PRESETS)
+    p.add_argument("--targets", default=RECIPE.settings.targets, choices=TARGET_PRESETS)
     p.add_argument("--out", type=Path, default=None,
                    help=f"write the files here (e.g. {mc_files.WEIGHTS_DIR} to ship them); default: the cache")
     p.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     canvas = MiniCanvas.load(judges=False)
-    recipe = replace(RECIPE, targets=a.targets)
+    recipe = Recipe(replace(RECIPE.settings, targets=a.targets), RECIPE.canvas)
     t0 = time.perf_counter()
     bank = data_bank(canvas, recipe, out_dir=a.out)
     t1 = time.perf_counter()
@@ -431,7 +456,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t2 = time.perf_counter()
     total = sum(v.numel() for v in fisher.values())
     mean = sum(float(v.sum()) for v in fisher.values()) / max(total, 1)
-    print(f"bank: {len(bank)} samples ({t1 - t0:.1f}s); Fisher {recipe.targets}: {len(fisher)} tensors, {total} values, "
+    print(f"bank: {len(bank)} samples ({t1 - t0:.1f}s); Fisher {recipe.settings.targets}: {len(fisher)} tensors, {total} values, "
           f"mean {mean:.3g} ({t2 - t1:.1f}s) -> {a.out or cache_dir(canvas)}")
     return 0
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artefacts import save_tensors
+from ..artefacts import load_tensors, read_metadata, save_tensors
 
 __all__ = [
     "TARGET_PRESETS",
@@ -86,6 +86,19 @@ Targets = Union[str, Iterable[str]]
 # --------------------------------------------------------------------------- layers
 
 
+def _set_rank_alpha(layer: nn.Module, rank: int, alpha: Optional[float]) -> None:
+    """Check and set ``rank``, ``alpha`` (default: the rank), ``scale = alpha / rank`` and ``strength = 1``."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+    layer.rank = rank
+    layer.alpha = alpha
+    layer.scale = alpha / rank
+    layer.strength = 1.0
+
+
 class LoRALayer(nn.Module):
     """Common part of :class:`LoRALinear` and :class:`LoRAConv2d`.
 
@@ -103,16 +116,8 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: Optional[float]) -> None:
         super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        alpha = float(rank if alpha is None else alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+        _set_rank_alpha(self, rank, alpha)
         self.base = base
-        self.rank = rank
-        self.alpha = alpha
-        self.scale = alpha / rank
-        self.strength = 1.0
         for p in base.parameters():
             p.requires_grad_(False)
 
@@ -241,16 +246,8 @@ class LoRADelta(nn.Module):
         shape = tuple(int(d) for d in weight_shape)
         if len(shape) not in (2, 4):
             raise ValueError(f"LoRADelta adapts 2-D (Linear) or 4-D (Conv2d) weights, got shape {shape}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        alpha = float(rank if alpha is None else alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+        _set_rank_alpha(self, rank, alpha)
         self.weight_shape = shape
-        self.rank = rank
-        self.alpha = alpha
-        self.scale = alpha / rank
-        self.strength = 1.0
         out_dim, in_shape = shape[0], shape[1:]
         up_shape = (out_dim, rank) if len(shape) == 2 else (out_dim, rank, 1, 1)
         # A is created on the CPU so that its initialisation does not depend on the device.
@@ -504,23 +501,12 @@ def save_lora(path: Union[str, os.PathLike], state_dict: Mapping[str, torch.Tens
 
 def load_lora_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """Read a LoRA safetensors file onto the CPU."""
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    return load_file(path, device="cpu")
+    return load_tensors(path, what="LoRA file")
 
 
 def load_lora_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
     """The string metadata stored in a LoRA safetensors file."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_metadata(path, "LoRA file")
 
 
 def _resolve_module(root: nn.Module, key: str, prefix: str) -> Optional[nn.Module]:

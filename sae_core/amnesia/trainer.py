@@ -12,8 +12,8 @@ code's form, no 1/2 on the penalty):
   is unstable and is not offered.)
 * ``L_replay``: the same loss on samples the frozen base model generated for *remember*
   prompts, each conditioned on its own prompt (generative replay).
-* EWC: the exact penalty on LoRA deltas (:mod:`sae_core.ewc`), F the diagonal Fisher of the
-  base weights (:mod:`sae_core.fisher`).
+* EWC: the exact penalty on LoRA deltas (:mod:`sae_core.amnesia.ewc`), F the diagonal Fisher of
+  the base weights (:mod:`sae_core.amnesia.fisher`).
 
 The surrogate and replay halves draw their timesteps and noise independently; forget prompts
 are drawn uniformly per example (``"sexual, nudity, naked"`` -> one of the three). There is no
@@ -23,24 +23,17 @@ uninterrupted one would.
 
 The trainer is generic: it needs an eps-prediction denoiser ``eps(x_t, t, context)`` (a UNet
 called as ``unet(x, t, context)``), the ``alphas_cumprod`` of its schedule, a text encoder
-``encode(prompts) -> [B, L, D]`` and LoRA factors (:func:`sae_core.lora.inject_lora` layers on a
-model copy, or :class:`sae_core.lora.LoRADelta` weight functions).
-
-Data
-----
-:class:`SampleSet` holds samples (images or latents in the denoiser's space, ``[N, ...]``) and
-the prompt of each. :func:`generate_samples` draws them from the base model through a
-caller-provided sampler ``sampler(prompts, seeds) -> [B, ...]`` (row ``i`` for
-``(prompts[i], seeds[i])``); :func:`noise_samples` makes uniform-noise surrogates;
-:func:`save_samples` / :func:`load_samples` / :func:`cached_samples` store them as safetensors
-plus a JSON sidecar (prompts and the settings they were made with).
+``encode(prompts) -> [B, L, D]`` and LoRA factors (:func:`sae_core.amnesia.lora.inject_lora`
+layers on a model copy, or :class:`sae_core.amnesia.lora.LoRADelta` weight functions). Hosts
+reach it through :func:`sae_core.amnesia.pipeline.train_forgetting_lora`.
 
 Checkpoints
 -----------
 One safetensors file: the LoRA factors (``lora.<module>.up`` / ``.down``), the AdamW state
-(``optim.<i>.<field>``) and metadata (step, config, loss history, a digest of the data). Resuming
-checks that everything that shapes the run (config except ``steps``/``checkpoint_every``, LoRA
-shapes, data digest) matches, so ``steps`` can be raised to continue a finished run.
+(``optim.<i>.<field>``) and metadata (step, identity, config, loss history). The identity is
+everything that shapes the run (config except ``steps``/``checkpoint_every`` and the Fisher-only
+fields, LoRA shapes, a digest of the data); :mod:`sae_core.amnesia.resumable` decides from it
+whether a file is resumed, reused (``steps`` reached; raise ``steps`` to continue) or refused.
 """
 
 from __future__ import annotations
@@ -50,7 +43,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -58,31 +51,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..artefacts import Action, load_tensors, read_metadata, save_tensors
+from ..prompts import parse_names
+from .config import FISHER_ONLY_FIELDS, AmnesiaConfig, ForgetPrompts
 from .ewc import ewc_penalty, prepare_fisher
 from .fisher import eps_mse_loss, sample_generator
-from .artefacts import save_json, save_tensors
-from .prompts import parse_names
+from .resumable import decide_checkpoint, run_units
+from .samples import SampleSet, normalise
 
 __all__ = [
-    "SAMPLES_FORMAT",
     "CHECKPOINT_FORMAT",
     "LOSS_TERMS",
-    "REPLAY_TARGETS",
-    "SampleSet",
-    "AmnesiaConfig",
     "AmnesiaResult",
     "AmnesiaTrainer",
     "step_generator",
-    "generate_samples",
-    "noise_samples",
-    "save_samples",
-    "load_samples",
-    "cached_samples",
+    "forget_lists",
+    "prompts_to_encode",
     "loss_curve_image",
 ]
-
-SAMPLES_FORMAT = "sae_core.amnesia.samples"
-"""``format`` field of a sample set's JSON sidecar."""
 
 CHECKPOINT_FORMAT = "sae_core.amnesia.checkpoint"
 """``format`` metadata field of a training checkpoint."""
@@ -93,39 +79,6 @@ LOSS_TERMS = ("loss", "surrogate", "replay", "ewc")
 PathLike = Union[str, os.PathLike]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Encoder = Callable[[list[str]], torch.Tensor]
-Sampler = Callable[[list[str], list[int]], torch.Tensor]
-
-
-# --------------------------------------------------------------------------- data
-
-
-class SampleSet(NamedTuple):
-    """Training samples and the prompt each was generated from."""
-
-    samples: torch.Tensor
-    """``[N, ...]`` in the denoiser's input space (pixels in [-1, 1], or scaled latents)."""
-    prompts: list[str]
-    """``N`` prompts; a replay sample is trained with its own prompt."""
-
-    def __len__(self) -> int:  # type: ignore[override]
-        return int(self.samples.shape[0])
-
-    def select(self, index: Sequence[int]) -> "SampleSet":
-        """The rows ``index``, in that order."""
-        idx = list(index)
-        return SampleSet(self.samples[torch.as_tensor(idx, dtype=torch.long)], [self.prompts[i] for i in idx])
-
-    def where(self, keep: Callable[[str], bool]) -> "SampleSet":
-        """The rows whose prompt satisfies ``keep``."""
-        return self.select([i for i, p in enumerate(self.prompts) if keep(p)])
-
-    @staticmethod
-    def concat(sets: Sequence["SampleSet"]) -> "SampleSet":
-        """All rows of ``sets``, in order."""
-        sets = [s for s in sets if len(s)]
-        if not sets:
-            raise ValueError("SampleSet.concat: nothing to concatenate")
-        return SampleSet(torch.cat([s.samples for s in sets]), [p for s in sets for p in s.prompts])
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -133,188 +86,7 @@ def step_generator(seed: int, index: int) -> torch.Generator:
     return sample_generator(seed, index)
 
 
-def generate_samples(
-    sampler: Sampler,
-    prompts: Sequence[str],
-    per_prompt: int = 1,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-    should_stop: Optional[Callable[[], bool]] = None,
-    callback: Optional[Callable[[int, int], None]] = None,
-) -> SampleSet:
-    """``per_prompt`` samples of every prompt from the base model, prompt-major.
-
-    Sample ``j`` of prompt ``i`` uses seed ``seed + i * per_prompt + j``, so the set does not
-    depend on ``batch_size``. ``sampler(prompts, seeds)`` returns one row per (prompt, seed) pair.
-
-    Raises:
-        ValueError: no prompt, a bad count, or a sampler returning the wrong number of rows.
-        InterruptedError: ``should_stop()`` became true (nothing is returned half-made).
-    """
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("generate_samples: the prompt list is empty")
-    if per_prompt < 1 or batch_size < 1:
-        raise ValueError(f"generate_samples: per_prompt and batch_size must be >= 1, got {per_prompt}, {batch_size}")
-    pairs = [(p, int(seed) + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
-    from tqdm.auto import tqdm
-
-    out = []
-    with torch.no_grad(), tqdm(total=len(pairs), desc="samples", unit="sample", disable=not progress, leave=False) as bar:
-        for b0 in range(0, len(pairs), batch_size):
-            if should_stop is not None and should_stop():
-                raise InterruptedError("sample generation was stopped")
-            chunk = pairs[b0 : b0 + batch_size]
-            x = sampler([p for p, _ in chunk], [s for _, s in chunk])
-            if not isinstance(x, torch.Tensor) or x.shape[0] != len(chunk):
-                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"the sampler returned {got} for {len(chunk)} (prompt, seed) pairs; expected one row each")
-            out.append(x.detach().to("cpu", torch.float32).clone())
-            bar.update(len(chunk))
-            if callback is not None:
-                callback(b0 + len(chunk), len(pairs))
-    return SampleSet(torch.cat(out), [p for p, _ in pairs])
-
-
-def noise_samples(n: int, shape: Sequence[int], prompt: str = "", seed: int = 0,
-                  low: float = -1.0, high: float = 1.0) -> SampleSet:
-    """``n`` uniform-noise samples in ``[low, high)`` (the reference's DDPM/VAE surrogate)."""
-    if n < 1:
-        raise ValueError(f"noise_samples: n must be >= 1, got {n}")
-    if not high > low:
-        raise ValueError(f"noise_samples: need high > low, got [{low}, {high})")
-    gen = torch.Generator().manual_seed(int(seed))
-    x = torch.rand((n, *[int(d) for d in shape]), generator=gen) * (high - low) + low
-    return SampleSet(x, [prompt] * n)
-
-
-def _sidecar(path: PathLike) -> Path:
-    return Path(path).with_suffix(".json")
-
-
-def _normalise(obj: Any) -> Any:
-    """JSON round trip, so settings compare equal whether they came from a file or not."""
-    return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def save_samples(path: PathLike, samples: SampleSet, metadata: Optional[Mapping[str, Any]] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-    """Write ``samples`` to ``path`` (safetensors in ``dtype``) and prompts + metadata to ``path``'s ``.json``.
-
-    Both files are written atomically, the JSON last: a set is complete when its JSON exists.
-    :func:`load_samples` returns fp32 whatever was stored (fp16 halves the size of image sets).
-    """
-    path = Path(path)
-    if len(samples.prompts) != samples.samples.shape[0]:
-        raise ValueError(f"save_samples: {samples.samples.shape[0]} samples but {len(samples.prompts)} prompts")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    side = _sidecar(path)
-    if side.exists():
-        side.unlink()  # the pair is incomplete until the new JSON lands
-    tensors = {"samples": samples.samples.detach().to("cpu", dtype).contiguous()}
-    save_tensors(path, tensors, {"format": SAMPLES_FORMAT})
-    doc = {"format": SAMPLES_FORMAT, "count": len(samples.prompts), "shape": list(samples.samples.shape[1:]),
-           "prompts": list(samples.prompts), "metadata": _normalise(dict(metadata or {}))}
-    save_json(side, doc, sort_keys=False)
-
-
-def load_samples(path: PathLike) -> tuple[SampleSet, dict[str, Any]]:
-    """Read a sample set written by :func:`save_samples`; returns ``(samples, metadata)``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    side = _sidecar(path)
-    if not path.is_file() or not side.is_file():
-        raise FileNotFoundError(f"sample set not found or incomplete: {path} (needs {path.name} and {side.name})")
-    with open(side, encoding="utf-8") as fh:
-        doc = json.load(fh)
-    if doc.get("format") != SAMPLES_FORMAT:
-        raise ValueError(f"{side}: not a sample set (format {doc.get('format')!r}, expected {SAMPLES_FORMAT!r})")
-    x = load_file(str(path), device="cpu").get("samples")
-    prompts = doc.get("prompts")
-    if x is None or not isinstance(prompts, list) or len(prompts) != x.shape[0]:
-        raise ValueError(f"{path}: samples and prompts do not match ({None if x is None else x.shape[0]} vs "
-                         f"{len(prompts) if isinstance(prompts, list) else prompts!r})")
-    return SampleSet(x.float(), [str(p) for p in prompts]), dict(doc.get("metadata") or {})
-
-
-def cached_samples(path: PathLike, settings: Mapping[str, Any], make: Callable[[], SampleSet],
-                   dtype: torch.dtype = torch.float32) -> SampleSet:
-    """The sample set at ``path`` if it was made with ``settings``; otherwise ``make()``, saved there.
-
-    ``settings`` must describe everything the samples depend on (model identity, prompts, counts,
-    seeds, sampler settings); it is stored under the metadata key ``settings``. A new set is
-    stored in ``dtype`` and returned as read back, so a fresh set and a cached one are identical.
-    """
-    want = _normalise(dict(settings))
-    try:
-        samples, meta = load_samples(path)
-        if meta.get("settings") == want:
-            return samples
-    except (FileNotFoundError, ValueError):
-        pass
-    samples = make()
-    save_samples(path, samples, {"settings": want}, dtype=dtype)
-    return load_samples(path)[0] if dtype != torch.float32 else samples
-
-
 # --------------------------------------------------------------------------- training
-
-
-REPLAY_TARGETS = ("noise", "base")
-"""Regression targets of the replay term (:attr:`AmnesiaConfig.replay_target`)."""
-
-
-@dataclass
-class AmnesiaConfig:
-    """Hyper-parameters of a Selective Amnesia run."""
-
-    steps: int = 500
-    """Optimiser steps in total (a resumed run continues up to this)."""
-    lr: float = 1e-4
-    """AdamW learning rate (constant)."""
-    batch_size: int = 4
-    """Surrogate examples per step; as many replay examples are drawn besides (the reference pairs them)."""
-    lam: float = 50.0
-    """EWC weight lambda (reference: 50 with its Fisher estimator; 0 disables the penalty)."""
-    gamma: float = 1.0
-    """Weight of the replay term (reference: 1; 0 disables replay)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on the LoRA factors (pulls the delta towards 0, i.e. towards the base)."""
-    grad_clip: Optional[float] = 1.0
-    """Clip the global gradient norm of the LoRA factors to this (None: no clipping)."""
-    seed: int = 0
-    """Seeds every step's draws (examples, forget prompts, timesteps, noise)."""
-    checkpoint_every: int = 50
-    """Steps between checkpoint saves (when a checkpoint path is given); 0 = only at the end/stop."""
-    replay_target: str = "noise"
-    """What the replay term regresses onto: ``noise`` (the drawn eps, the reference) or ``base`` (the
-    frozen base model's prediction at the same noisy input: the LoRA switched off, no gradient).
-    With unlimited replay samples from the base model both targets are minimised by the base model.
-    With a finite replay set the ``noise`` target is minimised by the denoiser of those particular
-    images and is noisy besides, so it lets the remembered prompts drift; under ``base`` the base
-    model stays the exact minimiser for every remembered prompt. Costs one extra forward pass (no
-    gradient) over the replay half of each batch."""
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("lam", "gamma", "weight_decay"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.replay_target not in REPLAY_TARGETS:
-            raise ValueError(f"replay_target must be one of {', '.join(REPLAY_TARGETS)}, got {self.replay_target!r}")
 
 
 class AmnesiaResult(NamedTuple):
@@ -329,17 +101,35 @@ class AmnesiaResult(NamedTuple):
     """True when ``should_stop`` ended the run before ``config.steps``."""
 
 
-ForgetPrompts = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
+def forget_lists(surrogate: SampleSet, forget_prompts: ForgetPrompts) -> list[list[str]]:
+    """The forget prompts of every surrogate sample: a shared list, or the list of its surrogate prompt."""
+    if isinstance(forget_prompts, Mapping):
+        table = {k: parse_names(v) for k, v in forget_prompts.items()}
+        missing = sorted({p for p in surrogate.prompts if not table.get(p)})
+        if missing:
+            raise ValueError(f"forget_prompts has no forget prompt for the surrogate prompt(s) {missing[:3]}")
+        return [table[p] for p in surrogate.prompts]
+    shared = parse_names(forget_prompts)
+    if not shared:
+        raise ValueError("forget_prompts: no forget prompt was given")
+    return [shared] * len(surrogate)
+
+
+def prompts_to_encode(per_sample: Sequence[Sequence[str]], replay: Optional[SampleSet]) -> list[str]:
+    """Every distinct prompt a run conditions on, sorted: the order :class:`AmnesiaTrainer` encodes them in."""
+    replay_prompts = list(replay.prompts) if replay is not None else []
+    return sorted({p for lst in per_sample for p in lst} | set(replay_prompts))
 
 
 class AmnesiaTrainer:
     """Trains LoRA factors with the Selective Amnesia objective (see the module docstring).
 
     Args:
-        config: hyper-parameters.
+        config: the run's settings (validated when it was built); the trainer reads the objective,
+            optimiser and checkpoint fields.
         denoiser: ``eps(x_t, t, context)``; ``x_t`` ``[B, ...]``, ``t`` int64 ``[B]``, context ``[B, L, D]``.
             It must run through the LoRA factors (a model with injected layers, or one whose
-            weights are patched by :class:`~sae_core.lora.LoRADelta` functions).
+            weights are patched by :class:`~sae_core.amnesia.lora.LoRADelta` functions).
         alphas_cumprod: ``[T]`` cumulative products of (1 - beta) of the denoiser's schedule.
         encode: ``encode(prompts) -> [B, L, D]``, called once per distinct prompt at construction.
         adapters: ``{module name: LoRA layer or LoRADelta}``; their ``up``/``down`` are trained.
@@ -349,7 +139,7 @@ class AmnesiaTrainer:
             that pairs each surrogate sample with forget prompts of its own (e.g. the styled prompt
             of the object the surrogate image shows).
         replay: remember samples, each trained with its own prompt (may be None when gamma = 0).
-        fisher: ``{key: F}`` covering every adapter (see :func:`sae_core.ewc.prepare_fisher`);
+        fisher: ``{key: F}`` covering every adapter (see :func:`sae_core.amnesia.ewc.prepare_fisher`);
             may be None when lam = 0.
         device: where samples, contexts and the Fisher live (default: the adapters' device).
     """
@@ -367,7 +157,6 @@ class AmnesiaTrainer:
         fisher: Optional[Mapping[str, torch.Tensor]] = None,
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
-        config.validate()
         self.config = config
         self.denoiser = denoiser
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().float().cpu()
@@ -389,23 +178,9 @@ class AmnesiaTrainer:
         if config.lam > 0 and fisher is None:
             raise ValueError("AmnesiaTrainer: lam > 0 needs a Fisher estimate; pass lam=0 to train without EWC")
 
-        # Forget prompts: one list per surrogate sample (shared list, or per surrogate prompt).
-        per_sample: list[list[str]]
-        if isinstance(forget_prompts, Mapping):
-            table = {k: parse_names(v) for k, v in forget_prompts.items()}
-            missing = sorted({p for p in surrogate.prompts if not table.get(p)})
-            if missing:
-                raise ValueError(f"forget_prompts has no forget prompt for the surrogate prompt(s) {missing[:3]}")
-            per_sample = [table[p] for p in surrogate.prompts]
-        else:
-            shared = parse_names(forget_prompts)
-            if not shared:
-                raise ValueError("AmnesiaTrainer: no forget prompt was given")
-            per_sample = [shared] * len(surrogate)
-
+        per_sample = forget_lists(surrogate, forget_prompts)
+        unique = prompts_to_encode(per_sample, replay if self.use_replay else None)
         # Encode every distinct prompt once (the text encoder is frozen).
-        replay_prompts = list(replay.prompts) if (self.use_replay and replay is not None) else []
-        unique = sorted({p for lst in per_sample for p in lst} | set(replay_prompts))
         self.prompt_index = {p: i for i, p in enumerate(unique)}
         with torch.no_grad():
             ctx = encode(unique)
@@ -533,42 +308,33 @@ class AmnesiaTrainer:
         callback: Optional[Callable[[int, int, dict[str, float]], None]] = None,
         progress: bool = True,
     ) -> AmnesiaResult:
-        """Train up to ``config.steps``.
+        """Train up to ``config.steps`` (the loop of :mod:`sae_core.amnesia.resumable`).
 
         Args:
             checkpoint: file for checkpoints (every ``checkpoint_every`` steps, on stop, at the end).
-            resume: continue from ``checkpoint`` if it exists (it must come from a compatible run).
+            resume: continue from ``checkpoint`` if it holds this run (a finished one is reused as it
+                is; one of another run is refused with ``FileExistsError`` naming what differs).
             should_stop: polled before every step; True saves a checkpoint and returns (``stopped``).
             callback: ``callback(step, total, record)`` after every step (progress bars, logging).
             progress: show a tqdm bar with the loss terms.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
-        if checkpoint is not None and resume and Path(checkpoint).is_file():
-            self.load_checkpoint(checkpoint)
-        stopped = False
-        last_saved = self.step
-        bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), desc="Selective Amnesia", unit="step",
-                   disable=not progress, leave=False)
-        try:
-            while self.step < cfg.steps:
-                if should_stop is not None and should_stop():
-                    stopped = True
-                    break
-                rec = self.train_step()
-                bar.update(1)
-                bar.set_postfix(surr=f"{rec['surrogate']:.4f}", repl=f"{rec['replay']:.4f}", ewc=f"{rec['ewc']:.2e}")
-                if callback is not None:
-                    callback(self.step, cfg.steps, rec)
-                if checkpoint is not None and cfg.checkpoint_every and self.step - last_saved >= cfg.checkpoint_every:
-                    self.save_checkpoint(checkpoint)
-                    last_saved = self.step
-        finally:
-            bar.close()
-        if checkpoint is not None and (self.step != last_saved or not Path(checkpoint).is_file()):
-            self.save_checkpoint(checkpoint)
-        return AmnesiaResult(list(self.history), self.step, stopped)
+        path = Path(checkpoint) if checkpoint is not None else None
+        if path is not None and resume and path.is_file():
+            found, step = self.read_checkpoint_identity(path)
+            decision = decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found,
+                                         complete=step >= cfg.steps)
+            if decision.action in (Action.REUSE, Action.RESUME):
+                self.load_checkpoint(path)
+        end = run_units(
+            range(self.step, cfg.steps), lambda _: self.train_step(), done=self.step, total=cfg.steps,
+            save=(lambda: self.save_checkpoint(path)) if path is not None else None,
+            saved=lambda: path is not None and path.is_file(), save_every=cfg.checkpoint_every,
+            should_stop=should_stop, desc="Selective Amnesia", unit="step", progress=progress,
+            on_unit=(lambda n, rec: callback(n, cfg.steps, rec)) if callback is not None else None,
+            postfix=lambda rec: {"surr": f"{rec['surrogate']:.4f}", "repl": f"{rec['replay']:.4f}", "ewc": f"{rec['ewc']:.2e}"},
+        )
+        return AmnesiaResult(list(self.history), self.step, end.stopped)
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -587,12 +353,13 @@ class AmnesiaTrainer:
         return h.hexdigest()[:32]
 
     def _identity(self) -> dict[str, Any]:
+        """What shapes the run: the config (less ``steps``, ``checkpoint_every`` and Fisher-only
+        fields), the LoRA layout, the data digest and the schedule length."""
         cfg = asdict(self.config)
-        for k in ("steps", "checkpoint_every"):
+        for k in ("steps", "checkpoint_every", *FISHER_ONLY_FIELDS):
             cfg.pop(k)
         shapes = {n: [list(a.up.shape), list(a.down.shape), float(a.alpha)] for n, a in self.adapters.items()}
-        return _normalise({"config": cfg, "adapters": shapes, "data": self._digest,
-                           "num_timesteps": self.num_timesteps})
+        return normalise({**cfg, "adapters": shapes, "data": self._digest, "num_timesteps": self.num_timesteps})
 
     def save_checkpoint(self, path: PathLike) -> None:
         """Write the LoRA factors, optimiser state, step and history to ``path`` (atomically)."""
@@ -621,34 +388,26 @@ class AmnesiaTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors(path, tensors, meta)
 
-    def load_checkpoint(self, path: PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` of a compatible run.
-
-        Raises:
-            ValueError: not a checkpoint, or made with another config / data / LoRA layout
-                (the message names what differs).
-        """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Selective Amnesia checkpoint not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+    @staticmethod
+    def read_checkpoint_identity(path: PathLike) -> tuple[dict[str, Any], int]:
+        """``(identity, step)`` recorded in a checkpoint; ValueError if the file is not one."""
+        meta = read_metadata(path, "Selective Amnesia checkpoint")
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a Selective Amnesia checkpoint (format {meta.get('format')!r})")
-        theirs, ours = json.loads(meta.get("identity", "{}")), self._identity()
-        if theirs != ours:
-            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            detail = ""
-            if "config" in diff:
-                tc, oc = theirs.get("config", {}), ours["config"]
-                detail = " (config fields: " + ", ".join(
-                    f"{k}={tc.get(k)!r} in the file vs {oc.get(k)!r} now" for k in sorted(set(tc) | set(oc)) if tc.get(k) != oc.get(k)) + ")"
-            raise ValueError(f"cannot resume from {path}: it was made by a different run; differing: {', '.join(diff)}{detail}. "
-                             "Delete it (or use another run name) to start over.")
-        tensors = load_file(str(path), device="cpu")
+        return json.loads(meta.get("identity", "{}")), int(meta.get("step", "0"))
+
+    def load_checkpoint(self, path: PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` of this run.
+
+        Raises:
+            ValueError: not a checkpoint.
+            FileExistsError: made with another config / data / LoRA layout (the message names what differs).
+        """
+        path = Path(path)
+        found, _ = self.read_checkpoint_identity(path)
+        decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found, complete=False)
+        meta = read_metadata(path, "Selective Amnesia checkpoint")
+        tensors = load_tensors(path, what="Selective Amnesia checkpoint")
         with torch.no_grad():
             for n in self.names:
                 a = self.adapters[n]
