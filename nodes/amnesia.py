@@ -248,13 +248,18 @@ class SAComputeFisher:
                 "filename": inp("STRING", "File name in models/sae_fisher (without .safetensors). An existing file with the same settings is reused or continued.",
                                 default="selective_amnesia/fisher"),
             },
+            "optional": {
+                "overwrite": inp("BOOLEAN", "Replace a file of that name computed with other settings (or unreadable). Off: "
+                                 "such a file is kept and the node stops with what differs. On: the old file stays until "
+                                 "the new estimate is complete, then is replaced.", default=False),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def compute(self, model: Any, clip: Any, prompts: str, samples: int, timesteps_per_sample: int, timestep_batch: int,
                 targets: str, seed: int,
                 sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int, height: int,
-                precision: str, filename: str, unique_id: Optional[str] = None) -> tuple[str]:
+                precision: str, filename: str, overwrite: bool = False, unique_id: Optional[str] = None) -> tuple[str]:
         host = ComfyAmnesiaHost(model, clip, _sampling(sample_steps, cfg, sampler_name, scheduler, width, height))
         k = min(int(timesteps_per_sample), int(host.alphas_cumprod.numel()))
         settings = AmnesiaConfig(targets=targets, seed=int(seed), precision=precision, timesteps_per_sample=k,
@@ -282,7 +287,7 @@ class SAComputeFisher:
                 est = pipeline.estimate_fisher(
                     host, settings, data, int(samples), out_path,
                     identity={_FISHER_SETTINGS_KEY: json.dumps(identity, sort_keys=True)},
-                    metadata={"targets_preset": targets, "origin": "CE_SAComputeFisher"}, redo_different=True,
+                    metadata={"targets_preset": targets, "origin": "CE_SAComputeFisher"}, redo_different=bool(overwrite),
                     should_stop=interrupt_requested, callback=lambda c, n: progress.update_absolute(int(samples) + c))
         except InterruptedError:
             throw_if_interrupted()

@@ -58,6 +58,24 @@ def _build_itd(root: Path) -> tuple[Path, Callable[[Path], object]]:
     return folder / "state_dict.pth", lambda p: load_sae(p.parent)
 
 
+def _build_fisher(root: Path) -> tuple[Path, Callable[[Path], object]]:
+    from sae_core.amnesia.fisher import load_fisher, save_fisher
+
+    path = root / "fisher.safetensors"
+    save_fisher(path, {"diffusion_model.a.attn2.to_k.weight": torch.rand(8, 4), "diffusion_model.a.attn2.to_v.weight":
+                       torch.rand(8, 4)}, {"count": 10})
+    return path, load_fisher
+
+
+def _build_lora(root: Path) -> tuple[Path, Callable[[Path], object]]:
+    from sae_core.amnesia.lora import load_lora_state_dict, save_lora
+
+    path = root / "lora.safetensors"
+    save_lora(path, {"diffusion_model.a.lora_up.weight": torch.randn(8, 2), "diffusion_model.a.lora_down.weight":
+                     torch.randn(2, 4), "diffusion_model.a.alpha": torch.tensor(2.0)})
+    return path, load_lora_state_dict
+
+
 def _build_stats(root: Path) -> tuple[Path, Callable[[Path], object]]:
     path = root / "stats.safetensors"
     ConceptStats(["a", "b"], torch.rand(2, 3, 32), schedule=[999.0, 500.0, 1.0]).save(path)
@@ -102,6 +120,8 @@ KINDS = {
     "sae_folder_cfg": _build_sae_folder_cfg,
     "sae_itd": _build_itd,
     "feature_table": _build_stats,
+    "fisher": _build_fisher,
+    "lora": _build_lora,
     "store_manifest": _build_manifest,
     "store_shard": _build_shard,
     "trainer_checkpoint": _build_trainer_checkpoint,

@@ -344,6 +344,8 @@ def test_convert_command_line(tmp_path, capsys):
                  "--targets", "input_blocks.1.1.proj_in,time_embed.0"]) == 0
     assert main([str(tmp_path / "missing.pkl"), str(tmp_path / "z.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "fisher.pkl"), str(tmp_path)]) == 2  # a folder: an error line, not a traceback
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_max_samples_stops_an_endless_stream_without_overdrawing():
@@ -359,3 +361,72 @@ def test_max_samples_stops_an_endless_stream_without_overdrawing():
 
     est = compute_fisher(loss_fn, {"w": lin.weight}, endless(), 2, 10, progress=False, max_samples=5)
     assert est.count == 5 and len(drawn) == 5
+
+
+def test_redo_keeps_the_old_file_until_the_new_estimate_is_complete(tmp_path):
+    lin, xs, loss_fn = gaussian_setup(11)
+    params = {"w": lin.weight}
+    path = tmp_path / "f.safetensors"
+    old = compute_fisher(loss_fn, params, xs, 3, 30, out_path=path, progress=False)
+    before = path.read_bytes()
+    calls = {"n": 0}
+
+    def stop_after_4():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    part = compute_fisher(loss_fn, params, xs, 3, 30, out_path=path, progress=False, seed=5, redo_different=True,
+                          should_stop=stop_after_4, save_every=2)
+    assert part.stopped
+    assert path.read_bytes() == before  # the old estimate is whole while the new one is unfinished
+    assert torch.equal(load_fisher(path).fisher["w"], old["w"])
+    done = compute_fisher(loss_fn, params, xs, 3, 30, out_path=path, progress=False, seed=5, redo_different=True)
+    straight = compute_fisher(loss_fn, params, xs, 3, 30, out_path=tmp_path / "s.safetensors", progress=False, seed=5)
+    assert done.count == len(xs) and torch.equal(done["w"], straight["w"])  # the stopped redo was continued
+    assert load_fisher(path).metadata["seed"] == "5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors", "s.safetensors"]
+
+
+def test_unreadable_fisher_file_is_kept_unless_redo(tmp_path):
+    from sae_core.artefacts import ArtefactError
+
+    lin, xs, loss_fn = gaussian_setup(5)
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(b"\x00" * 10)
+    with pytest.raises(ArtefactError, match="f.safetensors"):
+        compute_fisher(loss_fn, {"w": lin.weight}, xs, 3, 30, out_path=path, progress=False)
+    assert path.read_bytes() == b"\x00" * 10
+    est = compute_fisher(loss_fn, {"w": lin.weight}, xs, 3, 30, out_path=path, progress=False, redo_different=True)
+    assert load_fisher(path).count == est.count
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_fisher_values_must_be_finite_and_non_negative(tmp_path, bad):
+    from sae_core.artefacts import ArtefactError
+
+    fisher = torch.rand(3, 4)
+    fisher[1, 2] = bad
+    from sae_core.amnesia.fisher import save_fisher
+
+    save_fisher(tmp_path / "f.safetensors", {"w": fisher})
+    with pytest.raises(ArtefactError, match="finite values >= 0"):
+        load_fisher(tmp_path / "f.safetensors")
+
+
+def test_convert_refuses_build_on_an_allowed_global(tmp_path):
+    """A 60-byte pickle that sets an attribute of the allowed _rebuild_tensor_v2 (BUILD with slot state) is refused
+    before it changes the function for the rest of the process."""
+    import struct
+
+    import torch._utils
+
+    name, value = b"_ce_probe", b"changed"
+    payload = (b"\x80\x02" + b"ctorch._utils\n_rebuild_tensor_v2\n" + b"N" + b"}"
+               + b"X" + struct.pack("<I", len(name)) + name + b"X" + struct.pack("<I", len(value)) + value + b"s"
+               + b"\x86" + b"b" + b".")
+    path = tmp_path / "build.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match="BUILD"):
+        convert_fisher_pickle(path, tmp_path / "out.safetensors", "xattn")
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "_ce_probe")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -453,3 +453,26 @@ def test_merge_and_remove():
     assert not any(isinstance(m, LoRALayer) for m in merged.modules())
     with torch.no_grad():
         torch.testing.assert_close(merged(x, t, ctx), y_lora, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["nan_up", "nan_alpha", "one_d", "rank0", "nan_strength"])
+def test_bad_lora_numbers_and_shapes_are_refused(case):
+    from sae_core.amnesia.lora import apply_lora_state_dict
+
+    root = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    sd = {"0.lora_up.weight": torch.randn(3, 2), "0.lora_down.weight": torch.randn(2, 4), "0.alpha": torch.tensor(2.0)}
+    strength = 1.0
+    if case == "nan_up":
+        sd["0.lora_up.weight"][0, 0] = float("nan")
+    elif case == "nan_alpha":
+        sd["0.alpha"] = torch.tensor(float("nan"))
+    elif case == "one_d":
+        sd["0.lora_up.weight"] = torch.randn(3)
+    elif case == "rank0":
+        sd["0.lora_up.weight"], sd["0.lora_down.weight"] = torch.zeros(3, 0), torch.zeros(0, 4)
+    else:
+        strength = float("nan")
+    before = root[0].weight.detach().clone()
+    with pytest.raises(ValueError):
+        apply_lora_state_dict(root, sd, strength=strength, prefix="")
+    assert torch.equal(root[0].weight, before)

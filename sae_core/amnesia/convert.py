@@ -63,8 +63,20 @@ _PLAIN_PICKLE_GLOBALS: dict[tuple[str, str], Callable[..., object]] = {
 }
 
 
-class _TensorDictUnpickler(pickle.Unpickler):
-    """Resolves only the globals a pickled ``{name: tensor}`` dict needs; anything else is refused."""
+def _refuse_build(unpickler: pickle._Unpickler) -> None:
+    raise pickle.UnpicklingError("the BUILD opcode (setting an object's state) is not allowed in a tensor pickle: "
+                                 "it could change the attributes of an allowed function for the whole process")
+
+
+class _TensorDictUnpickler(pickle._Unpickler):
+    """Resolves only the globals a pickled ``{name: tensor}`` dict needs; anything else is refused.
+
+    The pure-Python unpickler, so that its opcode table can drop BUILD: a tensor dict never needs it, and
+    BUILD on an allowed global (a function) would set that function's attributes process-wide.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _refuse_build
 
     def find_class(self, module: str, name: str) -> Callable[..., object]:
         try:
@@ -227,9 +239,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     targets: Union[str, list[str]] = args.targets
     if args.targets not in TARGET_PRESETS:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if os.path.isdir(args.dst) or args.dst.endswith(("/", os.sep)):
+        print(f"error: {args.dst} is a folder; give the destination file, e.g. {os.path.join(args.dst, 'fisher.safetensors')}",
+              file=sys.stderr)
+        return 2
     try:
         kept = convert_fisher_pickle(args.src, args.dst, targets)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = sum(math.prod(s) for s in kept.values())

@@ -50,7 +50,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ..artefacts import Action, load_tensors, read_metadata, save_tensors
+from ..artefacts import Action, ArtefactError, load_tensors, read_metadata, save_tensors
 from .ewc import fisher_key
 from .lora import UNET_PREFIX, LoRALayer, select_targets
 from .resumable import decide_checkpoint, run_units
@@ -248,8 +248,12 @@ def load_fisher(
         raise ValueError("Fisher dtype float16 is refused: small Fisher values underflow; use float32 or bfloat16")
     meta = read_metadata(path, "Fisher file")
     if meta.get("format") != FISHER_FORMAT:
-        raise ValueError(f"{path}: not a Fisher file (metadata format={meta.get('format')!r}, expected {FISHER_FORMAT!r})")
+        raise ArtefactError(path, f"not a Fisher file (metadata format={meta.get('format')!r}, expected {FISHER_FORMAT!r})")
     tensors = load_tensors(path, what="Fisher file")
+    for key, value in tensors.items():
+        # a Fisher is a mean of squared gradients: a negative entry would turn the EWC penalty into a reward
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise ArtefactError(path, f"Fisher tensor {key!r} must hold finite values >= 0 (squared gradients)")
     fisher = {k: v.to(device or "cpu", dtype) for k, v in tensors.items()}
     count = int(meta["count"]) if meta.get("count", "").isdigit() else None
     return FisherFile(fisher, count, meta)
@@ -264,8 +268,11 @@ def fisher_file_identity(path: PathLike, fields: Iterable[str]) -> tuple[dict[st
     from safetensors import safe_open
 
     meta = read_metadata(path, "Fisher file")
-    with safe_open(os.fspath(path), framework="pt") as f:
-        layout = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            layout = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors' own error type for a damaged file
+        raise ArtefactError(path, f"Fisher file is not a readable safetensors file ({err})") from err
     found: dict[str, object] = {k: meta.get(k) for k in fields}
     found["layout"] = layout
     count = int(meta["count"]) if meta.get("count", "").isdigit() else None
@@ -356,29 +363,50 @@ def compute_fisher(
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
 
+    work = path  # where checkpoints go; a redo works beside the old file and replaces it only when complete
     if path is not None and resume and os.path.exists(path):
-        found, found_count = fisher_file_identity(path, expected)
+        try:
+            found, found_count = fisher_file_identity(path, expected)
+        except ArtefactError:
+            if not redo_different:
+                raise
+            found, found_count = {"unreadable": path}, 0
         if found_count is None:
-            raise ValueError(f"cannot resume from {path}: metadata 'count' is missing or invalid")
+            raise ArtefactError(path, "cannot resume: metadata 'count' is missing or invalid")
         decision = decide_checkpoint("Fisher estimate", path, wanted, found, redo_different=redo_different,
                                      complete=total is not None and found_count >= total)
         if decision.action is Action.REDO:
-            log.warning("%s", decision.message)
+            log.warning("%s; %s is kept until the new estimate is complete", decision.message, path)
+            work = staging_path(path)
         else:
             tensors = load_tensors(path, what="Fisher file")
             count = found_count
             running = {n: tensors[n].to(params[n].device, torch.float32) for n in names}
+    if work is not None and work != path and os.path.exists(work):  # a redo that was stopped: continue it
+        try:
+            found, found_count = fisher_file_identity(work, expected)
+        except ArtefactError:
+            found, found_count = None, None
+        if found == wanted and found_count is not None:
+            tensors = load_tensors(work, what="Fisher file")
+            count = found_count
+            running = {n: tensors[n].to(params[n].device, torch.float32) for n in names}
 
     def save() -> None:
-        assert path is not None
+        assert work is not None
         meta = dict(expected)
         meta.update({"count": str(count), "targets": names,
                      "estimator": "mean over samples of ((T/K) * grad of the sum over K stratified timesteps)^2"})
         meta.update(metadata or {})
-        save_tensors(path, running, meta, dtype=torch.float32)
+        save_tensors(work, running, meta, dtype=torch.float32)
+
+    def finish(estimate: FisherEstimate) -> FisherEstimate:
+        if work is not None and work != path and not estimate.stopped and os.path.exists(work):
+            os.replace(work, path)  # the new estimate is complete: only now does it replace the old file
+        return estimate
 
     if total is not None and count >= total and count > 0:
-        return FisherEstimate(running, count, stopped=False)
+        return finish(FisherEstimate(running, count, stopped=False))
 
     if isinstance(samples, Sequence):
         stream: Iterable[object] = (samples[i] for i in range(count, len(samples)))
@@ -424,7 +452,7 @@ def compute_fisher(
             p.requires_grad_(True)
         with torch.enable_grad():
             end = run_units(stream, add_sample, done=count, total=total,
-                            save=save if path is not None else None, saved=lambda: path is not None and os.path.exists(path),
+                            save=save if work is not None else None, saved=lambda: work is not None and os.path.exists(work),
                             save_every=save_every, should_stop=should_stop, desc="Fisher", unit="sample",
                             progress=progress, leave=True,
                             on_unit=(lambda c, _: callback(c, total)) if callback is not None else None)
@@ -433,5 +461,11 @@ def compute_fisher(
             p.requires_grad_(f)
     if end.done == 0 and not end.stopped:
         raise ValueError("compute_fisher: no samples were processed (samples is empty)")
-    return FisherEstimate(running, end.done, end.stopped)
+    return finish(FisherEstimate(running, end.done, end.stopped))
+
+
+def staging_path(path: PathLike) -> str:
+    """Where a recomputation of the Fisher file ``path`` checkpoints until it replaces ``path`` (hidden)."""
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(folder, f".{name}.next")
 

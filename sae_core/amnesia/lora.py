@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artefacts import load_tensors, read_metadata, save_tensors
+from ..artefacts import ArtefactError, load_tensors, read_metadata, save_tensors
 
 __all__ = [
     "TARGET_PRESETS",
@@ -500,8 +500,26 @@ def save_lora(path: Union[str, os.PathLike], state_dict: Mapping[str, torch.Tens
 
 
 def load_lora_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Read a LoRA safetensors file onto the CPU."""
-    return load_tensors(path, what="LoRA file")
+    """Read a LoRA safetensors file onto the CPU; every factor pair is checked (2-D or more, matching rank >= 1,
+    finite values, one finite alpha), so a damaged file raises :class:`~sae_core.artefacts.ArtefactError` naming it."""
+    tensors = load_tensors(path, what="LoRA file")
+    ups = [k[: -len(".lora_up.weight")] for k in tensors if k.endswith(".lora_up.weight")]
+    problems = []
+    for x in ups:
+        up, down, alpha = tensors[f"{x}.lora_up.weight"], tensors.get(f"{x}.lora_down.weight"), tensors.get(f"{x}.alpha")
+        if down is None:
+            problems.append(f"{x}: no lora_down")
+        elif up.dim() < 2 or down.dim() < 2 or down.shape[0] == 0 or up.shape[1] != down.shape[0]:
+            problems.append(f"{x}: up {tuple(up.shape)} and down {tuple(down.shape)} are not factors of rank >= 1")
+        elif not (up.is_floating_point() and down.is_floating_point()) or not (
+                bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+            problems.append(f"{x}: the factors hold NaN/Inf values")
+        if alpha is not None and (alpha.numel() != 1 or not alpha.is_floating_point()
+                                  or not math.isfinite(float(alpha.reshape(-1)[0]))):
+            problems.append(f"{x}: alpha is not one finite number")
+    if problems:
+        raise ArtefactError(path, "malformed LoRA: " + "; ".join(problems[:3]))
+    return tensors
 
 
 def load_lora_metadata(path: Union[str, os.PathLike]) -> dict[str, str]:
@@ -537,6 +555,8 @@ def apply_lora_state_dict(
     Returns:
         The module keys (as written in the state dict) that were patched.
     """
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+        raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
     ups = sorted(k[: -len(".lora_up.weight")] for k in state_dict if k.endswith(".lora_up.weight"))
     known = {f"{x}.{s}" for x in ups for s in ("lora_up.weight", "lora_down.weight", "alpha")}
     stray = sorted(k for k in state_dict if k not in known)
@@ -556,8 +576,15 @@ def apply_lora_state_dict(
             mod = mod.base
         up = state_dict[f"{x}.lora_up.weight"].float()
         down = state_dict[down_key].float()
+        if up.dim() < 2 or down.dim() < 2 or down.shape[0] == 0:
+            raise ValueError(f"LoRA key {x!r}: up {tuple(up.shape)} and down {tuple(down.shape)} must be matrices of "
+                             "rank >= 1")
+        if not bool(torch.isfinite(up).all()) or not bool(torch.isfinite(down).all()):
+            raise ValueError(f"LoRA key {x!r}: the factors hold NaN/Inf values")
         alpha_t = state_dict.get(f"{x}.alpha")
-        scale = float(alpha_t.item()) / down.shape[0] if alpha_t is not None else 1.0
+        if alpha_t is not None and (alpha_t.numel() != 1 or not math.isfinite(float(alpha_t.reshape(-1)[0]))):
+            raise ValueError(f"LoRA key {x!r}: alpha must be one finite number, got {tuple(alpha_t.shape)} values")
+        scale = float(alpha_t.reshape(-1)[0]) / down.shape[0] if alpha_t is not None else 1.0
         w = mod.weight
         if up.shape[1] != down.shape[0] or up.shape[0] * down.flatten(1).shape[1] != w.numel():
             raise ValueError(

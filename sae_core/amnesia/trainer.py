@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artefacts import Action, load_tensors, read_metadata, save_tensors
+from ..artefacts import Action, ArtefactError, load_tensors, read_metadata, save_tensors
 from ..prompts import parse_names
 from .config import FISHER_ONLY_FIELDS, AmnesiaConfig, ForgetPrompts
 from .ewc import ewc_penalty, prepare_fisher
@@ -393,8 +393,14 @@ class AmnesiaTrainer:
         """``(identity, step)`` recorded in a checkpoint; ValueError if the file is not one."""
         meta = read_metadata(path, "Selective Amnesia checkpoint")
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a Selective Amnesia checkpoint (format {meta.get('format')!r})")
-        return json.loads(meta.get("identity", "{}")), int(meta.get("step", "0"))
+            raise ArtefactError(path, f"not a Selective Amnesia checkpoint (format {meta.get('format')!r})")
+        try:
+            identity, step = json.loads(meta.get("identity", "{}")), int(meta.get("step", "0"))
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ArtefactError(path, f"malformed Selective Amnesia checkpoint: {exc}") from exc
+        if not isinstance(identity, dict):
+            raise ArtefactError(path, "malformed Selective Amnesia checkpoint: its identity is not a JSON object")
+        return identity, step
 
     def load_checkpoint(self, path: PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` of this run.
@@ -408,21 +414,38 @@ class AmnesiaTrainer:
         decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found, complete=False)
         meta = read_metadata(path, "Selective Amnesia checkpoint")
         tensors = load_tensors(path, what="Selective Amnesia checkpoint")
-        with torch.no_grad():
+        try:
+            factors = {}
             for n in self.names:
                 a = self.adapters[n]
-                a.up.copy_(tensors[f"lora.{n}.up"].to(a.up.device, a.up.dtype))
-                a.down.copy_(tensors[f"lora.{n}.down"].to(a.down.device, a.down.dtype))
-        scalar = set(json.loads(meta.get("scalar_fields", "[]")))
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in tensors.items():
-            if not key.startswith("optim."):
-                continue
-            _, i, field = key.split(".", 2)
-            opt_state.setdefault(int(i), {})[field] = v.reshape(()) if f"{i}.{field}" in scalar else v
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
-        self.step = int(meta["step"])
-        self.history = [dict(r) for r in json.loads(meta.get("history", "[]"))]
+                for part, param in (("up", a.up), ("down", a.down)):
+                    t = tensors[f"lora.{n}.{part}"]
+                    if tuple(t.shape) != tuple(param.shape) or not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"lora.{n}.{part} has shape {tuple(t.shape)} or NaN/Inf values")
+                    factors[(n, part)] = t
+            scalar = set(json.loads(meta.get("scalar_fields", "[]")))
+            opt_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, v in tensors.items():
+                if not key.startswith("optim."):
+                    continue
+                _, i, field = key.split(".", 2)
+                opt_state.setdefault(int(i), {})[field] = v.reshape(()) if f"{i}.{field}" in scalar else v
+            groups = json.loads(meta["param_groups"])
+            step = int(meta["step"])
+            history = [dict(r) for r in json.loads(meta.get("history", "[]"))]
+            saved_opt = self.optimizer.state_dict()
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+            if "saved_opt" in locals():
+                self.optimizer.load_state_dict(saved_opt)
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ArtefactError(path, f"malformed Selective Amnesia checkpoint: {what}") from exc
+        with torch.no_grad():
+            for (n, part), t in factors.items():
+                param = getattr(self.adapters[n], part)
+                param.copy_(t.to(param.device, param.dtype))
+        self.step = step
+        self.history = history
 
 
 # --------------------------------------------------------------------------- plotting

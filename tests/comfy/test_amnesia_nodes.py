@@ -40,10 +40,11 @@ def _probe(model, seed: int = 3) -> torch.Tensor:
         return model.model.apply_model(x, torch.tensor([1.0, 7.0]), c_crossattn=ctx).clone()
 
 
-def _fisher(comfy, model, clip, filename="t/fisher", samples=3, k=4):
+def _fisher(comfy, model, clip, filename="t/fisher", samples=3, k=4, seed=0, **extra):
     node = comfy.nodes.NODE_CLASS_MAPPINGS[FISHER_ID]()
     with torch.inference_mode():
-        (path,) = node.compute(model, clip, PROMPTS, samples, k, 3, "xattn", 0, 2, 4.0, "euler", "normal", 64, 64, "fp32", filename)
+        (path,) = node.compute(model, clip, PROMPTS, samples, k, 3, "xattn", seed, 2, 4.0, "euler", "normal", 64, 64, "fp32",
+                               filename, **extra)
     return path
 
 
@@ -85,6 +86,24 @@ def test_compute_fisher_writes_target_fisher(comfy, tiny, fisher_file):
     mtime = path.stat().st_mtime_ns
     assert _fisher(comfy, model, clip) == fisher_file and path.stat().st_mtime_ns == mtime
     assert "t/fisher.safetensors" in comfy.folder_paths.get_filename_list("sae_fisher")
+
+
+def test_compute_fisher_keeps_a_file_of_other_settings_unless_overwrite(comfy, tiny):
+    model, clip = tiny
+    path = Path(_fisher(comfy, model, clip, filename="t/kept"))
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="seed.*turn on overwrite"):
+        _fisher(comfy, model, clip, filename="t/kept", seed=1)
+    assert path.read_bytes() == before
+    path.write_bytes(b"")  # an unreadable file of that name (e.g. a killed copy) is not replaced silently either
+    with pytest.raises(ValueError, match="kept.safetensors"):
+        _fisher(comfy, model, clip, filename="t/kept", seed=1)
+    assert path.read_bytes() == b""
+    assert _fisher(comfy, model, clip, filename="t/kept", seed=1, overwrite=True) == str(path)
+    from sae_core.amnesia.fisher import load_fisher
+
+    assert load_fisher(path).count == 3 and load_fisher(path).metadata["seed"] == "1"
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith((".kept", "kept"))) == ["kept.safetensors"]
 
 
 def test_train_leaves_input_unchanged_and_lora_loads_everywhere(comfy, tiny, fisher_file, caplog):
