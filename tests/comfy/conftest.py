@@ -5,8 +5,8 @@ Set ``COMFYUI_PATH`` to a ComfyUI source checkout and run with that checkout's v
 (``make test-comfy``). Without ``COMFYUI_PATH`` every test here is skipped.
 
 ComfyUI is configured at import time, before anything can import ``folder_paths``: CPU only
-(as ``--cpu``) and a temporary base directory (as ``--base-directory``), so ``models/`` and
-``output/`` are throwaway folders. The pack is then loaded through ComfyUI's own loader.
+(as ``--cpu``; ``COMFYUI_DEVICE=gpu`` lets ComfyUI use its GPU instead) and a temporary base directory
+(as ``--base-directory``), so ``models/`` and ``output/`` are throwaway folders. The pack is then loaded through ComfyUI's own loader.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _configure_comfyui(comfy_root: Path) -> Path:
     for sub in ("models", "output", "input", "temp", "user", "custom_nodes"):
         (base / sub).mkdir()
     args = comfy.cli_args.args  # defaults: args are parsed from [] unless parsing was enabled
-    args.cpu = True  # importing comfy.model_management without a GPU needs --cpu
+    # importing comfy.model_management without a GPU needs --cpu; COMFYUI_DEVICE=gpu runs ComfyUI on its GPU
+    args.cpu = os.environ.get("COMFYUI_DEVICE", "cpu").strip().lower() != "gpu"
     args.base_directory = str(base)
     args.disable_api_nodes = True
     import folder_paths
@@ -129,7 +130,9 @@ def tiny_sd15_model(seed: int = 0):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02
                         + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    import comfy.model_management as mm
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def tiny_sd1_clip():
