@@ -18,6 +18,11 @@ map, real ``H`` and ``W``), at step index ``t`` with selected latents ``F(t)``:
 The edit is applied to every batch row (both classifier-free-guidance halves, as the reference
 does) unless ``cond_only=True``, in which case the caller passes a ``cond_mask`` and only the
 conditional rows are touched. The result is cast back to the input dtype.
+
+Two implementations of the conventional mode give the same result up to float rounding:
+``"screened"`` (:func:`intervene_tokens`; encodes only the tokens that pass a cheap screen, with
+data-dependent shapes) and ``"fast"`` (:mod:`.fast`; every token at once with no host
+synchronisation, the default on CUDA).
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from torch import Tensor, nn
 
 from ..capture import to_tokens
 from ..sae import per_token_topk
+from .fast import FastEdit
 from .selection import SelectionTable, StepSelection, build_selection
 from .stats import ConceptStats, sae_fingerprint
 
 __all__ = [
     "ERROR_MODES",
+    "PATHS",
     "InterventionResult",
     "SAeUronHook",
     "SaeWeights32",
@@ -46,6 +53,7 @@ __all__ = [
 ]
 
 ERROR_MODES = ("conventional", "reference")
+PATHS = ("auto", "fast", "screened")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +228,10 @@ class SAeUronHook:
         error_mode: ``"conventional"`` (default) or ``"reference"``; see the module docstring.
         cond_only: edit only the conditional rows (needs ``cond_mask`` at call time).
         check_sae: refuse statistics gathered with a different SAE (by fingerprint).
+        path: conventional-mode implementation, ``"fast"`` (:mod:`.fast`), ``"screened"``
+            (:func:`intervene_tokens`) or ``"auto"`` (fast on CUDA, screened elsewhere). The fast
+            path always returns a new tensor (an unchanged block output is an equal copy).
+        compile: run the fast path through ``torch.compile`` (needs Triton).
 
     Call ``hook(x, step_index, cond_mask=None) -> y`` with the block output ``x [B, C, H, W]``
     (or ``[B, P, d]``), or :meth:`at_timestep` with the sampler's timestep/sigma.
@@ -228,6 +240,8 @@ class SAeUronHook:
     Attributes:
         last_fired: ``[tokens]`` bool of the most recent call (diagnostics), or ``None``.
         calls, fired_tokens: running counters (``fired_tokens`` is a tensor, to avoid syncing).
+        fast_unresolved: (token, latent) pairs the fast path could not settle exactly (see
+            :mod:`.fast`; 0 in practice).
     """
 
     def __init__(
@@ -242,9 +256,15 @@ class SAeUronHook:
         *,
         cond_only: bool = False,
         check_sae: bool = True,
+        path: str = "auto",
+        compile: bool = False,
     ) -> None:
         if error_mode not in ERROR_MODES:
             raise ValueError(f"error_mode must be one of {ERROR_MODES}, got {error_mode!r}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path == "fast" and error_mode != "conventional":
+            raise ValueError("the fast path implements error_mode='conventional' only")
         if isinstance(stats, ConceptStats):
             if concepts is None or (not isinstance(concepts, str) and len(concepts) == 0):
                 raise ValueError("SAeUronHook: give the concept(s) to erase")
@@ -264,11 +284,15 @@ class SAeUronHook:
         self.table = table
         self.error_mode = error_mode
         self.cond_only = cond_only
+        self.path = path
+        self.compile = compile
         self._weights: dict[torch.device, SaeWeights32] = {}
         self._steps: dict[torch.device, list[StepSelection]] = {}
+        self._fast: dict[torch.device, FastEdit] = {}
         self.last_fired: Tensor | None = None
         self.calls = 0
         self.fired_tokens: Tensor | int = 0
+        self.fast_unresolved: Tensor | int = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -282,6 +306,12 @@ class SAeUronHook:
                 StepSelection(*(v.to(device) for v in self.table.step(t))) for t in range(self.num_steps)
             ]
         return self._weights[device], self._steps[device]
+
+    def uses_fast(self, device: torch.device) -> bool:
+        """Whether calls on ``device`` take the fast path."""
+        if self.error_mode != "conventional" or self.path == "screened":
+            return False
+        return self.path == "fast" or device.type == "cuda"
 
     def step_for(self, t: float | Tensor) -> int:
         """Step index of the statistics' schedule closest to timestep/sigma ``t``."""
@@ -301,19 +331,22 @@ class SAeUronHook:
             )
         if x.dim() not in (3, 4):
             raise ValueError(f"SAeUron: block output must be [B, C, H, W] or [B, P, d], got {tuple(x.shape)}")
-        rows: Tensor | None = None
+        mask: Tensor | None = None
         if self.cond_only:
             if cond_mask is None:
                 raise ValueError("SAeUronHook(cond_only=True) needs cond_mask (True for conditional rows)")
-            mask = torch.as_tensor(cond_mask, dtype=torch.bool).reshape(-1).to(x.device)
+            mask = torch.as_tensor(cond_mask, dtype=torch.bool).reshape(-1)
+            if mask.device != x.device:  # no wait on the device for a host-side mask
+                mask = (mask.pin_memory() if x.device.type == "cuda" else mask).to(x.device, non_blocking=True)
             if mask.shape[0] != x.shape[0]:
                 raise ValueError(f"cond_mask has {mask.shape[0]} entries for a batch of {x.shape[0]}")
-            if bool(mask.all()):
-                rows = None
-            else:
-                rows = mask.nonzero().flatten()
-                if rows.numel() == 0:
-                    return x
+        if self.uses_fast(x.device):
+            return self._fast_call(x, step_index, mask)
+        rows: Tensor | None = None
+        if mask is not None and not bool(mask.all()):
+            rows = mask.nonzero().flatten()
+            if rows.numel() == 0:
+                return x
         weights, steps = self._on(x.device)
         part = x if rows is None else x.index_select(0, rows)
         tokens = to_tokens(part)
@@ -329,6 +362,21 @@ class SAeUronHook:
         out = x.clone()
         out[rows] = y
         return out
+
+    def _fast_call(self, x: Tensor, step_index: int, mask: Tensor | None) -> Tensor:
+        fast = self._fast.get(x.device)
+        if fast is None:
+            fast = self._fast[x.device] = FastEdit(self._on(x.device)[0], self.table, x.device, compile=self.compile)
+        tokens = to_tokens(x)
+        if mask is not None:
+            mask = mask[:, None].expand(x.shape[0], tokens.shape[0] // x.shape[0]).reshape(-1)
+        result = fast(tokens, step_index, mask)
+        self.calls += 1
+        self.last_fired = result.fired.clone()
+        self.fired_tokens = self.fired_tokens + result.counts[0]
+        self.fast_unresolved = self.fast_unresolved + result.counts[2]
+        y = _from_tokens(result.output, x)
+        return y.clone() if y.data_ptr() == result.output.data_ptr() else y
 
     def at_timestep(self, x: Tensor, t: float | Tensor, cond_mask: Tensor | Sequence[bool] | None = None) -> Tensor:
         """Like calling the hook, with the step index found from the sampler's timestep/sigma."""
