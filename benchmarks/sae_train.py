@@ -2,12 +2,19 @@
 
     python benchmarks/sae_train.py                 # cuda if available, else cpu
     python benchmarks/sae_train.py --device cpu --batch 1024 --steps 3
+    python benchmarks/sae_train.py --dead 0        # no dead latents: AuxK never runs
 
 Defaults: d_in 1280, 20480 latents, k 32, BatchTopK (as in training), batch 4096 tokens of random
 data. Each decode path gets ``--warmup`` untimed steps, then ``--steps`` timed full training steps
 (forward, FVU + AuxK loss, backward, clipping, gradient projection, Adam). Encoder and decoder
 forward passes are also timed on their own. On CPU the default is 1 warm-up + 3 timed steps; a
 smaller ``--batch`` is allowed there and is reported in the output.
+
+A freshly initialised SAE has no dead latent (one is dead after ``dead_feature_threshold`` =
+10 M tokens without firing), so a short run would never reach AuxK. ``--dead N`` (default 1000,
+about what SAeUron's own training reports) marks ``N`` fixed latents dead before every step by
+setting the trainer's tokens-since-fired counter past the threshold, so each timed step pays
+for the AuxK selection, decode and loss; ``--dead 0`` times the step without it.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--per-token", action="store_true", help="per-token TopK instead of BatchTopK")
     parser.add_argument("--dtype", default="float32", help="forward compute dtype (autocast)")
+    parser.add_argument("--dead", type=int, default=1000,
+                        help="latents kept dead before each step so that AuxK runs (0: none)")
     parser.add_argument(
         "--encoder", default="fused", choices=("fused", "eager"),
         help="encoder backward: fused sparse autograd Function (default) or plain dense autograd",
@@ -67,7 +76,8 @@ def main() -> None:
     print(
         f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
         f"d_in={args.d_in} latents={args.latents} k={args.k} batch={args.batch} tokens "
-        f"{'per-token TopK' if args.per_token else 'BatchTopK'} dtype={args.dtype} encoder={args.encoder}"
+        f"{'per-token TopK' if args.per_token else 'BatchTopK'} dtype={args.dtype} encoder={args.encoder} "
+        f"dead latents={args.dead} ({'AuxK on' if args.dead else 'AuxK off'})"
     )
     if args.batch != 4096:
         print(f"NOTE: batch {args.batch} differs from SAeUron's 4096 tokens (smaller batch chosen for this device)")
@@ -90,18 +100,29 @@ def main() -> None:
         trainer.sae.decode_impl = impl
         trainer.sae.encoder_impl = args.encoder
         trainers[impl] = trainer
+    dead = torch.randperm(args.latents, generator=gen)[: args.dead].to(device)
+
+    def step(trainer: SaeTrainer) -> dict[str, float]:
+        with torch.no_grad():  # untimed: these latents count as not having fired for too long
+            trainer.tokens_since_fired[dead] = trainer.cfg.dead_feature_threshold + 1
+        sync(device)
+        start = time.perf_counter()
+        metrics = trainer._train_step(x, total)
+        sync(device)
+        metrics["seconds"] = time.perf_counter() - start
+        return metrics
+
     total = warmup + steps
     for _ in range(warmup):
         for trainer in trainers.values():
-            trainer._train_step(x, total)
-    sync(device)
+            step(trainer)
     step_times: dict[str, list[float]] = {impl: [] for impl in trainers}
+    last: dict[str, float] = {}
     for _ in range(steps):
         for impl, trainer in trainers.items():
-            start = time.perf_counter()
-            trainer._train_step(x, total)
-            sync(device)
-            step_times[impl].append(time.perf_counter() - start)
+            last = step(trainer)
+            step_times[impl].append(last["seconds"])
+    print(f"last step: dead fraction {last['dead_frac']:.4f}, AuxK loss {last['auxk']:.4g}, FVU {last['fvu']:.4g}")
     results: dict[str, float] = {}
     for impl, times in step_times.items():
         per_step = sum(times) / len(times)

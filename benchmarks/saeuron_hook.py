@@ -1,13 +1,24 @@
-"""SAeUron hook overhead at SD1.5 shapes, measured in one run.
+"""SAeUron hook cost at SD1.5 shapes, measured in one run.
 
 A stand-in for SD1.5's ``output_blocks.5.1`` (a SpatialTransformer with 1280 channels, 8 heads,
 768-wide text context, GEGLU feed-forward) runs on a ``[2, 1280, 16, 16]`` CFG batch (512x512
 images), with and without the SAeUron hook (SAE 1280 -> 20480, k 32, random weights; 3 selected
-latents per step, thresholds low enough that some tokens fire). Prints the block time unhooked
-and hooked, their ratio, and the hook alone in both error modes and when the concept is absent
-(the conventional mode then only evaluates the selected latents' encoder rows).
+latents per step, thresholds low enough that some tokens fire). Prints:
 
-    python benchmarks/saeuron_hook.py [--device cuda|cpu] [--repeats N] [--dtype float16]
+* the hook alone per call, for each implementation of the conventional mode: ``screened`` (the
+  tokens passing a cheap screen are encoded; on this input most of them pass, so it is nearly a
+  full encode) and ``fast`` (every token at once, no host sync; one CUDA graph on CUDA), plus the
+  reference error mode and a concept that is absent from the image;
+* that the two implementations agree on this input (edited tokens, largest difference);
+* the block unhooked and hooked;
+* the hook against one full forward of an SD1.5-shaped UNet (the repository's MiniUNet at SD1.5's
+  widths: 320/640/1280/1280 channels, 2 ResBlocks per level, transformers on the first three
+  levels, 4 latent channels, 64x64 latents, 77x768 context; about 860 M parameters), both as
+  hook time / UNet time and as the measured UNet slowdown with the hook attached to
+  ``output_blocks.5.1``.
+
+    python benchmarks/saeuron_hook.py [--device cuda|cpu] [--repeats N] [--dtype float16] [--no-unet]
+        [--compile]
 """
 
 from __future__ import annotations
@@ -17,24 +28,33 @@ import time
 
 import torch
 
+from sae_core.capture import to_tokens
 from sae_core.config import SaeConfig
-from sae_core.minicanvas.unet import SpatialTransformer
+from sae_core.minicanvas.unet import MiniUNet, SpatialTransformer, UNetConfig
 from sae_core.sae import SparseAutoencoder
 from sae_core.saeuron import ConceptStats, SAeUronHook
 
+SD15 = UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                  attention_levels=(0, 1, 2), num_heads=8, context_dim=768, groups=32, ff_mult=4)
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device, per_sync: int = 1) -> float:
+    """Median seconds per ``fn()`` over ``repeats`` timings (after one warm-up); each timing runs
+    ``fn`` ``per_sync`` times back to back and waits for the device once."""
+    fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        for _ in range(per_sync):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / per_sync)
     times.sort()
     return times[len(times) // 2]
 
@@ -42,15 +62,18 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on cuda, 3 on cpu)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 50 on cuda, 3 on cpu)")
     ap.add_argument("--dtype", default=None, help="block/activation dtype (default float16 on cuda, float32 on cpu)")
     ap.add_argument("--latents", type=int, default=20480)
     ap.add_argument("--features", type=int, default=3, help="selected latents per step")
+    ap.add_argument("--no-unet", action="store_true", help="skip the SD1.5-shaped UNet comparison")
+    ap.add_argument("--compile", action="store_true", help="also time the fast path through torch.compile")
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    repeats = args.repeats or (20 if device.type == "cuda" else 3)
+    on_cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if on_cuda else torch.float32)
+    repeats = args.repeats or (50 if on_cuda else 3)
     torch.manual_seed(0)
 
     block = SpatialTransformer(1280, heads=8, context_dim=768, groups=32, ff_mult=4).to(device, dtype).eval()
@@ -62,38 +85,90 @@ def main() -> None:
     # 4 concepts x 1 step; tiny means so that mu_all is low and selected latents fire somewhere
     means = torch.rand(4, 1, args.latents, generator=torch.Generator().manual_seed(1)) * 1e-3
     stats = ConceptStats(["a", "b", "c", "d"], means)
-    hooks = {mode: SAeUronHook(sae, stats, "a", gamma=-1.0, top_n=args.features, error_mode=mode, check_sae=False)
-             for mode in ("conventional", "reference")}
+
+    def hook(path: str = "auto", mode: str = "conventional", concept_means=means, **kw) -> SAeUronHook:
+        return SAeUronHook(sae, ConceptStats(stats.concepts, concept_means), "a", gamma=-1.0, top_n=args.features,
+                           error_mode=mode, check_sae=False, path=path, **kw)
+
+    hooks = {"screened": hook("screened"), "fast": hook("fast"), "reference error mode": hook(mode="reference")}
+    if on_cuda:
+        hooks["fast, no CUDA graph"] = hook("fast")
+    if args.compile:
+        hooks["fast, torch.compile"] = hook("fast", compile=True)
     # the same latents with thresholds no token reaches: the concept is absent from the image
-    absent = SAeUronHook(sae, ConceptStats(stats.concepts, means + 1e3), "a", gamma=-1.0, top_n=args.features,
-                         check_sae=False)
+    absent = {path: hook(path, concept_means=means + 1e3) for path in ("screened", "fast")}
 
     with torch.no_grad():
         y = block(x, context)
-        hooks["conventional"](y, 0)
-        fired = int(hooks["conventional"].last_fired.sum())
-
-        t_block = timed(lambda: block(x, context), repeats, device)
-        handle = block.register_forward_hook(hooks["conventional"].forward_hook(lambda: {"step_index": 0}))
-        t_hooked = timed(lambda: block(x, context), repeats, device)
-        handle.remove()
-        t_hook = {mode: timed(lambda h=h: h(y, 0), repeats, device) for mode, h in hooks.items()}
-        t_absent = timed(lambda: absent(y, 0), repeats, device)
-        w = hooks["conventional"]._on(device)[0]
-        sel = hooks["conventional"]._on(device)[1][0]
-        pre_sel = torch.relu((y.permute(0, 2, 3, 1).reshape(-1, 1280).float() - w.b_dec) @ w.W_enc[sel.indices].T
-                             + w.b_enc[sel.indices])
+        for name, h in hooks.items():
+            h(y, 0)  # builds device tables (and the CUDA graph)
+            if name == "fast, no CUDA graph":
+                h._fast[device].graphs = False
+        ref = hooks["screened"](y, 0)
+        fast_out = hooks["fast"](y, 0)
+        engine = hooks["fast"]._fast[device]
+        counts = engine(to_tokens(y), 0).counts.tolist()
+        same_fired = torch.equal(hooks["fast"].last_fired, hooks["screened"].last_fired)
+        max_diff = float((fast_out.float() - ref.float()).abs().max())
+        fired = int(hooks["screened"].last_fired.sum())
+        w, sel = hooks["screened"]._on(device)[0], hooks["screened"]._on(device)[1][0]
+        pre_sel = torch.relu((to_tokens(y).float() - w.b_dec) @ w.W_enc[sel.indices].T + w.b_enc[sel.indices])
         candidates = int((pre_sel > sel.thresholds).any(1).sum())
 
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"dtype {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}, repeats {repeats}")
+        t_hook = {name: timed(lambda h=h: h(y, 0), repeats, device) for name, h in hooks.items()}
+        t_absent = {path: timed(lambda h=h: h(y, 0), repeats, device) for path, h in absent.items()}
+        t_queued = timed(lambda: hooks["fast"](y, 0), max(3, repeats // 10), device, per_sync=20) if on_cuda else None
+        t_block = timed(lambda: block(x, context), repeats, device)
+        auto = hook()
+        handle = block.register_forward_hook(auto.forward_hook(lambda: {"step_index": 0}))
+        t_hooked = timed(lambda: block(x, context), repeats, device)
+        handle.remove()
+        parts = {}
+        if on_cuda:  # the float16 product and the top-k alone, for reference
+            a16 = torch.randn(512, engine.tabs.w16.shape[1], device=device, dtype=torch.float16)
+            v = a16 @ engine.tabs.w16.t()
+            parts["float16 product 512 x 1288 x 20480"] = timed(lambda: a16 @ engine.tabs.w16.t(), repeats, device)
+            parts[f"top-{32 + 1 + engine.extra} of 512 x 20480"] = timed(lambda: v.topk(49, dim=1), repeats, device)
+            xf = to_tokens(y).float()
+            parts["float32 encode 512 x 1280 x 20480"] = timed(lambda: xf @ w.W_enc.t(), repeats, device)
+
+        t_unet = t_unet_hooked = None
+        if not args.no_unet:
+            del block
+            unet = MiniUNet(SD15).to(device, dtype).eval()
+            n_params = sum(p.numel() for p in unet.parameters())
+            lat = torch.randn(2, 4, 64, 64, device=device, dtype=dtype)
+            t = torch.full((2,), 500.0, device=device)
+            t_unet = timed(lambda: unet(lat, t, context), repeats, device)
+            handle = auto.attach(unet.output_blocks[5][1], lambda: {"step_index": 0})
+            t_unet_hooked = timed(lambda: unet(lat, t, context), repeats, device)
+            handle.remove()
+
+    name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    print(f"device {device} ({name}), dtype {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}, "
+          f"repeats {repeats}, torch {torch.__version__}")
     print(f"activation [2, 1280, 16, 16] (512 tokens), SAE 1280 -> {args.latents}, k 32, "
-          f"{args.features} features/step, candidate tokens {candidates}/512, edited {fired}/512")
-    print(f"block unhooked           {t_block * 1e3:9.2f} ms")
-    print(f"block + SAeUron hook     {t_hooked * 1e3:9.2f} ms   hooked/unhooked = {t_hooked / t_block:.2f}x")
-    print(f"hook alone, conventional {t_hook['conventional'] * 1e3:9.2f} ms")
-    print(f"hook alone, reference    {t_hook['reference'] * 1e3:9.2f} ms   (full encode + decode + error term)")
-    print(f"hook alone, concept absent {t_absent * 1e3:7.2f} ms   (conventional; no token passes the screen)")
+          f"{args.features} features/step, tokens passing the screen {candidates}/512, edited {fired}/512")
+    print(f"fast vs screened on this input: same edited tokens {same_fired}, largest difference {max_diff:.3g}; "
+          f"fast path mode {engine.mode}, pairs on the edge {counts[1]}, left unresolved {counts[2]}")
+    for label, seconds in t_hook.items():
+        print(f"hook alone, {label:<24} {seconds * 1e3:9.3f} ms per call")
+    if t_queued is not None:
+        print(f"hook alone, fast, 20 calls queued    {t_queued * 1e3:9.3f} ms per call (one wait per 20)")
+    for path, seconds in t_absent.items():
+        print(f"hook alone, concept absent, {path:<8} {seconds * 1e3:9.3f} ms per call")
+    print(f"block unhooked                     {t_block * 1e3:9.3f} ms")
+    print(f"block + hook ({auto.path} -> {'fast' if auto.uses_fast(device) else 'screened'})"
+          f"{'':<{11 - len(auto.path)}}{t_hooked * 1e3:9.3f} ms   hooked/unhooked = {t_hooked / t_block:.2f}x")
+    for label, seconds in parts.items():
+        print(f"  {label:<40} {seconds * 1e3:9.3f} ms")
+    if t_unet is not None:
+        used = "fast" if auto.uses_fast(device) else "screened"
+        print(f"SD1.5-shaped UNet forward ({n_params / 1e6:.0f} M params, [2, 4, 64, 64]): {t_unet * 1e3:9.2f} ms")
+        print(f"UNet + hook on output_blocks.5.1 ({used}):              {t_unet_hooked * 1e3:9.2f} ms   "
+              f"slowdown {100 * (t_unet_hooked / t_unet - 1):+.1f}%")
+        for label in ("screened", "fast"):
+            print(f"hook alone ({label}) as a share of one UNet forward: {100 * t_hook[label] / t_unet:6.2f}%")
 
 
 if __name__ == "__main__":

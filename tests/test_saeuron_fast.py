@@ -217,9 +217,13 @@ def test_cuda_graph_outputs_are_not_overwritten_and_follow_the_step():
 def test_cuda_sd15_shape(dtype):
     """SAeUron's real shape: 2 x 1280 x 16 x 16 block output, 20480 latents, k 32."""
     sae = random_sae(d=1280, n=20480, k=32, seed=28, device="cuda")
-    table = random_table(sae, steps=2, per_step=3, seed=29, thr=0.01)
+    table = random_table(sae, steps=2, per_step=8, seed=29, thr=0.01)
     fast, screened = pair(sae, table)
     x = torch.randn(2, 1280, 16, 16, generator=torch.Generator().manual_seed(30)).cuda().to(dtype)
+    edited = 0
     for t in range(2):
         y_fast, y_ref = fast(x, t), screened(x, t)
         assert_same(fast, y_fast, screened, y_ref, tol=1e-5 if dtype == torch.float32 else 2.0**-7)
+        edited += int(screened.last_fired.sum())
+    assert edited > 0
+    assert fast._fast[x.device].mode == "graph"

@@ -175,14 +175,24 @@ def fast_edit_tokens(tokens: Tensor, tabs: _Tables, sel_idx: Tensor, sel_f: Tens
 
 @contextlib.contextmanager
 def _fp32_sums() -> Iterator[None]:
-    """Keep cuBLAS from summing float16 products in float16 (the bound assumes float32 sums)."""
+    """float32 sums in cuBLAS for the float16 product (the bound assumes them) and plain float32
+    (no TF32) for the exact codes and recounts, whatever the process-wide settings are."""
     matmul = torch.backends.cuda.matmul
-    before = matmul.allow_fp16_reduced_precision_reduction
-    matmul.allow_fp16_reduced_precision_reduction = False
+    wanted = [("allow_fp16_reduced_precision_reduction", False),
+              ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)]
+    saved = []
+    for name, value in wanted:
+        try:
+            before = getattr(matmul, name)
+            setattr(matmul, name, value)
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+        saved.append((name, before))
     try:
         yield
     finally:
-        matmul.allow_fp16_reduced_precision_reduction = before
+        for name, before in reversed(saved):
+            setattr(matmul, name, before)
 
 
 class _Graph:
