@@ -105,11 +105,14 @@ def main() -> None:
             if name == "fast, no CUDA graph":
                 h._fast[device].graphs = False
         ref = hooks["screened"](y, 0)
-        fast_out = hooks["fast"](y, 0)
+        agree = {}  # every fast variant against the screened path: same edited tokens, largest difference
+        for name, h in hooks.items():
+            if name.startswith("fast"):
+                out = h(y, 0)
+                agree[name] = (torch.equal(h.last_fired, hooks["screened"].last_fired),
+                               float((out.float() - ref.float()).abs().max()), h._fast[device].mode)
         engine = hooks["fast"]._fast[device]
         counts = engine(to_tokens(y), 0).counts.tolist()
-        same_fired = torch.equal(hooks["fast"].last_fired, hooks["screened"].last_fired)
-        max_diff = float((fast_out.float() - ref.float()).abs().max())
         fired = int(hooks["screened"].last_fired.sum())
         w, sel = hooks["screened"]._on(device)[0], hooks["screened"]._on(device)[1][0]
         pre_sel = torch.relu((to_tokens(y).float() - w.b_dec) @ w.W_enc[sel.indices].T + w.b_enc[sel.indices])
@@ -149,8 +152,9 @@ def main() -> None:
           f"repeats {repeats}, torch {torch.__version__}")
     print(f"activation [2, 1280, 16, 16] (512 tokens), SAE 1280 -> {args.latents}, k 32, "
           f"{args.features} features/step, tokens passing the screen {candidates}/512, edited {fired}/512")
-    print(f"fast vs screened on this input: same edited tokens {same_fired}, largest difference {max_diff:.3g}; "
-          f"fast path mode {engine.mode}, pairs on the edge {counts[1]}, left unresolved {counts[2]}")
+    print(f"fast path on this input: (token, latent) pairs on the edge {counts[1]}, left unresolved {counts[2]}")
+    for label, (same, diff, mode) in agree.items():
+        print(f"{label} ({mode}) vs screened: same edited tokens {same}, largest difference {diff:.3g}")
     for label, seconds in t_hook.items():
         print(f"hook alone, {label:<24} {seconds * 1e3:9.3f} ms per call")
     if t_queued is not None:
