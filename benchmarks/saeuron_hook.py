@@ -71,6 +71,8 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     on_cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if on_cuda else torch.float32)
     repeats = args.repeats or (50 if on_cuda else 3)
@@ -103,15 +105,15 @@ def main() -> None:
         for name, h in hooks.items():
             h(y, 0)  # builds device tables (and the CUDA graph)
             if name == "fast, no CUDA graph":
-                h._fast[device].graphs = False
+                h._fast[y.device].graphs = False
         ref = hooks["screened"](y, 0)
         agree = {}  # every fast variant against the screened path: same edited tokens, largest difference
         for name, h in hooks.items():
             if name.startswith("fast"):
                 out = h(y, 0)
                 agree[name] = (torch.equal(h.last_fired, hooks["screened"].last_fired),
-                               float((out.float() - ref.float()).abs().max()), h._fast[device].mode)
-        engine = hooks["fast"]._fast[device]
+                               float((out.float() - ref.float()).abs().max()), h._fast[y.device].mode)
+        engine = hooks["fast"]._fast[y.device]
         counts = engine(to_tokens(y), 0).counts.tolist()
         fired = int(hooks["screened"].last_fired.sum())
         w, sel = hooks["screened"]._on(device)[0], hooks["screened"]._on(device)[1][0]
