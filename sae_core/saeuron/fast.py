@@ -36,6 +36,12 @@ tokens where a selected latent fired, ``y = x`` bit for bit elsewhere, in the in
 
 On CUDA the whole call runs as one captured CUDA graph per (token count, dtype, mask) shape, and
 optionally through ``torch.compile`` (``compile=True``; fuses the small element-wise steps).
+
+Measured (``benchmarks/saeuron_hook.py --device cuda``, one H200, SD1.5's ``[2, 1280, 16, 16]``
+float16 block output, SAE 1280 -> 20480, k 32, 3 latents): 0.48 ms per call (0.39 ms with
+``compile=True``) against 1.69 ms for the screened path; of that, the float16 product takes
+0.07 ms, the top-49 0.17 ms and the ~70 small kernels the rest. (A float32 encode alone takes
+0.66 ms.)
 """
 
 from __future__ import annotations
