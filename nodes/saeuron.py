@@ -130,15 +130,20 @@ class SAeUronConceptFeatures:
                 **sampler_inputs(),
                 "branch": inp(list(BRANCHES), "Guidance rows averaged: cond = the prompted half (SAeUron), both = "
                                               "both halves.", default="cond"),
-                "filename": inp("STRING", "File name in models/sae_features (without .safetensors); replaced "
-                                          "if it exists.", default="saeuron/features"),
+                "filename": inp("STRING", "File name in models/sae_features (without .safetensors).",
+                                default="saeuron/features"),
+            },
+            "optional": {
+                "overwrite": inp("BOOLEAN", "Replace a table of that name that already exists (it stays until the "
+                                            "new one is complete). Off: an existing table is kept and the node stops.",
+                                 default=False),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def gather(self, model: Any, clip: Any, sae: Any, block: str, concept_prompts: str, other_prompts: str,
                steps: int, cfg: float, seed: int, sampler_name: str, scheduler: str, width: int, height: int,
-               branch: str = "cond", filename: str = "saeuron/features",
+               branch: str = "cond", filename: str = "saeuron/features", overwrite: bool = False,
                unique_id: Optional[str] = None) -> tuple[ConceptStats, str]:
         check_sae(sae)
         concepts = parse_concepts(concept_prompts)
@@ -160,8 +165,9 @@ class SAeUronConceptFeatures:
         check_sae_width(sae, name, ref.width)
         warn_hookpoint(host, sae, name)
         out_path = features_path_for(filename)
-        decision = decide_artefact("SAeUron Concept Features", out_path, {}, {} if out_path.exists() else None,
-                                   overwrite=True)  # the filename's tooltip: replaced if it exists
+        # the table records no identity to compare: any existing file counts as another run's
+        decision = decide_artefact("SAeUron Concept Features", out_path, {"file": "new"},
+                                   {"file": "existing"} if out_path.exists() else None, overwrite=bool(overwrite))
         log.info("%s", decision.message)
 
         sampling = ComfySampling(model, clip, steps, cfg, sampler_name, scheduler, width, height, seed)

@@ -343,6 +343,16 @@ def test_features_table(comfy, pipeline):
     assert _no_hooks_left(pipeline.model)
 
 
+def test_features_keep_an_existing_table_unless_overwrite(comfy, pipeline):
+    path = Path(pipeline.stats_path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="turn on overwrite"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae)  # the same name as the pipeline's table
+    assert path.read_bytes() == before
+    stats, again = _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, overwrite=True)
+    assert again == pipeline.stats_path and torch.equal(stats.means, pipeline.stats.means)
+
+
 def test_features_need_a_contrast(comfy, pipeline):
     with pytest.raises(ValueError, match="second concept or some other_prompts"):
         _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, concept_prompts="cat: a cat", other_prompts="")
