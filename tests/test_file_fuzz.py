@@ -47,6 +47,18 @@ def _build_sae_folder_cfg(root: Path) -> tuple[Path, Callable[[Path], object]]:
     return root / "f" / "cfg.json", lambda p: load_sae(p.parent)
 
 
+def _build_saelens(root: Path) -> tuple[Path, Callable[[Path], object]]:
+    from safetensors.torch import save_file
+
+    sae, folder = _sae(), root / "saelens"
+    folder.mkdir()
+    save_file({"W_enc": sae.encoder.weight.detach().t().contiguous(), "b_enc": sae.encoder.bias.detach().clone(),
+               "W_dec": sae.W_dec.detach().clone(), "b_dec": sae.b_dec.detach().clone()}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 8, "d_sae": 32, "k": 4,
+                                                 "hook_name": "blocks.3.hook_resid_post", "normalize_activations": "none"}))
+    return folder / "sae_weights.safetensors", lambda p: load_sae(p.parent)
+
+
 def _build_itd(root: Path) -> tuple[Path, Callable[[Path], object]]:
     sae = _sae()
     folder = root / "itd"
@@ -119,6 +131,7 @@ KINDS = {
     "sae_folder_weights": _build_sae_folder_weights,
     "sae_folder_cfg": _build_sae_folder_cfg,
     "sae_itd": _build_itd,
+    "sae_saelens": _build_saelens,
     "feature_table": _build_stats,
     "fisher": _build_fisher,
     "lora": _build_lora,
