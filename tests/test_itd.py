@@ -459,7 +459,7 @@ def test_concepts_file_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SAE training on the fly
+# SAE training from a text-activation store
 # ---------------------------------------------------------------------------------------------
 
 
@@ -473,7 +473,7 @@ def test_training_stream_and_short_training(source):
     full = source.residual(prompts).hidden.reshape(-1, 32)
     assert torch.equal(torch.cat(batches).sort(0).values, full.sort(0).values)  # same rows, shuffled
     cfg = TrainConfig(batch_size=64, k=4, num_latents=64, lr=1e-3, batch_topk=False, log_every=5)
-    sae = train_text_sae(source, prompts, cfg, total_steps=10, prompts_per_step=8, progress=False)
+    sae = train_text_sae(source, prompts, cfg, total_steps=10, progress=False)
     assert sae.d_in == 32 and sae.cfg.hookpoint == source.layer_path and not sae.cfg.batch_topk
     assert torch.isfinite(sae.W_dec).all()
 

@@ -14,23 +14,21 @@ so the calibration reports how far the two score populations are apart.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
 from ..sae import SparseAutoencoder
-from ..trainer import SaeTrainer
+from ..whitening import Whitening, fit_whitening, fold_whitening
 from .concepts import Calibration, ItDConcepts, sae_fingerprint
 from .interpret import ConceptFeatures, prompt_top_features, select_features, union
+from .collect import train_text_sae
 from .steering import ERROR_MODES, ItDGate, SaeMath
-from .text import PromptBatch, TextLayerSource, choose_layer, layer_count, residual_token_batches
+from .text import PromptBatch, TextLayerSource, choose_layer, layer_count
 
 __all__ = [
     "ClassifierReport",
@@ -405,101 +403,3 @@ def classifier_report(concept_scores: Tensor, other_scores: Tensor, tau: float |
     recall = tp / (tp + fn) if tp + fn else 1.0
     fpr = fp / (fp + tn) if fp + tn else 0.0
     return ClassifierReport(tp, fp, fn, tn, precision, recall, fpr, concept_scores, other_scores)
-
-
-class Whitening(NamedTuple):
-    """An affine map ``x' = (x - mean) @ forward`` with its inverse ``x = x' @ inverse + mean``."""
-
-    mean: Tensor
-    forward: Tensor
-    inverse: Tensor
-
-
-@torch.no_grad()
-def fit_whitening(rows: Tensor, eps: float = 1e-2) -> Whitening:
-    """ZCA whitening of ``rows [N, d]``; ``eps`` (relative to the mean variance) regularises
-    near-constant directions so they are not blown up."""
-    x = rows.double()
-    mean = x.mean(0)
-    cov = torch.cov((x - mean).T)
-    evals, evecs = torch.linalg.eigh(cov)
-    floor = eps * float(evals.clamp_min(0).mean())
-    scale = (evals.clamp_min(0) + floor).rsqrt()
-    fwd = (evecs * scale) @ evecs.T
-    inv = (evecs / scale) @ evecs.T
-    return Whitening(mean.float(), fwd.float(), inv.float())
-
-
-@torch.no_grad()
-def fold_whitening(sae: SparseAutoencoder, w: Whitening) -> SparseAutoencoder:
-    """Turn an SAE trained on whitened rows into one that reads raw rows (the same function).
-
-    With ``x' = (x - m) @ A`` and ``x = x' @ A^-1 + m`` (``A`` symmetric), the raw-space SAE has
-    ``W_enc = W_enc' @ A``, ``b_dec = m + b_dec' @ A^-1``, ``W_dec = W_dec' @ A^-1`` and the
-    same ``b_enc``, so codes and reconstructions are exactly those of the whitened SAE.
-    Decoder rows are no longer unit norm; nothing at inference needs them to be.
-    """
-    folded = copy.deepcopy(sae)
-    a, a_inv, m = w.forward.to(sae.W_dec), w.inverse.to(sae.W_dec), w.mean.to(sae.W_dec)
-    folded.encoder.weight.copy_(sae.encoder.weight @ a)
-    folded.W_dec.copy_(sae.W_dec @ a_inv)
-    folded.b_dec.copy_(m + sae.b_dec @ a_inv)
-    folded.cfg = replace(sae.cfg, normalize_decoder=False, extra=dict(sae.cfg.extra, whitened=True))
-    return folded
-
-
-def train_text_sae(
-    source: TextLayerSource,
-    prompts: Sequence[str],
-    cfg: TrainConfig,
-    total_steps: int,
-    *,
-    prompts_per_step: int = 64,
-    positions: str = "all",
-    whiten: bool = False,
-    whiten_eps: float = 1e-2,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = True,
-) -> SparseAutoencoder:
-    """Train a TopK SAE on ``source``'s layer, with activations computed on the fly from ``prompts``.
-
-    The stream is :func:`~sae_core.itd.text.residual_token_batches` (shuffled prompts, every token
-    position by default, as the reference trains); the trainer re-chunks it to ``cfg.batch_size``
-    tokens per step. The SAE records the layer path as its hookpoint.
-
-    ``whiten=True`` trains in ZCA-whitened coordinates (fitted on one pass over ``prompts``) and
-    folds the map back into the weights (:func:`fold_whitening`): the result reads raw
-    activations like any SAE, but its training loss weighted every direction of the residual
-    equally, so concept directions of small variance (next to a few dominant ones) get latents.
-    ``whiten_eps`` (see :func:`fit_whitening`) damps that: larger values whiten less.
-    """
-    prompts = list(prompts)
-    probe = source.residual(prompts[:1])
-    d_in = int(probe.hidden.shape[-1])
-    if cfg.hookpoint is None:
-        cfg = replace(cfg, hookpoint=source.layer_path)
-    whitening = None
-    if whiten:
-        rows = torch.cat(list(residual_token_batches(source, prompts, prompts_per_step=256, positions=positions, epochs=1)))
-        whitening = fit_whitening(rows, eps=whiten_eps)
-    trainer = SaeTrainer(cfg, d_in)
-
-    def stream(start_token: int):
-        # The trainer asks for the stream from ``start_token`` on; the prompt stream is
-        # deterministic, so it is replayed and the consumed tokens are dropped here.
-        batches = residual_token_batches(
-            source, prompts, prompts_per_step=prompts_per_step, seed=cfg.seed, positions=positions, device=cfg.device
-        )
-        skip = start_token
-        for batch in batches:
-            if skip >= batch.shape[0]:
-                skip -= batch.shape[0]
-                continue
-            batch = batch[skip:]
-            skip = 0
-            if whitening is not None:
-                batch = (batch - whitening.mean.to(batch)) @ whitening.forward.to(batch)
-            yield batch
-
-    sae = trainer.train(stream, total_steps, checkpoint_dir=checkpoint_dir, progress=progress)
-    return fold_whitening(sae, whitening) if whitening is not None else sae

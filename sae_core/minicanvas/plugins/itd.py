@@ -4,10 +4,12 @@ Listed as ``itd`` in :data:`sae_core.minicanvas.methods.PLUGINS`.
 
 The SAE reads the residual stream after a middle layer of the MiniCanvas text encoder
 (``text_model.encoder.layers.2`` of 4, as ItD reads layer 8 of CLIP-L's 12). It is trained on
-the fly on every MiniCanvas prompt (all object x style prompts, the unstyled prompts, the empty
-prompt used for classifier-free guidance, and a few rephrasings made of words the tokenizer
-knows) in the deployment padding convention (MiniCanvas pads to its fixed length with ``<pad>``
-and passes no attention mask). A shipped copy lives in ``sae_core/minicanvas/weights/``; it is
+every MiniCanvas prompt (all object x style prompts, the unstyled prompts, the empty prompt used
+for classifier-free guidance, and a few rephrasings made of words the tokenizer knows) in the
+deployment padding convention (MiniCanvas pads to its fixed length with ``<pad>`` and passes no
+attention mask) by :func:`sae_core.itd.train_text_sae`: the prompts' activations are collected
+into an activation store and the SAE is trained on that store, the same two steps (and the same
+code) as the ComfyUI nodes Collect Text Activations and Train SAE. A shipped copy lives in ``sae_core/minicanvas/weights/``; it is
 used only when it was trained for the exact text encoder that is loaded (a fingerprint of the
 text-encoder weights is stored with it), otherwise a copy is trained (well under a minute on a
 CPU) and cached in ``$SAE_CORE_CACHE`` (default ``~/.cache/sae_core``).
@@ -108,9 +110,6 @@ class MiniCanvasItDConfig:
     batch_tokens: int = 512
     """Tokens per SAE training step."""
 
-    prompts_per_step: int = 32
-    """Prompts encoded per activation batch while training."""
-
     lr: float = 1e-3
     """Peak SAE learning rate (linear decay to 0)."""
 
@@ -129,7 +128,8 @@ class MiniCanvasItDConfig:
 
     def train_key(self) -> dict[str, Any]:
         """The fields that determine the trained SAE (with the text encoder's fingerprint)."""
-        keys = ("layer", "num_latents", "k", "train_steps", "batch_tokens", "prompts_per_step", "lr", "whiten", "whiten_eps", "train_positions", "seed")
+        keys = ("layer", "num_latents", "k", "train_steps", "batch_tokens", "lr", "whiten", "whiten_eps", "train_positions",
+                "seed")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -271,7 +271,7 @@ def load_or_train_sae(
 
 
 def train_canvas_sae(canvas: Any, cfg: MiniCanvasItDConfig | None = None, *, progress: bool = True) -> SparseAutoencoder:
-    """Train the MiniCanvas text SAE (activations on the fly from :func:`canvas_prompts`)."""
+    """Train the MiniCanvas text SAE (an activation store of :func:`canvas_prompts`, then the store's training)."""
     cfg = cfg or MiniCanvasItDConfig()
     source = text_source(canvas, cfg.layer)
     train_cfg = TrainConfig(
@@ -293,8 +293,8 @@ def train_canvas_sae(canvas: Any, cfg: MiniCanvasItDConfig | None = None, *, pro
             canvas_prompts(),
             train_cfg,
             cfg.train_steps,
-            prompts_per_step=cfg.prompts_per_step,
             positions=cfg.train_positions,
+            store_dtype="float32",
             whiten=cfg.whiten,
             whiten_eps=cfg.whiten_eps,
             progress=progress,
