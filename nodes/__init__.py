@@ -27,6 +27,7 @@ NODE_MODULES: list[str] = [
     "amnesia",
     "rece",
     "itd",
+    "text_sae",
     "saeuron",
     "minicanvas",
 ]

@@ -1,6 +1,7 @@
 """Folders and names of what the SAE and SAeUron nodes write: user-typed names made safe, the
 activation stores in ``output/sae_activations``, SAE training checkpoints in ``output/sae_training``,
-trained SAEs in ``models/sae`` and concept feature tables in ``models/sae_features``.
+trained SAEs in ``models/sae`` and concept feature tables in ``models/sae_features``; and the prompt
+lists the nodes read from ``models/prompts``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ __all__ = [
     "ACTIVATIONS_FOLDER",
     "FEATURES_FOLDER",
     "NO_FILE",
+    "PROMPTS_FOLDER",
     "TRAINING_FOLDER",
     "dataset_folder",
     "feature_filenames",
     "features_path_for",
     "forget_file_list",
+    "prompt_filenames",
+    "prompt_file_path",
     "register_features_folder",
     "resolve_dataset",
     "safe_name",
@@ -37,6 +41,11 @@ ACTIVATIONS_FOLDER = "sae_activations"
 
 TRAINING_FOLDER = "sae_training"
 """Sub-folder of ComfyUI's output folder holding SAE training checkpoints (resume after Cancel)."""
+
+PROMPTS_FOLDER = "prompts"
+"""Model folder of prompt lists (one prompt per line, ``.txt`` or ``.txt.gz``): ``ComfyUI/models/prompts``."""
+
+PROMPT_EXTENSIONS = {".txt", ".gz"}
 
 NO_FILE = "none"
 """Choice of the feature-file combo meaning 'use the features input'."""
@@ -112,3 +121,31 @@ def training_folder(name: str) -> Path:
 def features_path_for(name: str) -> Path:
     """``models/sae_features/<name>.safetensors``."""
     return Path(folder_paths.models_dir) / FEATURES_FOLDER / f"{safe_name(name, 'filename')}.safetensors"
+
+
+def register_prompts_folder() -> list[str]:
+    """Register ``models/prompts`` (``.txt``, ``.gz``) with ``folder_paths``; idempotent."""
+    default = os.path.join(folder_paths.models_dir, PROMPTS_FOLDER)
+    table = folder_paths.folder_names_and_paths
+    paths, exts = table.get(PROMPTS_FOLDER, ([], set()))
+    new_paths = list(paths) + ([default] if default not in paths else [])
+    new_exts = set(exts) | PROMPT_EXTENSIONS
+    if PROMPTS_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
+        table[PROMPTS_FOLDER] = (new_paths, new_exts)
+        forget_file_list(PROMPTS_FOLDER)
+    return new_paths
+
+
+def prompt_filenames() -> list[str]:
+    """The prompt files ComfyUI can see in ``models/prompts``."""
+    register_prompts_folder()
+    return [n for n in folder_paths.get_filename_list(PROMPTS_FOLDER) if n.endswith((".txt", ".txt.gz"))]
+
+
+def prompt_file_path(name: str) -> Path:
+    """Absolute path of a prompt file from the dropdown; FileNotFoundError naming the folders otherwise."""
+    register_prompts_folder()
+    path = folder_paths.get_full_path(PROMPTS_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"prompt file '{name}' was not found in {', '.join(register_prompts_folder())}")
+    return Path(path)

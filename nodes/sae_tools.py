@@ -6,7 +6,8 @@
   collection step (``sae_core.saeuron.collect_activations``, the same as the MiniCanvas plug-in's);
   every row records the step index, the model timestep and sigma, cond/uncond and the prompt index.
   The hook sits on a clone of the MODEL only while the node samples.
-* **Train SAE** trains a TopK SAE on such a store (``sae_core.trainer``) and saves it in
+* **Train SAE** trains a TopK SAE on such a store, or on a text-encoder store from Collect Text Activations
+  (``nodes/text_sae.py``), through ``sae_core.store_training.train_sae_on_store`` and saves it in
   ``models/sae/<name>/`` (``cfg.json`` + ``sae.safetensors``). Cancel keeps a checkpoint in
   ``output/sae_training/<name>/<run>/`` (one per data and settings) that the next run continues.
 * **Download SAE** fetches a published SAeUron checkpoint folder from the Hugging Face Hub into
@@ -34,7 +35,7 @@ from sae_core.hub import download_sae
 from sae_core.prompts import parse_prompts
 from sae_core.saeuron import BRANCHES, collect_activations
 from sae_core.store import ActivationReader, ActivationWriter, IncompleteStoreError
-from sae_core.trainer import SaeTrainer
+from sae_core.store_training import train_sae_on_store
 
 from .common import (
     DTYPE_CHOICES,
@@ -59,6 +60,9 @@ log = logging.getLogger("concept_erasure")
 
 DEFAULT_BLOCK = "output_blocks.4.1"
 """SAeUron's object block (diffusers ``up_blocks.1.attentions.1``); styles use ``output_blocks.5.1``."""
+
+TOPK_CHOICES = ("batch", "token")
+"""Train SAE's ``topk`` choices: BatchTopK during training (SAeUron) or per-token TopK (ItD)."""
 
 _COLLECT_COLUMNS = {"step": "int32", "timestep": "float32", "sigma": "float32", "cond": "uint8",
                     "prompt_index": "int32", "position": "int32"}
@@ -198,7 +202,8 @@ class TrainSAE:
 
     DESCRIPTION = (
         "Trains a TopK sparse autoencoder (SAeUron's recipe: BatchTopK, AuxK for dead latents, Adam with a "
-        "linearly decaying learning rate) on an activation store from Collect SAE Activations and saves it in "
+        "linearly decaying learning rate) on an activation store from Collect SAE Activations (a UNet block) or "
+        "Collect Text Activations (a text-encoder layer, for ItD: set topk to token and whiten on) and saves it in "
         "models/sae/<filename>/ (cfg.json + sae.safetensors, the SAeUron layout). Cancel keeps a checkpoint "
         "(also a usable SAE) in output/sae_training/<filename>/<run>; queueing again with the same data and settings "
         "continues it (a higher steps value trains on from there); other data or settings start a new run beside it."
@@ -216,8 +221,9 @@ class TrainSAE:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "dataset_path": inp("STRING", "Activation store from Collect SAE Activations (its output, an "
-                                              "absolute folder, or a name in output/sae_activations).",
+                "dataset_path": inp("STRING", "Activation store from Collect SAE Activations or Collect Text "
+                                              "Activations (its output, an absolute folder, or a name in "
+                                              "output/sae_activations).",
                                     default=""),
                 "expansion_factor": inp("INT", "Latents per activation channel when num_latents is 0 "
                                                "(SAeUron: 16).", default=16, min=1, max=256),
@@ -241,14 +247,21 @@ class TrainSAE:
                                                      "small datasets).", default=10_000_000, min=1, max=1 << 40),
                 "device": inp(list(DEVICE_CHOICES), "Where to train: auto = ComfyUI's device; cpu = system memory.",
                               default="auto"),
+                "topk": inp(list(TOPK_CHOICES), "batch = BatchTopK over each training batch (SAeUron); token = "
+                                                "k latents per token (ItD's text SAE). The saved SAE always uses "
+                                                "per-token TopK.", default="batch"),
+                "whiten": inp("BOOLEAN", "Train in whitened coordinates (fitted on the store) and fold the map into "
+                                         "the saved SAE, which then reads raw activations. Gives every direction "
+                                         "of the activations equal weight in the loss; helps text-encoder SAEs, "
+                                         "whose residual stream has a few dominant directions.", default=False),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, dataset_path: str, expansion_factor: int, num_latents: int, k: int, steps: int, lr: float,
               batch_size: int, seed: int, filename: str, overwrite: bool = False,
-              dead_feature_threshold: int = 10_000_000, device: str = "auto",
-              unique_id: Optional[str] = None) -> tuple[Any, str]:
+              dead_feature_threshold: int = 10_000_000, device: str = "auto", topk: str = "batch",
+              whiten: bool = False, unique_id: Optional[str] = None) -> tuple[Any, str]:
         folder = resolve_dataset(dataset_path)
         try:
             reader = ActivationReader(folder)
@@ -257,6 +270,8 @@ class TrainSAE:
         if len(reader) < int(batch_size):
             raise ValueError(f"batch_size: the store {folder} has only {len(reader)} rows, fewer than one batch of "
                              f"{batch_size}; collect more activations or lower batch_size")
+        if topk not in TOPK_CHOICES:
+            raise ValueError(f"topk must be one of {', '.join(TOPK_CHOICES)}, got {topk!r}")
         out = sae_output_folder(filename)
         if (out / "sae.safetensors").exists() or (out / "cfg.json").exists():
             if not overwrite:
@@ -267,7 +282,7 @@ class TrainSAE:
             raise ValueError(f"k: must be between 1 and the number of latents ({n_lat}), got {k}")
         cfg = TrainConfig(batch_size=int(batch_size), lr=float(lr), k=int(k), num_latents=n_lat,
                           expansion_factor=int(expansion_factor), seed=int(seed),
-                          dead_feature_threshold=int(dead_feature_threshold),
+                          dead_feature_threshold=int(dead_feature_threshold), batch_topk=topk == "batch",
                           checkpoint_every=max(10, int(steps) // 20), device=str(comfy_device(device)),
                           hookpoint=reader.attrs.get("hookpoint"), model_family=reader.attrs.get("model_family"))
         # The run's identity: the data (content fingerprint of the store, so a store collected again under the
@@ -275,7 +290,8 @@ class TrainSAE:
         # continues the run. Each identity has its own checkpoint folder: nothing of another run is deleted.
         identity = _as_json({"dataset": str(folder), "dataset_fingerprint": reader.fingerprint, "tokens": len(reader),
                              "train_config": {k_: v for k_, v in cfg.to_dict().items()
-                                              if k_ not in ("device", "checkpoint_every")}})
+                                              if k_ not in ("device", "checkpoint_every")},
+                             **({"whiten": True} if whiten else {})})
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         ckpt = training_folder(filename) / digest
         marker = ckpt / "settings.json"
@@ -290,12 +306,10 @@ class TrainSAE:
                      "in %s", training_folder(filename), ", ".join(sorted(others)), ckpt)
         save_json(marker, identity)
 
-        trainer = SaeTrainer(cfg, d)
-        epochs = reader.iter_epochs(int(batch_size), drop_last=True, seed=int(seed))
         with Progress(int(steps), desc="Train SAE", node_id=unique_id) as bar:
-            sae = trainer.train((batch for _, batch in epochs), int(steps), checkpoint_dir=ckpt, resume=True,
-                                progress=False, should_stop=interrupt_requested,
-                                on_step=lambda s, n, m: bar.update_absolute(s))
+            sae, trainer, _ = train_sae_on_store(reader, cfg, int(steps), whiten=bool(whiten), checkpoint_dir=ckpt,
+                                                 resume=True, should_stop=interrupt_requested,
+                                                 on_step=lambda s, n, m: bar.update_absolute(s))
         if trainer.interrupted:
             throw_if_interrupted()
             raise RuntimeError(f"SAE training stopped at step {trainer.step}; the checkpoint in {ckpt} continues "

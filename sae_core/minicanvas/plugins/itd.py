@@ -355,16 +355,22 @@ def itd_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> A
 
     Options are :class:`MiniCanvasItDConfig` fields (the SAE; ``layer`` is also the settings') and
     :class:`~sae_core.itd.ItDSettings` fields (e.g. ``top_n=8``, ``scale=-4``, ``error_mode="preserve"``,
-    ``threshold_margin=0.9``), plus ``quiet=True`` to skip the classifier summary line.
+    ``threshold_margin=0.9``), plus ``quiet=True`` to skip the classifier summary line and ``sae=PATH`` to use
+    an SAE file or folder (e.g. one the Train SAE node wrote) instead of the shipped / cached one.
     """
     quiet = bool(options.pop("quiet", False))
+    sae_path = options.pop("sae", None)
     validate_concepts(canvas, kind, list(concepts))
     unknown = sorted(set(options) - _TRAIN_FIELDS - _SETTING_FIELDS)
     if unknown:
         raise ValueError(f"unknown itd option(s) {unknown}; known: {sorted(_TRAIN_FIELDS | _SETTING_FIELDS)}")
     cfg = replace(MiniCanvasItDConfig(), **{k: v for k, v in options.items() if k in _TRAIN_FIELDS})
     settings = canvas_settings(kind, concepts, cfg.layer, **{k: v for k, v in options.items() if k in _SETTING_FIELDS})
-    sae = load_or_train_sae(canvas, cfg, progress=not quiet)
+    if sae_path is not None:
+        sae = load_sae(Path(str(sae_path)).expanduser(), device=next(canvas.text_encoder.parameters()).device)
+        sae = sae.eval().requires_grad_(False)
+    else:
+        sae = load_or_train_sae(canvas, cfg, progress=not quiet)
     report = build_canvas_concepts(canvas, sae, kind, settings)
     if not quiet:
         print(report.summary())

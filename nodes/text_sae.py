@@ -1,0 +1,201 @@
+"""Collect Text Activations: the training data of a text-encoder SAE (the SAE ItD's classifier needs).
+
+The node encodes a prompt corpus with the wired CLIP, through ComfyUI's own tokenizer and padding (77 tokens
+padded with EOS for SD1.x/SDXL ``clip_l``; 16 tokens padded with ``<pad>`` for MiniCanvas), and streams the
+output of one encoder layer into an activation store in ``output/sae_activations/<name>/``: one row per token
+position kept (``all``: every padded position, as the classifier scores them; ``content``: BOS..EOS), each with
+its prompt index and position. **Train SAE** then trains the SAE on that store (``topk`` token and ``whiten`` on
+for ItD's recipe). Both steps are the library's (``sae_core.itd.collect_text_store`` and
+``sae_core.store_training.train_sae_on_store``), the same code the MiniCanvas ItD plug-in and
+``python -m sae_core.itd.text_sae`` run.
+
+The layer is chosen as the ItD Prompt Classifier chooses it: ``-1`` is two thirds of the way up the encoder
+(layer 8 of CLIP-L's 12, layer 2 of MiniCanvas' 4), and the store records the layer's module path as its hook
+point, which the trained SAE keeps, so the classifier finds the layer on its own.
+
+The corpus: the one that ships with the pack (``sae_core/itd/data``, 40,000 prompts, see its README), a text
+file from ``ComfyUI/models/prompts/`` (one prompt per line, ``.txt`` or ``.txt.gz``), typed prompts, or a
+file plus typed prompts. A complete store collected with the same settings is reused; Cancel leaves the
+store unfinished (the next run collects it again: collection is an encoder pass, minutes at most).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import torch
+
+from sae_core.artefacts import Action, decide_artefact, tensor_fingerprint
+from sae_core.itd import ItDTextHost, PromptBatch, default_layer, layer_count
+from sae_core.itd.collect import POSITIONS, collect_text_store, prompts_fingerprint
+from sae_core.itd.corpus import CORPUS_PATH, CORPUS_SIZE
+from sae_core.prompts import parse_prompts, read_prompt_file
+from sae_core.store import ActivationReader, IncompleteStoreError
+
+from .common import Progress, category, inp, interrupt_requested, node_id, throw_if_interrupted
+from .folders import dataset_folder, prompt_file_path, prompt_filenames
+
+log = logging.getLogger("concept_erasure")
+
+NODE_NAME = "Collect Text Activations"
+
+DEFAULT_CORPUS = "default corpus (ships with the pack)"
+"""Corpus choice: the shipped corpus."""
+
+NO_CORPUS = "none (typed prompts only)"
+"""Corpus choice: only the prompts typed into the node."""
+
+COLLECT_BATCH = 32
+"""Prompts per encoder call while collecting."""
+
+__all__ = ["CollectTextActivations", "DEFAULT_CORPUS", "NO_CORPUS", "corpus_prompts", "text_host"]
+
+
+def _minicanvas_host(clip: Any) -> ItDTextHost:
+    """The MiniCanvas CLIP's text encoder, fed ComfyUI's MiniCanvas tokens (``clip.tokenize``)."""
+    from .minicanvas import TOKEN_KEY
+
+    encoder = clip.cond_stage_model.minicanvas
+    words = clip.tokenizer.tokenizer
+    length = int(words.max_length)
+
+    def tokenize(prompts: list[str]) -> PromptBatch:
+        rows = [[int(item[0]) for item in clip.tokenize(p)[TOKEN_KEY][0]] for p in prompts]
+        ids = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length)
+        is_eos = ids == int(words.eos_token_id)
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((len(rows),), length - 1))
+        return PromptBatch(ids, torch.arange(length)[None, :] <= first_eos[:, None])
+
+    def run(model: Any, batch: PromptBatch) -> Any:
+        return model(input_ids=batch.input_ids.to(next(model.parameters()).device))
+
+    return ItDTextHost(encoder, tokenize, run=run, pad_to=length, pad_token="<pad>", batch_size=COLLECT_BATCH)
+
+
+def text_host(clip: Any, who: str = NODE_NAME) -> tuple[ItDTextHost, str]:
+    """``(host, family)``: ItD's view of the CLIP's text encoder (SD1.x/SDXL ``clip_l``, or MiniCanvas)."""
+    if clip is not None and hasattr(getattr(clip, "cond_stage_model", None), "minicanvas"):
+        clip.load_model()
+        return _minicanvas_host(clip), "MiniCanvas"
+    from .clip_patch import clip_l_encoder
+    from .itd import comfy_text_host
+
+    encoder, family = clip_l_encoder(clip, who)
+    clip.load_model()
+    return dataclasses.replace(comfy_text_host(clip, encoder), batch_size=COLLECT_BATCH), family
+
+
+def corpus_prompts(corpus: str, prompts: str = "", max_prompts: int = 0) -> list[str]:
+    """The corpus file's prompts (shipped, from ``models/prompts``, or none) followed by the typed ones, without
+    duplicates; the first ``max_prompts`` of them (0: all)."""
+    if corpus == DEFAULT_CORPUS:
+        found = read_prompt_file(CORPUS_PATH)
+    elif corpus == NO_CORPUS:
+        found = []
+    else:
+        found = read_prompt_file(prompt_file_path(corpus))
+    out = parse_prompts([*found, *parse_prompts(prompts)])
+    if int(max_prompts) > 0:
+        out = out[: int(max_prompts)]
+    if not out:
+        raise ValueError("prompts: no prompts to encode; pick a corpus or type prompts (one per line)")
+    return out
+
+
+def _existing_settings(folder) -> Optional[dict]:
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        return dict(ActivationReader(folder).attrs.get("settings") or {})
+    except (IncompleteStoreError, ValueError, FileNotFoundError):
+        return None
+
+
+class CollectTextActivations:
+    """Encode a prompt corpus and store one text-encoder layer's output as SAE training data."""
+
+    DESCRIPTION = (
+        "Encodes a prompt corpus with the CLIP (ComfyUI's own tokenizer and padding) and stores the output of one "
+        "text-encoder layer, one row per token position, in output/sae_activations/<name>: the training data of "
+        "Train SAE for the SAE the ItD Prompt Classifier needs (Train SAE with topk = token and whiten on). "
+        f"The default corpus ships with the pack ({CORPUS_SIZE} prompts: subjects, styles, painters, generic "
+        "descriptions of famous people, unsafe phrasings); text files in models/prompts and typed prompts work too. "
+        "SD1.x and SDXL (clip_l), and MiniCanvas. A complete store with the same settings is reused."
+    )
+    CATEGORY = category("itd")
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("dataset_path",)
+    OUTPUT_TOOLTIPS = ("Folder of the activation store; wire it into Train SAE.",)
+    FUNCTION = "collect"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "clip": inp("CLIP", "The text encoder whose layer is recorded (not modified): the CLIP the ItD Prompt "
+                                    "Classifier will edit."),
+                "corpus": inp([DEFAULT_CORPUS, NO_CORPUS, *prompt_filenames()],
+                              "Prompt list to encode: the corpus that ships with the pack, a text file from "
+                              "models/prompts (one prompt per line), or none (only the typed prompts).",
+                              default=DEFAULT_CORPUS),
+                "prompts": inp("STRING", "More prompts, one per line, added after the corpus (e.g. the concepts "
+                                         "you will erase, in several phrasings).", multiline=True, default=""),
+                "layer": inp("INT", "Encoder layer to record (0-based). -1 = two thirds of the way up, as the "
+                                    "classifier's default (layer 8 of CLIP-L, 2 of MiniCanvas).",
+                             default=-1, min=-1, max=63, step=1),
+                "positions": inp(list(POSITIONS), "Token positions stored: all = every padded position (as the "
+                                                  "classifier scores them, and as ItD trains); content = BOS, the "
+                                                  "words and EOS only (a smaller store).", default="all"),
+                "max_prompts": inp("INT", "Use the first N prompts (0 = all). 10000 prompts at all 77 positions "
+                                          "take about 1.2 GB as float16.", default=10000, min=0, max=10_000_000),
+                "dataset_name": inp("STRING", "Name of the store folder in output/sae_activations.",
+                                    default="itd/text_activations"),
+                "store_dtype": inp(["float16", "float32"], "Precision of the stored activations (float16 halves "
+                                                           "the disk space).", default="float16"),
+                "overwrite": inp("BOOLEAN", "Replace an existing complete store of this name that was collected "
+                                            "with other settings (otherwise that is an error).", default=False),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def collect(self, clip: Any, corpus: str, prompts: str, layer: int, positions: str, max_prompts: int,
+                dataset_name: str, store_dtype: str = "float16", overwrite: bool = False,
+                unique_id: Optional[str] = None) -> tuple[str]:
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        prompt_list = corpus_prompts(corpus, prompts, max_prompts)
+        host, family = text_host(clip)
+        num_layers = layer_count(host.model)
+        index = default_layer(num_layers) if int(layer) < 0 else int(layer)
+        if not 0 <= index < num_layers:
+            raise ValueError(f"layer: {index} is out of range; this text encoder has {num_layers} layers "
+                             f"(0..{num_layers - 1})")
+        source = host.source(index)
+        folder = dataset_folder(dataset_name)
+        weights = tensor_fingerprint(sorted(host.model.state_dict().items()), dtype=torch.float16, max_values=4096)
+        settings = {"n_prompts": len(prompt_list), "prompts_fingerprint": prompts_fingerprint(prompt_list),
+                    "layer": index, "hookpoint": source.layer_path, "positions": positions, "store_dtype": store_dtype,
+                    "model_family": family, "text_encoder": weights, "pad_to": host.pad_to}
+        found = _existing_settings(folder)
+        decision = decide_artefact(NODE_NAME, folder, settings, found, overwrite=bool(overwrite) and found != settings)
+        if decision.action is Action.REUSE:
+            log.info("%s", decision.message)
+            return (str(folder),)
+        log.info("%s: %d prompts, %s layer %d (%s), positions %s -> %s", NODE_NAME, len(prompt_list), family, index,
+                 source.layer_path, positions, folder)
+        with Progress(len(prompt_list), desc="collect text activations", node_id=unique_id) as bar:
+            done = collect_text_store(
+                source, prompt_list, folder, positions=positions, dtype=store_dtype, overwrite=True,
+                attrs={"model_family": family, "settings": settings, "origin": node_id("CollectTextActivations")},
+                should_stop=interrupt_requested, on_progress=lambda n, total: bar.update_absolute(n))
+        if done is None:
+            throw_if_interrupted()
+            raise RuntimeError(f"{NODE_NAME} stopped before the end; queue it again to collect the store")
+        log.info("%s: %d rows -> %s", NODE_NAME, len(ActivationReader(folder)), folder)
+        return (str(folder),)
+
+
+NODE_CLASS_MAPPINGS = {node_id("CollectTextActivations"): CollectTextActivations}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id("CollectTextActivations"): NODE_NAME}
