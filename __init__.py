@@ -32,10 +32,13 @@ def _inside_comfyui() -> bool:
         return False
 
 
+WEB_DIRECTORY = "./web"
+"""Front-end extension: shows the reports the ItD nodes return (their ``ui`` text) on the nodes."""
+
 if _inside_comfyui() and __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 else:
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

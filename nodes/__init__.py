@@ -27,6 +27,7 @@ NODE_MODULES: list[str] = [
     "amnesia",
     "rece",
     "itd",
+    "itd_gate",
     "text_sae",
     "saeuron",
     "minicanvas",

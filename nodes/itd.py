@@ -14,7 +14,12 @@ of :class:`sae_core.itd.ItDSettings`:
    score reaches ``tau`` continues through the remaining layers with its concept features flipped (the
    SAE reconstruction of the steered code); every other chunk passes through bit-exact (the unpatched
    layer's values; the very same tensor when no chunk is flagged). Every score is logged (logger ``concept_erasure``) and the last ones are
-   kept on the patch object (``ItDClipPatch.last``), so a user can see why a prompt was or was not changed.
+   kept on the patch object (``ItDClipPatch.last``), so a user can see why a prompt was or was not changed; for
+   SD1 the decision also travels in the conditioning (``CONDITIONING_KEY``) for ItD Prompt Gate.
+
+Calibration templates (the ``templates`` input) put each concept and each retain line into several phrasings, as
+the reference calibrates on five templates per artist or person; the report (the STRING output, also shown on the
+node) lists every calibration prompt's score and its decision.
 
 Padding. ComfyUI pads every chunk to 77 tokens with EOS and the score averages over all 77 positions, so the
 threshold only means something in that regime. Calibration therefore tokenizes through this CLIP's own
@@ -54,6 +59,7 @@ from sae_core.itd import (
     hookpoint_layer,
     layer_count,
     run_itd,
+    templated,
 )
 from sae_core.prompts import parse_names, parse_prompts
 from sae_core.sae import SparseAutoencoder
@@ -71,6 +77,8 @@ from .clip_text import first_chunk_tokenizer, tokenizer_of
 from .common import SAE_TYPE, Progress, category, inp, node_id, throw_if_interrupted
 
 __all__ = [
+    "CONDITIONING_KEY",
+    "DEFAULT_TEMPLATES",
     "ItDClassifier",
     "ItDClipPatch",
     "ItDEncodeRecord",
@@ -89,6 +97,12 @@ NODE_NAME = "ItD Prompt Classifier"
 
 MAX_RECORDS = 64
 """How many encode calls a patch remembers."""
+
+CONDITIONING_KEY = "itd_classifier"
+"""Key of the classifier's decision in the conditioning an SD1 ItD CLIP encodes (read by ItD Prompt Gate)."""
+
+DEFAULT_TEMPLATES = "{}"
+"""Calibration templates by default: each concept (and retain line) as written."""
 
 
 def comfy_text_host(clip: Any, encoder: Any) -> ItDTextHost:
@@ -146,6 +160,8 @@ class ItDClipPatch(ClipLayerPatch):
         self.itd = itd
         self.family = family
         self.history: deque[ItDEncodeRecord] = deque(maxlen=MAX_RECORDS)
+        self.calls = 0
+        """Encode calls classified so far."""
 
     @property
     def concepts(self) -> ItDConcepts:
@@ -178,9 +194,23 @@ class ItDClipPatch(ClipLayerPatch):
         self._record(labels, result.scores, result.detected)
         return result.hidden if bool(result.detected.any()) else None
 
+    def encode_token_weights(self, token_weight_pairs: Any) -> Any:
+        """Encodes as usual; for SD1 the decision also travels in the conditioning (``CONDITIONING_KEY``: chunk
+        labels, scores, flags, tau), where ItD Prompt Gate reads it. SDXL's encoder drops extra entries."""
+        start = self.calls
+        out = super().encode_token_weights(token_weight_pairs)
+        if self.family != "SD1" or self.calls == start or not isinstance(out, tuple) or len(out) < 2:
+            return out
+        record = self.history[-1]
+        extra = dict(out[2]) if len(out) > 2 else {}
+        extra[CONDITIONING_KEY] = {"chunks": list(record.prompts), "scores": record.scores.tolist(),
+                                   "flagged": record.detected.tolist(), "tau": record.tau}
+        return (out[0], out[1], extra)
+
     def _record(self, labels: list[str], scores: Tensor, detected: Tensor) -> None:
         record = ItDEncodeRecord(list(labels), scores.detach().float().cpu(), detected.detach().cpu(), self.tau)
         self.history.append(record)
+        self.calls += 1
         for label, score, hit in zip(record.prompts, record.scores.tolist(), record.detected.tolist()):
             log.info(
                 "%s: %r score %.4g %s tau %.4g -> %s", NODE_NAME, label, score, ">=" if hit else "<", self.tau,
@@ -353,20 +383,28 @@ class ItDPromptClassifier:
                 "top_n": inp("INT", "How many of each prompt's strongest SAE features are compared (128 for "
                                     "people, 256 for styles in ItD).",
                              default=128, min=1, max=4096, step=1),
+                "templates": inp("STRING", "Calibration templates, one per line, {} marking where the name goes: "
+                                           "each concept and each retain line is put into every template (ItD uses "
+                                           "five per artist, e.g. 'Painting in the style of {}', and five per "
+                                           "person, e.g. 'A portrait of {}'). {} alone = the names as written.",
+                                 multiline=True, default=DEFAULT_TEMPLATES),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def classify(self, clip: Any, sae: SparseAutoencoder, concepts: str, retain_prompts: str = "", layer: int = -1,
                  scale: float = -8.0, threshold_margin: float = 0.99, top_n: int = 128,
-                 unique_id: Optional[str] = None) -> tuple[Any, str]:
-        settings = ItDSettings(concepts=parse_names(concepts), retain_prompts=parse_prompts(retain_prompts),
+                 templates: str = DEFAULT_TEMPLATES, unique_id: Optional[str] = None) -> dict:
+        forms = parse_prompts(templates)
+        retain = [p for ps in templated(parse_prompts(retain_prompts), forms).values() for p in ps]
+        settings = ItDSettings(concepts=templated(parse_names(concepts), forms), retain_prompts=retain,
                                layer=int(layer), scale=float(scale), threshold_margin=float(threshold_margin),
                                top_n=int(top_n))
         with Progress(3, NODE_NAME, node_id=unique_id) as bar:
             result = build_classifier(clip, sae, settings, progress=bar)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
-        return (result.clip, result.report)
+        # the report is shown on the node (ui text) as well as returned
+        return {"ui": {"text": [result.report]}, "result": (result.clip, result.report)}
 
 
 NODE_CLASS_MAPPINGS = {node_id("ItDPromptClassifier"): ItDPromptClassifier}

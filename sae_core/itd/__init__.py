@@ -30,6 +30,8 @@ from .concepts import Calibration, ItDConcepts, sae_fingerprint
 from .interpret import ConceptFeatures, max_latent_activations, prompt_top_features, select_features, top_features
 from .patch import ItDCall, ItDPatch, patch_text_encoder
 from .pipeline import (
+    PLACEHOLDER,
+    REFERENCE_TEMPLATES,
     ClassifierReport,
     ItDRun,
     ItDSettings,
@@ -44,6 +46,7 @@ from .pipeline import (
     prompt_tops,
     run_itd,
     score_prompts,
+    templated,
     train_text_sae,
 )
 from .steering import ERROR_MODES, GateOutput, ItDGate, SaeMath, steer, steering_scores
@@ -62,6 +65,8 @@ from .text import (
 )
 
 __all__ = [
+    "PLACEHOLDER",
+    "REFERENCE_TEMPLATES",
     "Calibration",
     "ClassifierReport",
     "ConceptFeatures",
@@ -103,6 +108,7 @@ __all__ = [
     "select_features",
     "steer",
     "steering_scores",
+    "templated",
     "top_features",
     "train_text_sae",
 ]

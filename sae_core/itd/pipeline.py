@@ -31,6 +31,8 @@ from .steering import ERROR_MODES, ItDGate, SaeMath
 from .text import PromptBatch, TextLayerSource, choose_layer, layer_count
 
 __all__ = [
+    "PLACEHOLDER",
+    "REFERENCE_TEMPLATES",
     "ClassifierReport",
     "ItDRun",
     "ItDSettings",
@@ -43,6 +45,7 @@ __all__ = [
     "fold_whitening",
     "interpret",
     "prompt_tops",
+    "templated",
     "run_itd",
     "score_prompts",
     "train_text_sae",
@@ -242,6 +245,30 @@ def build_concepts(
 
 
 POSITIONS = ("content", "all")
+
+PLACEHOLDER = "{}"
+"""Where a calibration template puts the concept (or retain) name."""
+
+REFERENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "artist": ("Image in the style of {}", "Art inspired by {}", "Painting in the style of {}",
+               "A reproduction of art by {}", "A famous artwork by {}"),
+    "celebrity": ("A portrait of {}", "A sketch of {}", "An oil painting of {}", "{} in an official photo",
+                  "An image capturing {} at a public event"),
+}
+"""The reference's five calibration templates per artist and per celebrity."""
+
+
+def templated(names: Sequence[str], templates: Sequence[str]) -> dict[str, list[str]]:
+    """``name -> [each template with the name put in place of {}]`` (the reference's calibration prompts).
+
+    Every template must hold ``{}`` exactly once; an empty template list means each name as it is.
+    """
+    templates = list(templates) or [PLACEHOLDER]
+    bad = [t for t in templates if t.count(PLACEHOLDER) != 1]
+    if bad:
+        raise ValueError(f"templates: each line needs exactly one {PLACEHOLDER} where the concept goes; {bad} "
+                         f"do not (e.g. 'Painting in the style of {PLACEHOLDER}')")
+    return {name: list(dict.fromkeys(t.replace(PLACEHOLDER, name) for t in templates)) for name in names}
 
 
 @dataclass(frozen=True)

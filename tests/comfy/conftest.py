@@ -28,7 +28,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
 SKIP_REASON = "COMFYUI_PATH not set: tests/comfy needs a ComfyUI checkout and its venv (see README)"
 
 PACK_NODE_IDS = ("CE_LoadSAE", "CE_SAComputeFisher", "CE_SALoRATrain", "CE_RECEEditModel", "CE_SaveEditAsLoRA",
-                 "CE_ItDPromptClassifier",
+                 "CE_ItDPromptClassifier", "CE_ItDPromptGate", "CE_CollectTextActivations",
                  "CE_CollectSAEActivations", "CE_TrainSAE", "CE_SAeUronConceptFeatures", "CE_SAeUronConceptBlock",
                  "CE_DownloadSAE", "CE_MiniCanvasCheckpoint")
 """Node ids the pack must register in ComfyUI."""

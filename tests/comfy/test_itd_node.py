@@ -123,7 +123,9 @@ def word_sae(clip, layer: int = LAYER, hookpoint: str | None = "default", extra:
 def run_node(comfy, clip, sae, concepts=CONCEPTS, retain=RETAIN, layer=LAYER, scale=-8.0, **optional):
     node = comfy.nodes.NODE_CLASS_MAPPINGS[NODE_ID]()
     with torch.inference_mode():
-        return node.classify(clip, sae, concepts, retain, layer, scale, **optional)
+        out = node.classify(clip, sae, concepts, retain, layer, scale, **optional)
+    assert out["ui"]["text"] == [out["result"][1]]  # the report is shown on the node
+    return out["result"]
 
 
 def encode(clip, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
