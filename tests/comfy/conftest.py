@@ -158,3 +158,59 @@ def tiny(comfy):
     torch = pytest.importorskip("torch")
     with torch.inference_mode():
         return tiny_sd15_model(), tiny_sd1_clip()
+
+
+def random_sd15_checkpoint(path, seed: int = 0) -> None:
+    """Write a checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD1.5, with seeded random weights (fp16):
+    the full CLIP-L text encoder (12 layers, 768 wide) and SD VAE, and a reduced UNet of SD1.5's widths (320
+    channels, context 768: what detection checks) with two levels of one block each. About 500 MB."""
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [1, 1],
+        "transformer_depth": [1, 1], "channel_mult": [1, 1], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False, "context_dim": 768, "transformer_depth_output": [1, 1, 1, 1],
+        "use_temporal_attention": False, "use_temporal_resblock": False, "num_heads": 8,
+    }
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        unet = comfy.supported_models.SD15(unet_config).get_model({}, device="meta")
+        clip = comfy.sd1_clip.SD1ClipModel(device="meta")
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    shapes = {f"model.{k}": v.shape for k, v in unet.state_dict().items() if k.startswith("diffusion_model.")}
+    shapes.update({k.replace("clip_l.", "cond_stage_model.", 1): v.shape for k, v in clip.state_dict().items()})
+    shapes.update({f"first_stage_model.{k}": v.shape for k, v in vae.state_dict().items()})
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        shape = torch.Size(shape)
+        if key.endswith("logit_scale"):
+            sd[key] = torch.tensor(4.6)
+        elif len(shape) > 1:
+            sd[key] = (torch.randn(shape, generator=g) * (0.5 / shape[1:].numel() ** 0.5)).half()
+        elif "norm" in key and key.endswith("weight"):
+            sd[key] = torch.ones(shape).half()
+        else:
+            sd[key] = (torch.randn(shape, generator=g) * 0.02).half()
+    save_file(sd, str(path))
+
+
+@pytest.fixture(scope="module")
+def sd15_checkpoint(comfy):
+    """A random-weight SD1.5 checkpoint (:func:`random_sd15_checkpoint`) named as the templates name theirs
+    (``v1-5-pruned-emaonly.safetensors``), in the test's models/checkpoints; removed after the module."""
+    folder = comfy.base / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "v1-5-pruned-emaonly.safetensors"
+    if not path.exists():
+        random_sd15_checkpoint(path)
+    comfy.folder_paths.filename_list_cache.clear()
+    yield path
+    path.unlink(missing_ok=True)
+    comfy.folder_paths.filename_list_cache.clear()

@@ -271,14 +271,16 @@ def test_train_raising_steps_continues_the_cancelled_run(comfy, pipeline, monkey
     with pytest.raises(RuntimeError, match="stopped at step 4"):
         _train(comfy, pipeline.dataset, name="saeuron_test/raised", steps=8)
     monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
+    from sae_core.trainer import SaeTrainer
+
     calls = []
-    real_step = sae_tools.SaeTrainer._train_step
+    real_step = SaeTrainer._train_step
 
     def counting(self, *args, **kwargs):
         calls.append(self.step)
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(sae_tools.SaeTrainer, "_train_step", counting)
+    monkeypatch.setattr(SaeTrainer, "_train_step", counting)
     _train(comfy, pipeline.dataset, name="saeuron_test/raised", steps=12)  # more steps: the checkpoint continues
     assert calls == list(range(4, 12))  # steps 4..11 only: the cancelled run's 4 steps were kept
 

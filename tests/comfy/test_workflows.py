@@ -11,7 +11,8 @@ changed silently shifts every value after the change. For each node of each work
 * links agree with both ends.
 
 The MiniCanvas template needs no model file, so it is also converted to the API format and run through
-ComfyUI's own validation (``execution.validate_prompt``) and executor (``execution.PromptExecutor``).
+ComfyUI's own validation (``execution.validate_prompt``) and executor (``execution.PromptExecutor``); so is the
+ItD text-SAE template, on a random-weight SD1.5 checkpoint (``conftest.random_sd15_checkpoint``).
 """
 
 from __future__ import annotations
@@ -257,3 +258,45 @@ def test_minicanvas_workflow_runs_in_comfyui(comfy, node_classes):
         with Image.open(out_dir / item["subfolder"] / item["filename"]) as im:
             assert im.size == (32, 32)
             assert len(np.unique(np.asarray(im.convert("L")))) > 8, "a flat image"
+
+
+def test_itd_text_sae_workflow_runs_in_comfyui(comfy, node_classes, sd15_checkpoint):
+    """collect -> train -> classify -> gate -> sample, from workflows/itd_train_text_sae.json, on a random-weight SD1.5
+    checkpoint (smaller settings for a CPU test); the SAE it trains is the one itd_prompt_classifier.json loads."""
+    import execution
+
+    wf = json.loads((REPO_ROOT / "workflows" / "itd_train_text_sae.json").read_text(encoding="utf-8"))
+    prompt = ui_to_api(wf, node_classes)
+    small = {"CE_CollectTextActivations": {"max_prompts": 48}, "EmptyLatentImage": {"width": 64, "height": 64},
+             "CE_TrainSAE": {"expansion_factor": 2, "k": 16, "steps": 20, "batch_size": 256},
+             "CE_ItDPromptClassifier": {"top_n": 16}, "KSampler": {"steps": 2}}
+    for node in prompt.values():
+        node["inputs"].update(small.get(node["class_type"], {}))
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("ce-itd-sae", prompt, None))
+    assert valid, (error, node_errors)
+    executor = execution.PromptExecutor(_QuietServer())
+    executor.execute(prompt, "ce-itd-sae", {}, outputs)
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+
+    results = executor.history_result["outputs"]
+    ids = {n["class_type"]: i for i, n in prompt.items()}
+    assert len(results[ids["SaveImage"]]["images"]) == 1
+    report = results[ids["CE_ItDPromptClassifier"]]["text"][0]  # shown on the node
+    assert "threshold tau" in report and "Painting in the style of Van Gogh" in report
+    gate = results[ids["CE_ItDPromptGate"]]["text"][0]
+    assert gate.startswith(("FLAGGED", "passed")) and "van gogh" in gate.lower()
+
+    store = comfy.base / "output" / "sae_activations" / "itd" / "clip_l_layer8_activations"
+    from sae_core.store import ActivationReader
+
+    reader = ActivationReader(store)
+    assert len(reader) == 48 * 77 and reader.d == 768
+    assert reader.attrs["hookpoint"] == "transformer.text_model.encoder.layers.8"
+    sae_file = comfy.base / "models" / "sae" / "itd" / "clip_l_layer8" / "sae.safetensors"
+    assert sae_file.is_file()
+    # the classifier template names exactly that SAE, so it validates once the SAE exists
+    classifier_wf = json.loads((REPO_ROOT / "workflows" / "itd_prompt_classifier.json").read_text(encoding="utf-8"))
+    comfy.folder_paths.filename_list_cache.clear()
+    valid, error, _, node_errors = asyncio.run(
+        execution.validate_prompt("ce-itd", ui_to_api(classifier_wf, node_classes), None))
+    assert valid, (error, node_errors)
