@@ -441,3 +441,61 @@ def test_workflow_wiring():
     edges = {(by_id[s]["type"], by_id[d]["type"]) for _, s, _, d, _, _ in wf["links"]}
     chain = ["KSampler", "VAEDecode", "SaveImage"]
     assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration templates and ItD Prompt Gate
+# ---------------------------------------------------------------------------------------------
+
+GATE_ID = "CE_ItDPromptGate"
+
+
+def test_templates_put_each_concept_and_retain_line_into_every_phrasing(comfy, tiny):
+    clip, sae = tiny
+    patched, report = run_node(comfy, clip, sae, templates="{}\na photo of a {}\n# a comment")
+    scores = report_scores(report)
+    for word in split(CONCEPTS):
+        assert scores[word][1] == scores[f"a photo of a {word}"][1] == "EDIT"
+    assert "a photo of a a photo of a house" in scores and scores["house"][1] == "keep"
+    concepts = the_patch(comfy, patched).concepts
+    assert concepts.calibration.n_targets == 4  # 2 concepts x 2 templates
+    with pytest.raises(ValueError, match="exactly one"):
+        run_node(comfy, clip, sae, templates="a photo of a cat")
+
+
+def gate(comfy, clip, text="", conditioning=None):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[GATE_ID]()
+    with torch.inference_mode():
+        out = node.gate(clip, text, conditioning)
+    return out["result"], out["ui"]["text"][0]
+
+
+def test_gate_flags_concept_prompts_from_text_or_conditioning(comfy, tiny):
+    clip, sae = tiny
+    patched, _ = run_node(comfy, clip, sae)
+    patch = the_patch(comfy, patched)
+    for prompt, expected in [("a painting of a dragon", True), ("a photo of a cat", True), ("a photo of a boat", False),
+                             ("(dragon:1.2) on a hill", True), ("house", False)]:
+        (flagged, score, tau), shown = gate(comfy, patched, prompt)
+        assert flagged is expected and isinstance(score, float) and tau == pytest.approx(patch.tau)
+        assert (score >= tau) is expected
+        assert shown.startswith("FLAGGED" if expected else "passed") and ("EDIT" in shown) is expected
+        # the same decision travels in the conditioning the ItD CLIP encodes (SD1)
+        (cond,) = comfy.nodes.CLIPTextEncode().encode(patched, prompt)
+        (c_flagged, c_score, c_tau), _ = gate(comfy, patched, "ignored when a conditioning is wired", cond)
+        assert (c_flagged, c_tau) == (flagged, tau) and c_score == pytest.approx(score, rel=1e-6)
+    long = " ".join(["a photo of a boat"] * 20) + " dragon"  # two chunks, the concept in the second
+    (flagged, score, tau), shown = gate(comfy, patched, long)
+    assert flagged and "[chunk 2/2]" in shown and shown.count("\n") == 2
+
+
+def test_gate_errors_are_clear(comfy, tiny):
+    clip, sae = tiny
+    with pytest.raises(ValueError, match="CLIP output of the ItD Prompt Classifier"):
+        gate(comfy, clip, "a cat")
+    patched, _ = run_node(comfy, clip, sae)
+    with pytest.raises(ValueError, match="needs a prompt"):
+        gate(comfy, patched, "  ")
+    (plain,) = comfy.nodes.CLIPTextEncode().encode(clip, "a cat")  # encoded without the classifier
+    with pytest.raises(ValueError, match="carries no ItD decision"):
+        gate(comfy, patched, "", plain)

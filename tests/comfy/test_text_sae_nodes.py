@@ -1,0 +1,92 @@
+"""Collect Text Activations in a real ComfyUI: what it stores (the classifier's own residuals), reuse and overwrite,
+prompt files from models/prompts, and the MiniCanvas CLIP giving the plug-in's store (one code path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_core.store import ActivationReader
+
+COLLECT_ID = "CE_CollectTextActivations"
+PROMPTS = "a photo of a cat\na painting of a house\na dragon, oil painting\na city street at night"
+
+
+def collect(comfy, clip, prompts=PROMPTS, name="itd_test/acts", corpus=None, layer=-1, positions="all",
+            max_prompts=0, dtype="float32", overwrite=False):
+    node_cls = comfy.nodes.NODE_CLASS_MAPPINGS[COLLECT_ID]
+    corpus = corpus if corpus is not None else comfy.nodes_pkg.text_sae.NO_CORPUS
+    with torch.inference_mode():
+        (path,) = node_cls().collect(clip, corpus, prompts, layer, positions, max_prompts, name, dtype, overwrite)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tiny):
+    return tiny[1]  # conftest: ComfyUI's SD1 CLIP, one 32-wide layer, random weights
+
+
+def test_stores_the_classifiers_residuals_at_every_position(comfy, clip):
+    itd = comfy.nodes_pkg.itd
+    reader = ActivationReader(collect(comfy, clip))
+    assert len(reader) == 4 * 77 and reader.d == 32
+    assert reader.attrs["hookpoint"] == "transformer.text_model.encoder.layers.0"  # -1: 2/3 up a 1-layer encoder
+    assert reader.attrs["model_family"] == "SD1" and reader.attrs["settings"]["n_prompts"] == 4
+    encoder, _ = comfy.nodes_pkg.clip_patch.clip_l_encoder(clip, "test")
+    with torch.inference_mode():
+        expected = itd.comfy_text_host(clip, encoder).source(0).residual(PROMPTS.splitlines()).hidden
+    torch.testing.assert_close(reader.read_all(), expected.reshape(-1, 32), rtol=1e-5, atol=1e-5)
+    content = ActivationReader(collect(comfy, clip, name="itd_test/content", positions="content"))
+    assert len(content) == sum(len(p.replace(",", " ,").split()) + 2 for p in PROMPTS.splitlines())
+
+
+def test_reuses_refuses_and_overwrites(comfy, clip):
+    folder = collect(comfy, clip, name="itd_test/reuse")
+    manifest = (comfy.base / "output" / "sae_activations" / "itd_test" / "reuse" / "manifest.json")
+    stamp = manifest.stat().st_mtime_ns
+    assert collect(comfy, clip, name="itd_test/reuse") == folder and manifest.stat().st_mtime_ns == stamp  # reused
+    with pytest.raises(FileExistsError, match="turn on overwrite"):
+        collect(comfy, clip, prompts="a cow", name="itd_test/reuse")
+    collect(comfy, clip, prompts="a cow", name="itd_test/reuse", overwrite=True)
+    assert ActivationReader(folder).attrs["settings"]["n_prompts"] == 1
+    with pytest.raises(ValueError, match="out of range"):
+        collect(comfy, clip, name="itd_test/bad_layer", layer=5)
+    with pytest.raises(ValueError, match="no prompts"):
+        collect(comfy, clip, prompts=" \n# nothing", name="itd_test/empty")
+
+
+def test_prompt_files_and_the_default_corpus(comfy, clip):
+    from sae_core.itd.corpus import default_corpus
+    from sae_core.prompts import PromptFileError
+
+    text_sae = comfy.nodes_pkg.text_sae
+    folder = comfy.base / "models" / "prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mine.txt").write_text("# my prompts\na red car\na blue boat\n", encoding="utf-8")
+    (folder / "broken.txt").write_bytes(b"a cat\n\xff\n")
+    comfy.nodes_pkg.folders.forget_file_list("prompts")
+    choices = comfy.nodes.NODE_CLASS_MAPPINGS[COLLECT_ID].INPUT_TYPES()["required"]["corpus"][0]
+    assert choices[:2] == [text_sae.DEFAULT_CORPUS, text_sae.NO_CORPUS] and {"mine.txt", "broken.txt"} <= set(choices)
+    assert text_sae.corpus_prompts("mine.txt", "a green bus\na red car") == ["a red car", "a blue boat", "a green bus"]
+    assert text_sae.corpus_prompts(text_sae.DEFAULT_CORPUS, "typed", max_prompts=3) == default_corpus()[:3]
+    with pytest.raises(PromptFileError, match="broken.txt, line 2"):
+        text_sae.corpus_prompts("broken.txt")
+    reader = ActivationReader(collect(comfy, clip, prompts="", corpus="mine.txt", name="itd_test/file"))
+    assert len(reader) == 2 * 77
+
+
+def test_minicanvas_clip_gives_the_plugin_store(comfy, tmp_path):
+    """The node on the MiniCanvas CLIP and the MiniCanvas plug-in's source store the same rows: one code path."""
+    from sae_core.itd.collect import collect_text_store
+    from sae_core.minicanvas.canvas import MiniCanvas
+    from sae_core.minicanvas.plugins.itd import canvas_prompts, text_source
+
+    prompts = canvas_prompts()[:40]
+    with torch.inference_mode():
+        _, mc_clip, _ = comfy.nodes_pkg.minicanvas.MiniCanvasCheckpoint().load()
+    node = ActivationReader(collect(comfy, mc_clip, prompts="\n".join(prompts), name="itd_test/minicanvas"))
+    assert node.attrs["hookpoint"] == "text_model.encoder.layers.2" and node.attrs["model_family"] == "MiniCanvas"
+    canvas = MiniCanvas.load(None, judges=False)
+    plugin = ActivationReader(collect_text_store(text_source(canvas, 2), prompts, tmp_path / "plugin", dtype="float32"))
+    assert len(node) == len(plugin) == 40 * 16
+    torch.testing.assert_close(node.read_all(), plugin.read_all(), rtol=1e-5, atol=1e-5)
