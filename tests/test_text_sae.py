@@ -164,3 +164,24 @@ def test_store_smaller_than_a_batch_is_refused(source, tmp_path):
     reader = ActivationReader(collect_text_store(source, PROMPTS[:1], tmp_path / "tiny"))
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_sae_on_store(reader, _cfg(batch_size=4096), 5)
+
+
+def test_command_line_collects_and_trains_like_the_nodes(tmp_path, capsys):
+    from sae_core.formats import load_sae
+    from sae_core.itd.text_sae import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 2) + "\n", encoding="utf-8")
+    store, sae_dir = tmp_path / "store", tmp_path / "sae"
+    assert main(["collect", "--model", "minicanvas", "--corpus", str(prompts), "--out", str(store),
+                 "--dtype", "float32"]) == 0
+    reader = ActivationReader(store)
+    assert len(reader) == len(PROMPTS) * 16 and reader.attrs["hookpoint"] == "text_model.encoder.layers.2"
+    assert main(["train", "--store", str(store), "--out", str(sae_dir), "--preset", "minicanvas", "--steps", "6",
+                 "--batch-size", "32"]) == 0
+    sae = load_sae(sae_dir)
+    assert (sae.num_latents, sae.cfg.k, sae.cfg.hookpoint) == (1024, 8, "text_model.encoder.layers.2")
+    assert sae.cfg.extra.get("whitened") and (tmp_path / "sae.ckpt" / WHITENING_NAME).is_file()
+    assert main(["collect", "--model", "minicanvas", "--corpus", str(tmp_path / "none.txt"), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "prompt file not found" in capsys.readouterr().err

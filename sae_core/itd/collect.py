@@ -26,11 +26,24 @@ from ..store import ActivationReader, ActivationWriter
 from ..store_training import StoreTraining, train_sae_on_store
 from .text import TextLayerSource
 
-__all__ = ["TEXT_COLUMNS", "POSITIONS", "collect_text_activations", "collect_text_store", "prompts_fingerprint",
+__all__ = ["TEXT_COLUMNS", "TEXT_SAE_PRESETS", "POSITIONS", "collect_text_activations", "collect_text_store", "prompts_fingerprint",
            "train_text_sae"]
 
 TEXT_COLUMNS = {"prompt_index": "int32", "position": "int32"}
 """Metadata columns of a text-activation store: the prompt's index in the corpus and the token position."""
+
+TEXT_SAE_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"expansion_factor": 32, "num_latents": 0, "k": 64, "steps": 2000, "batch_size": 4096, "lr": 4e-4,
+                "topk": "token", "whiten": True},
+    "full": {"expansion_factor": 0, "num_latents": 524_288, "k": 64, "steps": 6000, "batch_size": 4096, "lr": 1e-4,
+             "lr_warmup_steps": 1000, "topk": "token", "whiten": True},
+    "minicanvas": {"expansion_factor": 0, "num_latents": 1024, "k": 8, "steps": 1000, "batch_size": 512, "lr": 1e-3,
+                   "topk": "token", "whiten": True},
+}
+"""Text-SAE training settings. ``default``: minutes on a GPU for CLIP-L (24,576 latents, k 64, 2,000 steps of 4,096
+tokens, per-token TopK, whitened). ``full``: the reference's shape (524,288 latents, k 64, lr 1e-4 after 1,000
+warm-up steps; the released ItD SAE is its step 6,000 of ~1.5k tokens, here 6,000 steps of 4,096). ``minicanvas``:
+the MiniCanvas plug-in's recipe. The ComfyUI workflow ``itd_train_text_sae.json`` sets Train SAE to ``default``."""
 
 POSITIONS = ("all", "content")
 """Token positions stored: ``all`` (every padded position, as the classifier scores them and the reference
