@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import folder_paths
+from sae_core.store import ActivationReader, IncompleteStoreError
 
 from .common import SAE_FOLDER
 
@@ -29,6 +31,7 @@ __all__ = [
     "register_features_folder",
     "resolve_dataset",
     "safe_name",
+    "store_settings",
     "sae_output_folder",
     "training_folder",
 ]
@@ -60,18 +63,24 @@ def forget_file_list(folder_name: str) -> None:
         cache.pop(folder_name, None)
 
 
+def _register(folder: str, defaults: list[str], extensions: set[str]) -> list[str]:
+    """Register ``folder`` with ``folder_paths``: its known paths plus ``defaults``, its extensions plus
+    ``extensions``; idempotent (ComfyUI's cached file list is kept while nothing changes)."""
+    table = folder_paths.folder_names_and_paths
+    paths, exts = table.get(folder, ([], set()))
+    new_paths = list(paths) + [p for p in defaults if p not in paths]
+    new_exts = set(exts) | extensions
+    if folder not in table or new_paths != list(paths) or new_exts != set(exts):
+        table[folder] = (new_paths, new_exts)
+        forget_file_list(folder)
+    return new_paths
+
+
 def register_features_folder() -> list[str]:
     """Register ``models/sae_features`` and ``output/sae_features`` (``.safetensors``); idempotent."""
-    defaults = [os.path.join(folder_paths.models_dir, FEATURES_FOLDER),
-                os.path.join(folder_paths.get_output_directory(), FEATURES_FOLDER)]
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(FEATURES_FOLDER, ([], set()))
-    new_paths = list(paths) + [p for p in defaults if p not in paths]
-    new_exts = set(exts) | {".safetensors"}
-    if FEATURES_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[FEATURES_FOLDER] = (new_paths, new_exts)
-        forget_file_list(FEATURES_FOLDER)
-    return new_paths
+    return _register(FEATURES_FOLDER, [os.path.join(folder_paths.models_dir, FEATURES_FOLDER),
+                                       os.path.join(folder_paths.get_output_directory(), FEATURES_FOLDER)],
+                     {".safetensors"})
 
 
 def feature_filenames() -> list[str]:
@@ -125,15 +134,7 @@ def features_path_for(name: str) -> Path:
 
 def register_prompts_folder() -> list[str]:
     """Register ``models/prompts`` (``.txt``, ``.gz``) with ``folder_paths``; idempotent."""
-    default = os.path.join(folder_paths.models_dir, PROMPTS_FOLDER)
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(PROMPTS_FOLDER, ([], set()))
-    new_paths = list(paths) + ([default] if default not in paths else [])
-    new_exts = set(exts) | PROMPT_EXTENSIONS
-    if PROMPTS_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[PROMPTS_FOLDER] = (new_paths, new_exts)
-        forget_file_list(PROMPTS_FOLDER)
-    return new_paths
+    return _register(PROMPTS_FOLDER, [os.path.join(folder_paths.models_dir, PROMPTS_FOLDER)], PROMPT_EXTENSIONS)
 
 
 def prompt_filenames() -> list[str]:
@@ -149,3 +150,14 @@ def prompt_file_path(name: str) -> Path:
     if path is None:
         raise FileNotFoundError(f"prompt file '{name}' was not found in {', '.join(register_prompts_folder())}")
     return Path(path)
+
+
+def store_settings(folder: Path) -> Optional[dict]:
+    """The settings a complete activation store in ``folder`` was collected with; None when there is none (or it
+    is unfinished or broken: a new collection then replaces it)."""
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        return dict(ActivationReader(folder).attrs.get("settings") or {})
+    except (IncompleteStoreError, ValueError, FileNotFoundError):
+        return None

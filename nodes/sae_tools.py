@@ -34,7 +34,7 @@ from sae_core.formats import save_sae
 from sae_core.hub import download_sae
 from sae_core.prompts import parse_prompts
 from sae_core.saeuron import BRANCHES, collect_activations
-from sae_core.store import ActivationReader, ActivationWriter, IncompleteStoreError
+from sae_core.store import ActivationReader, ActivationWriter
 from sae_core.store_training import train_sae_on_store
 
 from .common import (
@@ -51,7 +51,8 @@ from .common import (
     throw_if_interrupted,
     torch_dtype,
 )
-from .folders import dataset_folder, forget_file_list, resolve_dataset, sae_output_folder, training_folder
+from .folders import (dataset_folder, forget_file_list, resolve_dataset, sae_output_folder, store_settings,
+                      training_folder)
 from .sae_nodes import DEVICE_CHOICES, load_sae_cached
 from .sampling import ComfyHost, ComfySampling, SamplerState, sampler_inputs
 from .unet_blocks import find_block, model_family
@@ -92,17 +93,6 @@ def _checkpoint_settings(marker: Path) -> Optional[dict]:
         return dict(load_json(marker, "training checkpoint settings"))
     except (OSError, ValueError, TypeError):
         return {"unreadable": str(marker)}
-
-
-def _existing_store_settings(folder: Path) -> Optional[dict]:
-    """The settings a complete store in ``folder`` was collected with; None when there is none (or it
-    is unfinished or broken: the writer then replaces it)."""
-    if not (folder / "manifest.json").is_file():
-        return None
-    try:
-        return dict(ActivationReader(folder).attrs.get("settings") or {})
-    except (IncompleteStoreError, ValueError, FileNotFoundError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +158,7 @@ class CollectSAEActivations:
                     "seed": int(seed), "sampler": sampler_name, "scheduler": scheduler, "width": int(width),
                     "height": int(height), "branch": branch, "store_dtype": store_dtype, "model_family": family,
                     "sigmas": sigmas}
-        found = _existing_store_settings(folder)
+        found = store_settings(folder)
         # overwrite concerns a store of other settings (its tooltip): one of the same settings is reused
         decision = decide_artefact("Collect SAE Activations", folder, settings, found,
                                    overwrite=bool(overwrite) and found != settings)

@@ -32,10 +32,10 @@ from sae_core.itd import ItDTextHost, PromptBatch, default_layer, layer_count
 from sae_core.itd.collect import POSITIONS, collect_text_store, prompts_fingerprint
 from sae_core.itd.corpus import CORPUS_PATH, CORPUS_SIZE
 from sae_core.prompts import parse_prompts, read_prompt_file
-from sae_core.store import ActivationReader, IncompleteStoreError
+from sae_core.store import ActivationReader
 
 from .common import Progress, category, inp, interrupt_requested, node_id, throw_if_interrupted
-from .folders import dataset_folder, prompt_file_path, prompt_filenames
+from .folders import dataset_folder, prompt_file_path, prompt_filenames, store_settings
 
 log = logging.getLogger("concept_erasure")
 
@@ -104,15 +104,6 @@ def corpus_prompts(corpus: str, prompts: str = "", max_prompts: int = 0) -> list
     return out
 
 
-def _existing_settings(folder) -> Optional[dict]:
-    if not (folder / "manifest.json").is_file():
-        return None
-    try:
-        return dict(ActivationReader(folder).attrs.get("settings") or {})
-    except (IncompleteStoreError, ValueError, FileNotFoundError):
-        return None
-
-
 class CollectTextActivations:
     """Encode a prompt corpus and store one text-encoder layer's output as SAE training data."""
 
@@ -178,7 +169,7 @@ class CollectTextActivations:
         settings = {"n_prompts": len(prompt_list), "prompts_fingerprint": prompts_fingerprint(prompt_list),
                     "layer": index, "hookpoint": source.layer_path, "positions": positions, "store_dtype": store_dtype,
                     "model_family": family, "text_encoder": weights, "pad_to": host.pad_to}
-        found = _existing_settings(folder)
+        found = store_settings(folder)
         decision = decide_artefact(NODE_NAME, folder, settings, found, overwrite=bool(overwrite) and found != settings)
         if decision.action is Action.REUSE:
             log.info("%s", decision.message)
