@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ..config import TrainConfig
 from ..prompts import read_prompt_file
