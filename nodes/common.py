@@ -21,6 +21,10 @@ __all__ = [
     "NODE_ID_PREFIX",
     "CATEGORY_ROOT",
     "SAE_FOLDER",
+    "FEATURES_FOLDER",
+    "SHIPPED_PREFIX",
+    "shipped_names",
+    "shipped_path",
     "SAE_EXTENSIONS",
     "SAE_TYPE",
     "DTYPE_CHOICES",
@@ -77,6 +81,57 @@ Other ``.pth`` files are not listed."""
 ITD_WEIGHTS = "state_dict.pth"
 ITD_CONFIG = "config.json"
 
+FEATURES_FOLDER = "sae_features"
+"""Model folder of SAeUron concept feature tables: ``ComfyUI/models/sae_features`` (and ``output/sae_features``)."""
+
+
+# -- files that ship with the pack (MiniCanvas) ---------------------------------------------------
+
+SHIPPED_PREFIX = "minicanvas/"
+"""Dropdown names of the files that ship with MiniCanvas start with this; such a name always means the
+shipped file (a user file of the same relative name in a model folder is shadowed)."""
+
+SHIPPED_FILES: dict[str, dict[str, str]] = {
+    SAE_FOLDER: {
+        "saeuron_style.safetensors": "saeuron_sae_style.safetensors",
+        "saeuron_object.safetensors": "saeuron_sae_object.safetensors",
+        "itd_text.safetensors": "itd_text_sae.safetensors",
+    },
+    FEATURES_FOLDER: {
+        "saeuron_style.safetensors": "saeuron_stats_style.safetensors",
+        "saeuron_object.safetensors": "saeuron_stats_object.safetensors",
+    },
+}
+"""Per model folder: dropdown name (after :data:`SHIPPED_PREFIX`) -> file in the MiniCanvas weights folder.
+The SAeUron style SAE (``output_blocks.3.1``) and object SAE (``output_blocks.2.1``) with their concept
+statistics, and ItD's text-encoder SAE; the other shipped files (model, judges, Selective Amnesia data) are
+not SAEs and are not listed."""
+
+
+def _shipped_dir() -> str:
+    from sae_core.minicanvas.files import WEIGHTS_DIR
+
+    return str(WEIGHTS_DIR)
+
+
+def shipped_names(folder: str) -> list[str]:
+    """Dropdown names of the shipped files of model folder ``folder`` that are present (``minicanvas/...``)."""
+    root = _shipped_dir()
+    return [SHIPPED_PREFIX + name for name, file in SHIPPED_FILES.get(folder, {}).items()
+            if os.path.isfile(os.path.join(root, file))]
+
+
+def shipped_path(folder: str, name: str) -> str | None:
+    """Absolute path of the shipped file listed as ``name`` in ``folder``'s dropdown; None for other names."""
+    text = (name or "").replace("\\", "/")
+    if not text.startswith(SHIPPED_PREFIX):
+        return None
+    file = SHIPPED_FILES.get(folder, {}).get(text[len(SHIPPED_PREFIX):])
+    if file is None:
+        return None
+    path = os.path.join(_shipped_dir(), file)
+    return path if os.path.isfile(path) else None
+
 
 def register_sae_folder() -> list[str]:
     """Register ``models/sae`` and ``output/sae`` with ComfyUI's ``folder_paths``.
@@ -118,11 +173,14 @@ def _listed(name: str, folders: list[str]) -> bool:
 
 
 def sae_filenames() -> list[str]:
-    """Relative names of the SAE files ComfyUI can see (the dropdown's contents): safetensors SAEs and
-    ItD folders (``state_dict.pth`` beside a ``config.json``)."""
+    """Relative names of the SAE files ComfyUI can see (the dropdown's contents): the SAEs shipped with
+    MiniCanvas (``minicanvas/saeuron_style.safetensors`` ...), then safetensors SAEs and ItD folders
+    (``state_dict.pth`` beside a ``config.json``) of the model folders."""
     register_sae_folder()
     folders = sae_folder_paths()
-    return [name for name in folder_paths.get_filename_list(SAE_FOLDER) if _listed(name, folders)]
+    shipped = shipped_names(SAE_FOLDER)
+    found = [name for name in folder_paths.get_filename_list(SAE_FOLDER) if _listed(name, folders)]
+    return shipped + [name for name in found if name not in shipped]
 
 
 def sae_full_path(name: str) -> str:
@@ -131,7 +189,7 @@ def sae_full_path(name: str) -> str:
     Raises ``FileNotFoundError`` naming the file and the folders searched.
     """
     register_sae_folder()
-    path = folder_paths.get_full_path(SAE_FOLDER, name)
+    path = shipped_path(SAE_FOLDER, name) or folder_paths.get_full_path(SAE_FOLDER, name)
     if path is None:
         searched = ", ".join(sae_folder_paths()) or "(no folder registered)"
         raise FileNotFoundError(f"SAE file '{name}' was not found in the sae model folders: {searched}")

@@ -14,7 +14,7 @@ from typing import Optional
 import folder_paths
 from sae_core.store import ActivationReader, IncompleteStoreError
 
-from .common import SAE_FOLDER
+from .common import FEATURES_FOLDER, SAE_FOLDER, shipped_names, shipped_path
 
 __all__ = [
     "ACTIVATIONS_FOLDER",
@@ -24,6 +24,7 @@ __all__ = [
     "TRAINING_FOLDER",
     "dataset_folder",
     "feature_filenames",
+    "features_full_path",
     "features_path_for",
     "forget_file_list",
     "prompt_filenames",
@@ -35,9 +36,6 @@ __all__ = [
     "sae_output_folder",
     "training_folder",
 ]
-
-FEATURES_FOLDER = "sae_features"
-"""Model folder of concept feature tables: ``ComfyUI/models/sae_features`` (and ``output/sae_features``)."""
 
 ACTIVATIONS_FOLDER = "sae_activations"
 """Sub-folder of ComfyUI's output folder holding collected activation stores."""
@@ -84,9 +82,21 @@ def register_features_folder() -> list[str]:
 
 
 def feature_filenames() -> list[str]:
-    """``none`` plus the feature tables ComfyUI can see."""
+    """``none``, the SAeUron statistics shipped with MiniCanvas (``minicanvas/saeuron_style.safetensors`` ...)
+    and the feature tables of the model folders."""
     register_features_folder()
-    return [NO_FILE] + folder_paths.get_filename_list(FEATURES_FOLDER)
+    shipped = shipped_names(FEATURES_FOLDER)
+    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(FEATURES_FOLDER) if n not in shipped]
+
+
+def features_full_path(name: str) -> str:
+    """Absolute path of the feature table ``name`` from the dropdown; FileNotFoundError naming the folders."""
+    register_features_folder()
+    path = shipped_path(FEATURES_FOLDER, name) or folder_paths.get_full_path(FEATURES_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"features_file: '{name}' was not found in "
+                                f"{', '.join(folder_paths.get_folder_paths(FEATURES_FOLDER))}")
+    return path
 
 
 def safe_name(name: str, what: str) -> str:

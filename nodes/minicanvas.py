@@ -41,11 +41,13 @@ from sae_core.minicanvas.tokenizer import WordTokenizer
 from sae_core.minicanvas.unet import MiniUNet, UNetConfig
 
 from .common import category, inp, node_id
+from .families import MINICANVAS, is_minicanvas  # noqa: F401  (is_minicanvas: re-exported for callers of this module)
 
 log = logging.getLogger("concept_erasure")
 
-FAMILY = "MiniCanvas"
-"""Model family name: the class name of the MODEL's model config (``model.model.model_config``)."""
+FAMILY = MINICANVAS
+"""Model family name: the class name of the MODEL's model config (``model.model.model_config``); nodes ask
+:mod:`.families` (``model_family``, ``is_minicanvas``) rather than comparing it themselves."""
 
 TOKEN_KEY = "minicanvas"
 """Key of the MiniCanvas token rows in ``clip.tokenize(text)`` and name of the text encoder inside the
@@ -65,8 +67,9 @@ class ComfyMiniUNet(MiniUNet):
     """The MiniCanvas UNet with the call signature of ComfyUI's diffusion models.
 
     ``BaseModel`` calls ``diffusion_model(x, timesteps, context=..., control=..., transformer_options=...)``;
-    this runs the DIFFUSION_MODEL wrappers of ``transformer_options`` (as ComfyUI's own UNet does, so block
-    hooks installed that way apply) around the plain MiniCanvas forward. Module names and weights are
+    this runs the DIFFUSION_MODEL wrappers of ``transformer_options`` (as ComfyUI's own UNet does, with its
+    positional arguments ``x, timesteps, context, y, control, transformer_options``, so block hooks installed
+    that way apply and read the sampler's options where they do on SD) around the plain MiniCanvas forward. Module names and weights are
     MiniCanvas'; only the signature differs.
     """
 
@@ -75,22 +78,26 @@ class ComfyMiniUNet(MiniUNet):
         return next(self.parameters()).dtype
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,  # type: ignore[override]
-                context: Optional[torch.Tensor] = None, control: Any = None,
+                context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, control: Any = None,
                 transformer_options: Optional[dict] = None, **kwargs: Any) -> torch.Tensor:
         import comfy.patcher_extension as ext
 
         options = transformer_options if transformer_options is not None else {}
         wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, options)
+        # the positional layout of ComfyUI's UNetModel, which DIFFUSION_MODEL wrappers read
         return ext.WrapperExecutor.new_class_executor(self._eps, self, wrappers).execute(
-            x, timesteps, context, control, options, **kwargs)
+            x, timesteps, context, y, control, options, **kwargs)
 
     def _eps(self, x: torch.Tensor, timesteps: Optional[torch.Tensor], context: Optional[torch.Tensor],
-             control: Any = None, transformer_options: Optional[dict] = None, **kwargs: Any) -> torch.Tensor:
+             y: Optional[torch.Tensor] = None, control: Any = None, transformer_options: Optional[dict] = None,
+             **kwargs: Any) -> torch.Tensor:
         if timesteps is None or context is None:
             raise ValueError("MiniCanvas UNet needs timesteps and a text conditioning (context); "
                              "encode the prompt with the MiniCanvas CLIP")
         if control is not None:
             raise ValueError("MiniCanvas does not support ControlNet / T2I adapters (control)")
+        if y is not None:
+            raise ValueError("MiniCanvas has no class or size conditioning (y)")
         return MiniUNet.forward(self, x, timesteps, context)
 
     @classmethod
@@ -273,6 +280,7 @@ def comfy_classes() -> SimpleNamespace:
         latent_channels = 3
         latent_dimensions = 2
         scale_factor = 1.0
+        spacial_downscale_ratio = 1  # pixels per latent cell (ComfyUI's attribute name)
 
         def __init__(self) -> None:
             self.latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
@@ -297,12 +305,6 @@ def comfy_classes() -> SimpleNamespace:
 
     MiniCanvasConfig.__name__ = MiniCanvasConfig.__qualname__ = FAMILY
     return SimpleNamespace(latent_format=MiniCanvasPixels, config=MiniCanvasConfig)
-
-
-def is_minicanvas(model: Any) -> bool:
-    """True for a MODEL (ModelPatcher) made by the MiniCanvas Checkpoint node (or a clone of one)."""
-    config = getattr(getattr(model, "model", None), "model_config", None)
-    return config is not None and type(config).__name__ == FAMILY
 
 
 # -- building MODEL, CLIP and VAE --------------------------------------------------------------------------

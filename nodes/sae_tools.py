@@ -51,11 +51,12 @@ from .common import (
     throw_if_interrupted,
     torch_dtype,
 )
+from .families import model_family
 from .folders import (dataset_folder, forget_file_list, resolve_dataset, sae_output_folder, store_settings,
                       training_folder)
 from .sae_nodes import DEVICE_CHOICES, load_sae_cached
 from .sampling import ComfyHost, ComfySampling, SamplerState, sampler_inputs
-from .unet_blocks import find_block, model_family
+from .unet_blocks import find_block
 
 log = logging.getLogger("concept_erasure")
 

@@ -28,7 +28,6 @@ import logging
 import re
 from typing import Any, Optional
 
-import folder_paths
 from sae_core.artefacts import decide_artefact
 from sae_core.capture import get_submodule
 from sae_core.prompts import parse_names, parse_prompts
@@ -46,17 +45,19 @@ from sae_core.saeuron import (
 from sae_core.saeuron.pipeline import check_sae, check_sae_width, warn_hookpoint
 
 from .common import SAE_TYPE, Progress, category, inp, node_id
+from .families import model_family
 from .folders import (
     FEATURES_FOLDER,
     NO_FILE,
     feature_filenames,
+    features_full_path,
     features_path_for,
     forget_file_list,
     register_features_folder,
 )
 from .sae_tools import DEFAULT_BLOCK
 from .sampling import ComfyHost, ComfySampling, SamplerState, diffusion_model_wrapper, sampler_inputs
-from .unet_blocks import model_family, unet_of
+from .unet_blocks import unet_of
 
 log = logging.getLogger("concept_erasure")
 
@@ -243,11 +244,7 @@ def load_features(features: Any = None, features_file: str = NO_FILE) -> Concept
         return features
     if not features_file or features_file == NO_FILE:
         raise ValueError("features: wire SAeUron Concept Features into 'features' or pick a features_file")
-    register_features_folder()
-    path = folder_paths.get_full_path(FEATURES_FOLDER, features_file)
-    if path is None:
-        raise FileNotFoundError(f"features_file: '{features_file}' was not found in "
-                                f"{', '.join(folder_paths.get_folder_paths(FEATURES_FOLDER))}")
+    path = features_full_path(features_file)
     try:
         return ConceptStats.load(path)
     except ValueError as err:

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from .common import inp, sampler_choices, throw_if_interrupted
+from .families import latent_downscale
 
 __all__ = [
-    "LATENT_DOWNSCALE",
     "ComfyHost",
     "ComfySampling",
     "SamplerState",
@@ -38,13 +38,11 @@ __all__ = [
     "discrete_eps_sampling",
     "eps_denoiser",
     "first_value",
+    "latent_shape",
     "nearest_step",
     "sampler_inputs",
     "unet_call",
 ]
-
-LATENT_DOWNSCALE = 8
-"""Pixels per latent cell of the SD-family VAEs."""
 
 STATE_WRAPPER_KEY = "concept_erasure.sampler_state"
 """Key of the DIFFUSION_MODEL wrapper :class:`ComfySampling` puts on its clone."""
@@ -55,6 +53,16 @@ def diffusion_model_wrapper() -> str:
     import comfy.patcher_extension
 
     return comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+
+
+def latent_shape(model: Any, width: int, height: int) -> tuple[int, int, int, int]:
+    """``(1, channels, h, w)`` of one empty latent of ``width`` x ``height`` pixels for ``model``: its latent
+    format's channels, and pixels per latent cell from its family (8 for SD, 1 for MiniCanvas)."""
+    channels = model.get_model_object("latent_format").latent_channels
+    scale = latent_downscale(model)
+    if int(width) < scale or int(height) < scale:
+        raise ValueError(f"width/height: {width}x{height} pixels is smaller than one latent cell ({scale} pixels)")
+    return (1, channels, int(height) // scale, int(width) // scale)
 
 
 def unet_call(args: tuple, kwargs: dict) -> tuple[Tensor, Any, dict]:
@@ -201,8 +209,7 @@ class ComfySampling:
         self.steps, self.cfg = int(steps), float(cfg)
         self.sampler_name, self.scheduler = sampler_name, scheduler
         self.seed = int(seed)
-        channels = model.get_model_object("latent_format").latent_channels
-        self.shape = (1, channels, int(height) // LATENT_DOWNSCALE, int(width) // LATENT_DOWNSCALE)
+        self.shape = latent_shape(model, width, height)
         self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
         self.on_step = on_step
         self.done = 0
@@ -257,8 +264,10 @@ def sampler_inputs(steps: int = 20, cfg: float = 7.5) -> dict[str, tuple]:
                     max=0xFFFFFFFF, control_after_generate=False),
         "sampler_name": inp(samplers, "Sampler used to generate.", default="euler"),
         "scheduler": inp(schedulers, "Noise schedule used to generate.", default="normal"),
-        "width": inp("INT", "Image width in pixels.", default=512, min=64, max=4096, step=8),
-        "height": inp("INT", "Image height in pixels.", default=512, min=64, max=4096, step=8),
+        "width": inp("INT", "Image width in pixels (SD1.x: 512, SDXL: 1024, MiniCanvas: 32).", default=512, min=8,
+                     max=4096, step=8),
+        "height": inp("INT", "Image height in pixels (SD1.x: 512, SDXL: 1024, MiniCanvas: 32).", default=512, min=8,
+                      max=4096, step=8),
     }
 
 
@@ -348,8 +357,7 @@ def comfy_sampler(model: Any, clip: Any, steps: int, cfg: float, sampler_name: s
 
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     conds: dict[str, Any] = {}
-    channels = model.get_model_object("latent_format").latent_channels
-    shape = (1, channels, height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
+    shape = latent_shape(model, width, height)
 
     def sampler(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         out: list[Optional[torch.Tensor]] = [None] * len(prompts)

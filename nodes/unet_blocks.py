@@ -2,7 +2,9 @@
 
 Blocks are named as in ComfyUI's UNet (``output_blocks.4.1``, optionally prefixed
 ``diffusion_model.``); diffusers names as used by published SAEs (``unet.up_blocks.1.attentions.1``)
-are accepted and mapped with ComfyUI's own key map (``comfy.utils.unet_to_diffusers``).
+are accepted and mapped with ComfyUI's own key map (``comfy.utils.unet_to_diffusers``). Which classes
+are the transformer blocks depends on the model family (:mod:`.families`): ComfyUI's SpatialTransformer
+for SD1.x/SD2.x/SDXL, MiniCanvas' own (same names and layout: ``output_blocks.3.1`` ...) for MiniCanvas.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import torch
 
 from sae_core.saeuron import BlockRef
 
+from .families import model_family, transformer_block_types
+
 __all__ = [
     "block_width",
     "diffusers_to_ldm",
     "find_block",
-    "model_family",
     "resolve_block",
     "spatial_transformer_blocks",
     "unet_of",
@@ -29,20 +32,14 @@ def unet_of(model: Any) -> torch.nn.Module:
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     if unet is None:
         raise ValueError(f"model: {type(getattr(model, 'model', model)).__name__} has no diffusion_model; "
-                         "SAeUron needs a UNet with SpatialTransformer blocks (SD1.x, SD2.x, SDXL)")
+                         "SAeUron needs a UNet with SpatialTransformer blocks (SD1.x, SD2.x, SDXL, MiniCanvas)")
     return unet
-
-
-def model_family(model: Any) -> str:
-    """ComfyUI's name of the model's family (``SD15``, ``SDXL``, ...)."""
-    return type(getattr(model.model, "model_config", model.model)).__name__
 
 
 def spatial_transformer_blocks(model: Any) -> dict[str, torch.nn.Module]:
     """Every SpatialTransformer of the model's UNet, by its ComfyUI name (``output_blocks.4.1``)."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-
-    return {name: m for name, m in unet_of(model).named_modules() if isinstance(m, SpatialTransformer)}
+    types = transformer_block_types(model)
+    return {name: m for name, m in unet_of(model).named_modules() if isinstance(m, types)}
 
 
 def diffusers_to_ldm(model: Any, name: str) -> Optional[str]:
@@ -72,7 +69,7 @@ def resolve_block(model: Any, block: str) -> tuple[str, torch.nn.Module]:
     family = model_family(model)
     if not blocks:
         raise ValueError(f"model: this {family} model has no SpatialTransformer blocks; SAeUron supports "
-                         "SD1.x, SD2.x and SDXL UNets")
+                         "SD1.x, SD2.x, SDXL and MiniCanvas UNets")
     text = (block or "").strip()
     for prefix in ("diffusion_model.", "unet."):
         if text.startswith(prefix):
@@ -88,7 +85,10 @@ def resolve_block(model: Any, block: str) -> tuple[str, torch.nn.Module]:
 
 def block_width(module: torch.nn.Module) -> int:
     """Channels of a SpatialTransformer's output (equal to its input channels)."""
-    return int(module.in_channels)
+    channels = getattr(module, "in_channels", None)
+    if channels is None:  # MiniCanvas' transformer: a linear proj_out over the channels
+        channels = module.proj_out.out_features
+    return int(channels)
 
 
 def find_block(model: Any, block: str) -> BlockRef:
