@@ -1,17 +1,30 @@
-"""Fidelity of MiniCanvas inside ComfyUI: judged accuracy of ComfyUI's sampling vs MiniCanvas' own sampler.
+"""MiniCanvas inside ComfyUI: sampling fidelity, and each erasure method measured through its nodes.
 
-Generates the 72 evaluation prompts of ``python -m sae_core bench`` (8 objects x 8 styles, plus the 8
-unstyled prompts; one seed) twice: through ComfyUI's stock nodes (CLIPTextEncode, KSampler, VAEDecode) on
-the MODEL / CLIP / VAE of the MiniCanvas Checkpoint node, and with MiniCanvas' own DDIM sampler. The
-MiniCanvas judges score both; the script prints object and style accuracy of each, how many prompts the two
-agree on, and the largest pixel difference.
+**Methods through the nodes** (``--method NAME --erase style[:NAME]|object[:NAME]``): for each erasure, an
+API-format prompt graph is built -- MiniCanvas Checkpoint -> the method's nodes (:data:`METHODS`) -> for every
+bench prompt CLIPTextEncode / KSampler (seed 0, ddim / simple, 20 steps, cfg 7, as MiniCanvas' own sampler)
+/ VAEDecode -- validated with ComfyUI's ``execution.validate_prompt`` and run by its ``PromptExecutor``, as a
+queued prompt is. The MiniCanvas judges score the images and the UnlearnCanvas metrics
+(``sae_core.minicanvas.metrics``) are printed in the format of ``python -m sae_core bench``; the 72 prompts
+are the bench's (8 objects x 8 styles, plus the 8 unstyled prompts). ``seconds`` is the time the method's own
+nodes took in the executor::
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python benchmarks/comfy_minicanvas.py \\
+        --method saeuron --erase style [--baseline] [--option gamma=-2] [--seeds 0]
+
+A method joins by adding a function to :data:`METHODS` that inserts its nodes into the graph (see
+:func:`saeuron_nodes`).
+
+**Sampling fidelity** (no ``--method``): generates the 72 prompts twice, through ComfyUI's stock nodes on the
+MiniCanvas Checkpoint and with MiniCanvas' own DDIM sampler, and prints the judged object and style accuracy of
+each, how many prompts the two agree on, and the largest pixel difference::
 
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python benchmarks/comfy_minicanvas.py \\
         [--steps 20] [--cfg 7] [--seed 0] [--sampler ddim] [--scheduler simple] [--no-clip-denoised]
 
 ComfyUI is configured as tests/comfy does (``--cpu``, a temporary base directory) and loads the pack with
-its own loader. ``judged_prompts(model, clip, vae, ...)`` takes any MODEL / CLIP, so an erasure node's
-output can be measured the same way.
+its own loader. ``judged_prompts(model, clip, vae, ...)`` takes any MODEL / CLIP; :class:`NodeBench` runs
+graphs for tests (tests/comfy/test_minicanvas_erasure.py).
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +61,8 @@ def configure_comfyui(comfy_root: Path, base: Path) -> Any:
     if not (comfy_root / "nodes.py").is_file():
         raise SystemExit(f"COMFYUI_PATH={comfy_root} is not a ComfyUI checkout (no nodes.py)")
     sys.path.insert(0, str(comfy_root))
+    # this checkout's sae_core (not an installed copy) right after ComfyUI, whose ``nodes`` must win
+    sys.path.insert(1, str(REPO_ROOT))
     import comfy.cli_args
 
     for sub in ("models", "output", "input", "temp", "user", "custom_nodes"):
@@ -56,6 +71,8 @@ def configure_comfyui(comfy_root: Path, base: Path) -> Any:
     args.cpu = True
     args.base_directory = str(base)
     args.disable_api_nodes = True
+    # ComfyUI's ``utils`` package first, as main.py does: nodes.py puts comfy/ (with a utils.py) on sys.path[0]
+    import utils.install_util  # noqa: F401
     import nodes
 
     if not asyncio.run(nodes.load_custom_node(str(REPO_ROOT))):
@@ -79,25 +96,317 @@ def judged_prompts(helpers: Any, model: Any, clip: Any, vae: Any, canvas: Any, s
     return judge(canvas, specs, images), images
 
 
+def eval_table(results: Sequence[PromptResult]) -> Any:
+    """The bench's :class:`~sae_core.minicanvas.metrics.EvalTable` of judged prompts."""
+    from sae_core.minicanvas.metrics import EvalTable
+
+    cols = np.array([(r.object_idx, r.style_idx, r.object_pred, r.style_pred) for r in results]).reshape(-1, 4).T
+    return EvalTable(*cols)
+
+
 def accuracy(results: Sequence[PromptResult]) -> tuple[float, float]:
     """(object accuracy over every prompt, style accuracy over the styled prompts), as the bench reports them."""
-    from sae_core.minicanvas.metrics import EvalTable, base_accuracy
+    from sae_core.minicanvas.metrics import base_accuracy
 
-    cols = np.array([(r.object_idx, r.style_idx, r.object_pred, r.style_pred) for r in results]).T
-    return base_accuracy(EvalTable(*cols))
+    return base_accuracy(eval_table(results))
+
+
+# -- prompt graphs -----------------------------------------------------------------------------------------
+
+Ref = list
+"""An API-format link to a node output: ``[node id, output slot]``."""
+
+
+class Graph:
+    """An API-format prompt under construction: ``{node id: {"class_type": ..., "inputs": {...}}}``."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[str, dict] = {}
+
+    def add(self, class_type: str, **inputs: Any) -> str:
+        """Add a node; inputs are widget values or :data:`Ref` links. Returns the node id."""
+        node = str(len(self.prompt) + 1)
+        self.prompt[node] = {"class_type": class_type, "inputs": inputs}
+        return node
+
+    @staticmethod
+    def out(node: str, slot: int = 0) -> Ref:
+        return [node, slot]
+
+
+MethodNodes = Callable[..., tuple[Ref, Ref]]
+"""``insert(graph, kind, concepts, model, clip, **options) -> (model, clip)``: adds a method's nodes for erasing
+``concepts`` (names of ``kind`` "style" or "object") between the MiniCanvas Checkpoint's ``model`` / ``clip``
+outputs and the sampling nodes, and returns the links the sampling nodes use. ``options`` are the
+``--option key=value`` pairs (the MiniCanvas plug-in's factory options of the same name)."""
+
+
+def saeuron_nodes(graph: Graph, kind: str, concepts: Sequence[str], model: Ref, clip: Ref,
+                  **options: Any) -> tuple[Ref, Ref]:
+    """Load SAE (the shipped SAE of ``kind``) -> SAeUron Concept Block (the shipped statistics), with the
+    MiniCanvas plug-in's block and default settings of ``kind`` (``gamma``, ``top_n``; ``percentile`` replaces
+    ``top_n``; ``error_mode``, ``cond_only``), as ``python -m sae_core bench --method saeuron`` applies them."""
+    from sae_core.minicanvas.plugins.saeuron import RECIPE
+
+    known = {"gamma", "top_n", "percentile", "error_mode", "cond_only"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"saeuron: unknown option(s) {unknown}; known: {sorted(known)}")
+    settings = {**(RECIPE.style if kind == "style" else RECIPE.object), **options}
+    percentile = settings.get("percentile")
+    sae = graph.add("CE_LoadSAE", sae_name=f"minicanvas/saeuron_{kind}.safetensors", device="cpu", dtype="float32")
+    block = graph.add(
+        "CE_SAeUronConceptBlock", model=model, sae=graph.out(sae), block=RECIPE.blocks[kind],
+        concepts=", ".join(concepts), gamma=float(settings["gamma"]),
+        selection="top_n" if percentile is None else "percentile", top_n=int(settings["top_n"]),
+        percentile=99.999 if percentile is None else float(percentile),
+        error_mode=str(settings.get("error_mode", "conventional")), cond_only=bool(settings.get("cond_only", False)),
+        features_file=f"minicanvas/saeuron_{kind}.safetensors")
+    return graph.out(block), clip
+
+
+METHODS: dict[str, MethodNodes] = {
+    "saeuron": saeuron_nodes,
+}
+"""Method name (as in ``python -m sae_core bench --method``) -> the function that inserts its nodes."""
+
+
+KEEP_NODE = "CEBench_KeepImage"
+"""Output node of the benchmark graphs (registered by :class:`NodeBench`, not part of the pack): keeps the
+decoded image tensor under a key, so the judges see exactly what VAEDecode returned."""
+
+KEPT: dict[str, torch.Tensor] = {}
+
+
+class KeepImage:
+    """Benchmark output node: stores ``images`` in :data:`KEPT` under ``key``."""
+
+    CATEGORY = "benchmark"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "keep"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"images": ("IMAGE", {"tooltip": "Decoded images."}),
+                             "key": ("STRING", {"tooltip": "Where to keep them.", "default": ""})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_kwargs: Any) -> float:
+        return float("nan")  # always runs, so every graph refills its keys
+
+    def keep(self, images: torch.Tensor, key: str) -> dict:
+        KEPT[key] = images.detach().clone()
+        return {"ui": {}}
+
+
+class EventLog:
+    """The few PromptServer members the executor touches; records every event with the time it arrived."""
+
+    def __init__(self) -> None:
+        self.client_id: Optional[str] = None
+        self.last_node_id: Optional[str] = None
+        self.sockets_metadata: dict = {}
+        self.events: list[tuple[float, str, Any]] = []
+
+    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
+        self.events.append((time.perf_counter(), event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+    def node_seconds(self, nodes: Sequence[str]) -> float:
+        """Seconds the executor spent in ``nodes`` (from each node's "executing" event to the next event)."""
+        wanted, total = set(nodes), 0.0
+        for (t, event, data), (t_next, _, _) in zip(self.events, self.events[1:]):
+            if event == "executing" and isinstance(data, dict) and data.get("node") in wanted:
+                total += t_next - t
+        return total
+
+
+class NodeBench:
+    """Runs bench prompts through ComfyUI's executor on the MiniCanvas Checkpoint, optionally with a method's
+    nodes inserted, and judges the images with the MiniCanvas judges.
+
+    ComfyUI must be configured and the pack loaded (``configure_comfyui`` or tests/comfy's ``comfy`` fixture).
+    One executor serves every run, so nodes whose inputs did not change (the checkpoint, the base model's
+    images) come from ComfyUI's cache, as in a running ComfyUI.
+    """
+
+    def __init__(self, canvas: Any, steps: int = 20, cfg: float = 7.0, sampler: str = "ddim",
+                 scheduler: str = "simple", clip_denoised: bool = True) -> None:
+        import execution
+        import nodes
+
+        if "EmptyChromaRadianceLatentImage" not in nodes.NODE_CLASS_MAPPINGS:  # comfy_extras, as at server start
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        nodes.NODE_CLASS_MAPPINGS.setdefault(KEEP_NODE, KeepImage)
+        self.canvas = canvas
+        self.steps, self.cfg, self.sampler, self.scheduler = int(steps), float(cfg), sampler, scheduler
+        self.clip_denoised = bool(clip_denoised)
+        self.log = EventLog()
+        self.executor = execution.PromptExecutor(self.log)
+        self.runs = 0
+
+    def graph(self, specs: Sequence[Any], seeds: Sequence[int], method: Optional[str] = None, kind: str = "",
+              concepts: Sequence[str] = (), options: Optional[dict] = None) -> tuple[Graph, list[str], list[str]]:
+        """``(graph, keep keys in prompt-major order, the method's node ids)`` for ``specs`` x ``seeds``."""
+        g = Graph()
+        ckpt = g.add("CE_MiniCanvasCheckpoint", clip_denoised=self.clip_denoised)
+        model, clip, vae = g.out(ckpt, 0), g.out(ckpt, 1), g.out(ckpt, 2)
+        first = len(g.prompt)
+        if method is not None:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; methods with nodes: {', '.join(METHODS)}")
+            model, clip = METHODS[method](g, kind, list(concepts), model, clip, **(options or {}))
+        method_nodes = list(g.prompt)[first:]
+        negative = g.add("CLIPTextEncode", text="", clip=clip)
+        latent = g.add("EmptyChromaRadianceLatentImage", width=32, height=32, batch_size=1)
+        keys = []
+        self.runs += 1
+        for i, spec in enumerate(specs):
+            positive = g.add("CLIPTextEncode", text=spec.text, clip=clip)
+            for seed in seeds:
+                sampled = g.add("KSampler", model=model, seed=int(seed), steps=self.steps, cfg=self.cfg,
+                                sampler_name=self.sampler, scheduler=self.scheduler, positive=g.out(positive),
+                                negative=g.out(negative), latent_image=g.out(latent), denoise=1.0)
+                image = g.add("VAEDecode", samples=g.out(sampled), vae=vae)
+                key = f"run{self.runs}/{i}/{seed}"
+                g.add(KEEP_NODE, images=g.out(image), key=key)
+                keys.append(key)
+        return g, keys, method_nodes
+
+    def execute(self, g: Graph) -> None:
+        """Validate ``g`` as ComfyUI validates a queued prompt, then run it with the executor."""
+        import execution
+
+        prompt_id = f"ce-bench-{self.runs}"
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, g.prompt, None))
+        if not valid:
+            raise RuntimeError(f"ComfyUI rejected the graph: {error} {node_errors}")
+        self.log.events.clear()
+        self.executor.execute(g.prompt, prompt_id, {"client_id": "ce-bench"}, outputs)
+        if not self.executor.success:
+            errors = [m for m in self.executor.status_messages if m[0] == "execution_error"]
+            raise RuntimeError(f"ComfyUI could not run the graph: {errors}")
+
+    def images(self, specs: Sequence[Any], seeds: Sequence[int] = (0,), method: Optional[str] = None,
+               kind: str = "", concepts: Sequence[str] = (), options: Optional[dict] = None
+               ) -> tuple[torch.Tensor, list[Any], float]:
+        """``(images [N, 3, 32, 32] in [0, 1], the spec of each image, seconds in the method's nodes)``."""
+        g, keys, method_nodes = self.graph(specs, seeds, method, kind, concepts, options)
+        self.execute(g)
+        images = torch.cat([KEPT.pop(k) for k in keys]).movedim(-1, 1)
+        rows = [spec for spec in specs for _ in seeds]
+        return images, rows, self.log.node_seconds(method_nodes)
+
+    def evaluate(self, specs: Sequence[Any], seeds: Sequence[int] = (0,), method: Optional[str] = None,
+                 kind: str = "", concepts: Sequence[str] = (), options: Optional[dict] = None
+                 ) -> tuple[Any, float]:
+        """``(EvalTable of the judged images, seconds in the method's nodes)``."""
+        images, rows, seconds = self.images(specs, seeds, method, kind, concepts, options)
+        return eval_table(judge(self.canvas, rows, images)), seconds
+
+    def erasure(self, method: str, kind: str, concepts: Sequence[str], specs: Sequence[Any],
+                seeds: Sequence[int] = (0,), options: Optional[dict] = None) -> tuple[Any, float]:
+        """``(ErasureMetrics, seconds)`` of erasing ``concepts`` with ``method``'s nodes, as the bench scores it."""
+        from sae_core.minicanvas.metrics import erasure_metrics
+
+        table, seconds = self.evaluate(specs, seeds, method, kind, concepts, options)
+        return erasure_metrics(table, kind, self.concept_indices(kind, concepts)), seconds
+
+    def concept_indices(self, kind: str, concepts: Sequence[str]) -> list[int]:
+        names = list(self.canvas.styles if kind == "style" else self.canvas.objects)
+        return [names.index(c) for c in concepts]
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+
+def run_methods(a: argparse.Namespace, canvas: Any) -> None:
+    """``--method``: the bench's erasure runs through the method's nodes, printed as the bench prints them."""
+    from sae_core.minicanvas import evaluation_prompts
+    from sae_core.minicanvas.cli import format_metrics, parse_erase
+    from sae_core.minicanvas.metrics import erasure_metrics, mean_metrics
+
+    kind, runs = parse_erase(a.erase, canvas)
+    specs = evaluation_prompts()
+    bench = NodeBench(canvas, a.steps, a.cfg, a.sampler, a.scheduler, not a.no_clip_denoised)
+    options = dict(a.option)
+    print(f"method={a.method} erase={kind} runs={len(runs)} prompts={len(specs)} seeds={a.seeds} steps={a.steps} "
+          f"cfg={a.cfg} (ComfyUI nodes, {a.sampler}/{a.scheduler})", flush=True)
+    if a.baseline:
+        table, _ = bench.evaluate(specs, a.seeds)
+        base = [erasure_metrics(table, kind, bench.concept_indices(kind, run)) for run in runs]
+        print(f"baseline {format_metrics(mean_metrics(base), 0.0)}", flush=True)
+    results, times = [], []
+    for run in runs:
+        m, seconds = bench.erasure(a.method, kind, run, specs, a.seeds, options)
+        results.append(m)
+        times.append(seconds)
+        print(f"{kind}:{','.join(run)} {format_metrics(m, seconds)}", flush=True)
+    if len(runs) > 1:
+        print(f"mean {format_metrics(mean_metrics(results), sum(times) / len(times))}", flush=True)
+
+
+def run_fidelity(a: argparse.Namespace, helpers: Any, canvas: Any) -> None:
+    """No ``--method``: ComfyUI's stock sampling vs MiniCanvas' own sampler on the bench prompts."""
+    from sae_core.minicanvas import evaluation_prompts
+
+    specs = evaluation_prompts()
+    seed = a.seeds[0]
+    with torch.inference_mode():
+        model, clip, vae = helpers.load_minicanvas(clip_denoised=not a.no_clip_denoised)
+
+    t0 = time.perf_counter()
+    ours, ours_images = judged_prompts(helpers, model, clip, vae, canvas, specs, seed, a.steps, a.cfg,
+                                       a.sampler, a.scheduler)
+    t_comfy = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref_images = canvas.sample([s.text for s in specs], seed, a.steps, a.cfg)
+    t_canvas = time.perf_counter() - t0
+    ref = judge(canvas, specs, ref_images)
+
+    same = sum(r.object_pred == q.object_pred and r.style_pred == q.style_pred for r, q in zip(ours, ref))
+    print(f"{len(specs)} prompts, seed {seed}, {a.steps} steps, cfg {a.cfg}; ComfyUI sampler {a.sampler} / "
+          f"{a.scheduler}, clip_denoised {not a.no_clip_denoised}")
+    print(f"{'sampler':<28}{'object acc':>11}{'style acc':>11}{'time s':>9}")
+    for name, results, t in (("ComfyUI (stock nodes)", ours, t_comfy), ("MiniCanvas canvas.sample", ref, t_canvas)):
+        obj, sty = accuracy(results)
+        print(f"{name:<28}{100 * obj:>10.1f}%{100 * sty:>10.1f}%{t:>9.1f}")
+    print(f"judges agree on {same}/{len(specs)} prompts; max |pixel difference| "
+          f"{(ours_images - ref_images).abs().max().item():.2e} (images in [0, 1])")
 
 
 def main() -> None:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # for the argument parsers; ComfyUI goes in front of it later
+    from sae_core.minicanvas.cli import parse_option, parse_seeds
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default=None,
+                        help=f"erase with this method's nodes ({', '.join(METHODS)}); omit to measure plain sampling")
+    parser.add_argument("--erase", default=None, metavar="KIND[:NAME[,NAME..]]",
+                        help="with --method: style | object | style:NAME | object:NAME, as in python -m sae_core bench")
+    parser.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="with --method: a setting of the method's nodes (the bench option of the same name)")
+    parser.add_argument("--baseline", action="store_true", help="with --method: also score the unedited model")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated seeds (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", default="ddim", help="ComfyUI sampler name (default ddim)")
     parser.add_argument("--scheduler", default="simple", help="ComfyUI scheduler name (default simple)")
     parser.add_argument("--no-clip-denoised", action="store_true",
                         help="load the model without the per-step clamp of the predicted image")
     parser.add_argument("--threads", type=int, default=1)
     a = parser.parse_args()
+    if a.seed is not None:
+        a.seeds = [a.seed]
+    if (a.method is None) != (a.erase is None):
+        parser.error("--method and --erase go together")
+    if a.method is not None and a.method not in METHODS:
+        parser.error(f"no nodes registered for method {a.method!r}; methods: {', '.join(METHODS)}")
     comfy_path = os.environ.get("COMFYUI_PATH", "").strip()
     if not comfy_path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout (and run with its venv)")
@@ -108,33 +417,18 @@ def main() -> None:
         import comfy.utils
 
         comfy.utils.PROGRESS_BAR_ENABLED = False
-        from sae_core.minicanvas import MiniCanvas, evaluation_prompts
+        from sae_core.minicanvas import MiniCanvas
 
         canvas = MiniCanvas.load()
-        specs = evaluation_prompts()
-        with torch.inference_mode():
-            model, clip, vae = helpers.load_minicanvas(clip_denoised=not a.no_clip_denoised)
-
-        t0 = time.perf_counter()
-        ours, ours_images = judged_prompts(helpers, model, clip, vae, canvas, specs, a.seed, a.steps, a.cfg,
-                                           a.sampler, a.scheduler)
-        t_comfy = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ref_images = canvas.sample([s.text for s in specs], a.seed, a.steps, a.cfg)
-        t_canvas = time.perf_counter() - t0
-        ref = judge(canvas, specs, ref_images)
+        if a.method is not None:
+            try:
+                run_methods(a, canvas)
+            except ValueError as err:
+                raise SystemExit(f"error: {err}") from None
+        else:
+            run_fidelity(a, helpers, canvas)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-    same = sum(r.object_pred == q.object_pred and r.style_pred == q.style_pred for r, q in zip(ours, ref))
-    print(f"{len(specs)} prompts, seed {a.seed}, {a.steps} steps, cfg {a.cfg}; ComfyUI sampler {a.sampler} / "
-          f"{a.scheduler}, clip_denoised {not a.no_clip_denoised}")
-    print(f"{'sampler':<28}{'object acc':>11}{'style acc':>11}{'time s':>9}")
-    for name, results, t in (("ComfyUI (stock nodes)", ours, t_comfy), ("MiniCanvas canvas.sample", ref, t_canvas)):
-        obj, sty = accuracy(results)
-        print(f"{name:<28}{100 * obj:>10.1f}%{100 * sty:>10.1f}%{t:>9.1f}")
-    print(f"judges agree on {same}/{len(specs)} prompts; max |pixel difference| "
-          f"{(ours_images - ref_images).abs().max().item():.2e} (images in [0, 1])")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ EXIT_NO_METHOD = 1
 EXIT_UNKNOWN_METHOD = 2
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
@@ -33,7 +33,7 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option must look like key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -45,7 +45,8 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, seeds: str) -> None:
-    p.add_argument("--seeds", type=_seeds, default=_seeds(seeds), help=f"comma-separated seeds (default {seeds})")
+    p.add_argument("--seeds", type=parse_seeds, default=parse_seeds(seeds),
+                   help=f"comma-separated seeds (default {seeds})")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -72,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--method", required=True, help="registered method name")
     b.add_argument("--erase", required=True, metavar="KIND[:NAME[,NAME..]]",
                    help="style | object | style:NAME | object:NAME (several names: one joint erasure)")
-    b.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    b.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="option passed to the method factory (repeatable)")
     b.add_argument("--baseline", action="store_true", help="also report the unedited model's metrics")
     _add_sampling_args(b, "0")
     return ap
 
 
-def _parse_erase(text: str, canvas) -> tuple[str, list[list[str]]]:
+def parse_erase(text: str, canvas) -> tuple[str, list[list[str]]]:
     """``kind`` and the list of runs (each run: the concepts erased together)."""
     kind, _, names = text.partition(":")
     kind = kind.strip()
@@ -95,7 +96,7 @@ def _parse_erase(text: str, canvas) -> tuple[str, list[list[str]]]:
     return kind, [chosen]
 
 
-def _fmt(m, seconds: float) -> str:
+def format_metrics(m, seconds: float) -> str:
     return f"UA={100 * m.ua:.1f} IRA={100 * m.ira:.1f} CRA={100 * m.cra:.1f} seconds={seconds:.1f}"
 
 
@@ -123,7 +124,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     factory = get_method(a.method)
     canvas = MiniCanvas.load(a.weights, device=a.device)
     try:
-        kind, runs = _parse_erase(a.erase, canvas)
+        kind, runs = parse_erase(a.erase, canvas)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -137,7 +138,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.baseline:
         table, _ = canvas.evaluate(specs, a.seeds, steps, cfg, progress=True)
         base = [erasure_metrics(table, kind, [names.index(c) for c in run]) for run in runs]
-        print(f"baseline {_fmt(mean_metrics(base), 0.0)}", flush=True)
+        print(f"baseline {format_metrics(mean_metrics(base), 0.0)}", flush=True)
     results, times = [], []
     for run in runs:
         t0 = time.perf_counter()
@@ -147,9 +148,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
         m = erasure_metrics(table, kind, [names.index(c) for c in run])
         results.append(m)
         times.append(seconds)
-        print(f"{kind}:{','.join(run)} {_fmt(m, seconds)}", flush=True)
+        print(f"{kind}:{','.join(run)} {format_metrics(m, seconds)}", flush=True)
     if len(runs) > 1:
-        print(f"mean {_fmt(mean_metrics(results), sum(times) / len(times))}", flush=True)
+        print(f"mean {format_metrics(mean_metrics(results), sum(times) / len(times))}", flush=True)
     return 0
 
 
