@@ -234,30 +234,45 @@ class _QuietServer:
         pass
 
 
-def test_minicanvas_workflow_runs_in_comfyui(comfy, node_classes):
-    """The MiniCanvas template validates and executes in ComfyUI and saves its images (32x32 PNGs)."""
+def run_workflow(comfy, node_classes, name: str) -> tuple[dict, dict]:
+    """Validate and execute ``workflows/<name>`` in ComfyUI; ``(API prompt, {SaveImage id: saved image paths})``."""
     import execution
+
+    wf = json.loads((REPO_ROOT / "workflows" / name).read_text(encoding="utf-8"))
+    prompt = ui_to_api(wf, node_classes)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(f"ce-{name}", prompt, None))
+    assert valid, (error, node_errors)
+    save_ids = sorted(i for i, n in prompt.items() if n["class_type"] == "SaveImage")
+    assert sorted(outputs) == save_ids
+
+    executor = execution.PromptExecutor(_QuietServer())
+    executor.execute(prompt, f"ce-{name}", {}, outputs)
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    out_dir = Path(comfy.folder_paths.get_output_directory())
+    saved = {i: [out_dir / item["subfolder"] / item["filename"] for item in executor.history_result["outputs"][i]["images"]]
+             for i in save_ids}
+    return prompt, saved
+
+
+MINICANVAS_WORKFLOWS = sorted(p.name for p in (REPO_ROOT / "workflows").glob("minicanvas_*.json"))
+"""Templates on the shipped MiniCanvas model: they need no download, so each one is run."""
+
+
+@pytest.mark.parametrize("name", MINICANVAS_WORKFLOWS)
+def test_minicanvas_workflow_runs_in_comfyui(comfy, node_classes, name):
+    """Each MiniCanvas template validates and executes in ComfyUI and saves its images (32x32 PNGs)."""
     import numpy as np
     from PIL import Image
 
-    wf = json.loads((REPO_ROOT / "workflows" / "minicanvas_txt2img.json").read_text(encoding="utf-8"))
-    prompt = ui_to_api(wf, node_classes)
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("ce-minicanvas", prompt, None))
-    assert valid, (error, node_errors)
-    save_id = next(i for i, n in prompt.items() if n["class_type"] == "SaveImage")
-    assert outputs == [save_id]
-
-    executor = execution.PromptExecutor(_QuietServer())
-    executor.execute(prompt, "ce-minicanvas", {}, outputs)
-    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
-    saved = executor.history_result["outputs"][save_id]["images"]
+    prompt, saved = run_workflow(comfy, node_classes, name)
     latent = next(n for n in prompt.values() if n["class_type"] == "EmptyChromaRadianceLatentImage")
-    assert len(saved) == latent["inputs"]["batch_size"]
-    out_dir = Path(comfy.folder_paths.get_output_directory())
-    for item in saved:
-        with Image.open(out_dir / item["subfolder"] / item["filename"]) as im:
-            assert im.size == (32, 32)
-            assert len(np.unique(np.asarray(im.convert("L")))) > 8, "a flat image"
+    for paths in saved.values():
+        assert len(paths) == latent["inputs"]["batch_size"]
+        for path in paths:
+            with Image.open(path) as im:
+                assert im.size == (32, 32)
+                assert len(np.unique(np.asarray(im.convert("L")))) > 8, "a flat image"
+    assert (REPO_ROOT / "workflows" / name).with_suffix(".jpg").is_file(), f"{name} has no preview image"
 
 
 def test_itd_text_sae_workflow_runs_in_comfyui(comfy, node_classes, sd15_checkpoint):
@@ -300,3 +315,25 @@ def test_itd_text_sae_workflow_runs_in_comfyui(comfy, node_classes, sd15_checkpo
     valid, error, _, node_errors = asyncio.run(
         execution.validate_prompt("ce-itd", ui_to_api(classifier_wf, node_classes), None))
     assert valid, (error, node_errors)
+
+
+def test_minicanvas_saeuron_workflow_erases_the_style(comfy, node_classes):
+    """The SAeUron template's erased images lose the checkered style that the original ones show."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sae_core.minicanvas import MiniCanvas
+
+    prompt, saved = run_workflow(comfy, node_classes, "minicanvas_saeuron.json")
+    by_prefix = {prompt[i]["inputs"]["filename_prefix"]: paths for i, paths in saved.items()}
+
+    def styles(paths):
+        images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
+                              for p in paths]).movedim(-1, 1)
+        return MiniCanvas.load().judge(images).styles.tolist()
+
+    target = MiniCanvas.load().styles.index("checkered")
+    original, erased = styles(by_prefix["minicanvas/saeuron_original"]), styles(by_prefix["minicanvas/saeuron_erased"])
+    assert original.count(target) == len(original), original
+    assert erased.count(target) == 0, erased
