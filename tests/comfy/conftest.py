@@ -214,3 +214,19 @@ def sd15_checkpoint(comfy):
     yield path
     path.unlink(missing_ok=True)
     comfy.folder_paths.filename_list_cache.clear()
+
+
+@pytest.fixture(scope="module")
+def mc(comfy):
+    """``(model, clip, vae)`` from the registered MiniCanvas Checkpoint node, loaded as ComfyUI runs nodes."""
+    torch = pytest.importorskip("torch")
+    with torch.inference_mode():
+        return comfy.nodes.NODE_CLASS_MAPPINGS["CE_MiniCanvasCheckpoint"]().load(clip_denoised=True)
+
+
+@pytest.fixture(scope="module")
+def canvas():
+    """The shipped MiniCanvas (``sae_core.minicanvas``) with its judges: the reference the nodes are compared to."""
+    from sae_core.minicanvas import MiniCanvas
+
+    return MiniCanvas.load()

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-LOADER_ID = "CE_MiniCanvasCheckpoint"
 PROMPTS = ("an image of a star in striped style", "an image of a heart in ocean style",
            "an image of a ring in checkered style", "an image of a crescent")
 """Four evaluation prompts (three styled, one unstyled) for the reduced fidelity check."""
@@ -21,20 +20,6 @@ STEPS = 10
 """Divides the 1000 training steps: then the simple scheduler hits exactly MiniCanvas' DDIM timesteps."""
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def mc(comfy):
-    """``(model, clip, vae)`` from the registered MiniCanvas Checkpoint node, loaded as ComfyUI runs nodes."""
-    with torch.inference_mode():
-        return comfy.nodes.NODE_CLASS_MAPPINGS[LOADER_ID]().load(clip_denoised=True)
-
-
-@pytest.fixture(scope="module")
-def canvas():
-    from sae_core.minicanvas import MiniCanvas
-
-    return MiniCanvas.load()
 
 
 @pytest.fixture(scope="module")

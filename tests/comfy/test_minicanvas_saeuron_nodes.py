@@ -6,6 +6,8 @@
   blocks at 32x32 pixels;
 * the Concept Block with the shipped SAE and statistics and the plug-in's settings makes the images the
   MiniCanvas plug-in (``python -m sae_core bench --method saeuron``) makes.
+
+``mc`` (the MiniCanvas Checkpoint's outputs) and ``canvas`` (MiniCanvas itself) come from conftest.py.
 """
 
 from __future__ import annotations
@@ -13,24 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-LOADER_ID = "CE_MiniCanvasCheckpoint"
 STYLE_BLOCK = "output_blocks.3.1"
 SAMPLING = dict(steps=3, cfg=7.0, seed=0, sampler_name="ddim", scheduler="simple", width=32, height=32)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def mc(comfy):
-    with torch.inference_mode():
-        return comfy.nodes.NODE_CLASS_MAPPINGS[LOADER_ID]().load(clip_denoised=True)
-
-
-@pytest.fixture(scope="module")
-def canvas():
-    from sae_core.minicanvas import MiniCanvas
-
-    return MiniCanvas.load()
 
 
 def _node(comfy, node_id):
