@@ -61,6 +61,9 @@ def _configure_comfyui(comfy_root: Path) -> Path:
     args.cpu = os.environ.get("COMFYUI_DEVICE", "cpu").strip().lower() != "gpu"
     args.base_directory = str(base)
     args.disable_api_nodes = True
+    # ComfyUI's ``utils`` package before nodes.py puts comfy/ (which has a utils.py) first on sys.path, as
+    # main.py imports it; otherwise comfy_extras/nodes_images.py fails to import
+    import utils.install_util  # noqa: F401
     import folder_paths
 
     assert Path(folder_paths.models_dir) == base / "models", folder_paths.models_dir
