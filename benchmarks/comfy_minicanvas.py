@@ -57,7 +57,8 @@ class PromptResult(NamedTuple):
 
 
 def configure_comfyui(comfy_root: Path, base: Path) -> Any:
-    """ComfyUI on ``sys.path`` with ``--cpu`` and ``base`` as base directory; returns the pack's minicanvas module."""
+    """ComfyUI on ``sys.path`` with ``--cpu`` (unless ``COMFYUI_DEVICE=gpu``) and ``base`` as base directory; returns
+    the pack's minicanvas module."""
     if not (comfy_root / "nodes.py").is_file():
         raise SystemExit(f"COMFYUI_PATH={comfy_root} is not a ComfyUI checkout (no nodes.py)")
     sys.path.insert(0, str(comfy_root))
@@ -68,7 +69,7 @@ def configure_comfyui(comfy_root: Path, base: Path) -> Any:
     for sub in ("models", "output", "input", "temp", "user", "custom_nodes"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     args = comfy.cli_args.args
-    args.cpu = True
+    args.cpu = os.environ.get("COMFYUI_DEVICE", "cpu").strip().lower() != "gpu"  # COMFYUI_DEVICE=gpu: ComfyUI's GPU
     args.base_directory = str(base)
     args.disable_api_nodes = True
     # ComfyUI's ``utils`` package first, as main.py does: nodes.py puts comfy/ (with a utils.py) on sys.path[0]
