@@ -165,13 +165,20 @@ class ComfyAmnesiaHost:
         self.sampling = dict(sampling or {})
         self._sampler: Optional[Any] = None
 
+    # Encoding and sampling need no gradients: they run as ComfyUI runs them, under inference mode (the weights of a
+    # loaded checkpoint are inference tensors, which autograd must not see), and the results are cloned out of it so
+    # that training may use them.
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(self.clip, list(prompts))
+        with torch.inference_mode():
+            out = encode_prompts(self.clip, list(prompts))
+        return out.clone()
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         if self._sampler is None:
             self._sampler = comfy_sampler(self.model, self.clip, **self.sampling)
-        return self._sampler(prompts, seeds)
+        with torch.inference_mode():
+            out = self._sampler(prompts, seeds)
+        return out.clone()
 
     @contextmanager
     def lora_training(self, config: AmnesiaConfig, generator: torch.Generator) -> Iterator[LoRATraining]:
