@@ -4,10 +4,11 @@ One mechanism, shared by the methods that need prompt encodings outside a sample
 concept, anchor and preserve prompts; ItD tokenizes its calibration prompts exactly as CLIPTextEncode does;
 Selective Amnesia conditions its training on :func:`encode_prompts`, the same conditioning its sampler uses).
 
-ComfyUI tokenizes a prompt into 77-token chunks per sub-encoder (``clip.tokenize(text)`` is
-``{"l": [[(token, weight), ...], ...], "g": ...}``), padded with the end token (SD1/SDXL) or a pad token, and
-encodes them as one ``[1, 77 * chunks, width]`` conditioning. The *real* tokens of a chunk are BOS, the words
-and the first end token after them.
+ComfyUI tokenizes a prompt into fixed-length chunks per sub-encoder (``clip.tokenize(text)`` is
+``{"l": [[(token, weight), ...], ...], "g": ...}``; MiniCanvas: ``{"minicanvas": [[...]]}``), padded with the end
+token (SD1/SDXL) or a pad token (MiniCanvas), and encodes them as one ``[1, length * chunks, width]``
+conditioning. The chunk length is the tokenizer's (77 for CLIP, 16 for MiniCanvas): it is read off the tokens,
+never assumed. The *real* tokens of a chunk are BOS, the words and the first end token after them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import Tensor
 log = logging.getLogger("concept_erasure")
 
 __all__ = [
-    "CHUNK",
     "TokenizeFn",
     "chunk_ids",
     "encode_first_chunks",
@@ -32,9 +32,6 @@ __all__ = [
     "real_token_count",
     "tokenizer_of",
 ]
-
-CHUNK = 77
-"""Tokens per CLIP chunk."""
 
 _DEFAULT_END = 49407
 """CLIP's end-of-text token, used when the tokenizer does not say."""
@@ -67,33 +64,40 @@ def chunk_ids(tokens: dict, key: str, text: str, who: str) -> list[Any]:
     """
     chunks = tokens[key]
     if len(chunks) > 1:
-        log.warning("%s: prompt %r is longer than one %d-token chunk; only its first chunk is used", who, text, CHUNK)
+        log.warning("%s: prompt %r is longer than one %d-token chunk; only its first chunk is used", who, text,
+                    len(chunks[0]))
     return [item[0] for item in chunks[0]]
 
 
 @torch.no_grad()
 def encode_first_chunks(clip: Any, texts: Sequence[str], who: str) -> tuple[Tensor, list[int]]:
-    """``(conditioning [n, 77, width] float32 CPU, real-token counts)`` of each text's first chunk.
+    """``(conditioning [n, length, width] float32 CPU, real-token counts)`` of each text's first chunk.
 
     Each text goes through the CLIP's normal encode path on its own (``clip.encode_from_tokens``, as
-    CLIPTextEncode; a CLIP Set Last Layer applies). The counts come from the first sub-encoder's tokens.
+    CLIPTextEncode; a CLIP Set Last Layer applies). ``length`` is the tokenizer's chunk length (77 for CLIP,
+    16 for MiniCanvas). The counts come from the first sub-encoder's tokens.
     """
     encs, counts = [], []
     for text in texts:
         tokens = clip.tokenize(text)
+        key = sorted(tokens)[0]
+        ids = chunk_ids(tokens, key, text, who)
+        length = len(ids)
         cond = clip.encode_from_tokens(tokens)
         if isinstance(cond, (tuple, list)):
             cond = cond[0]
-        if cond.dim() != 3 or cond.shape[1] < CHUNK:
+        if cond.dim() != 3 or cond.shape[1] < length or cond.shape[1] % length:
             raise ValueError(f"clip: encoding {text!r} gave conditioning of shape {tuple(cond.shape)}, "
-                             f"expected [1, 77*k, width]")
-        enc = cond[0, :CHUNK].detach().to("cpu", torch.float32)
+                             f"expected [1, {length}*k, width] ({length}-token chunks)")
+        enc = cond[0, :length].detach().to("cpu", torch.float32)
         if not torch.isfinite(enc).all():
             raise ValueError(f"clip: encoding {text!r} produced NaN or Inf values; check the text encoder's weights "
                              "and precision")
-        key = sorted(tokens)[0]
+        if encs and enc.shape != encs[0].shape:
+            raise ValueError(f"clip: {text!r} encoded to {tuple(enc.shape)}, the other texts to "
+                             f"{tuple(encs[0].shape)}")
         encs.append(enc)
-        counts.append(real_token_count(chunk_ids(tokens, key, text, who), end_token(clip, key)))
+        counts.append(real_token_count(ids, end_token(clip, key)))
     return torch.stack(encs), counts
 
 

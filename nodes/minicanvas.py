@@ -176,6 +176,21 @@ class MiniCanvasTokenizer:
         if tok is None:
             raise ValueError("MiniCanvasTokenizer needs tokenizer_data['minicanvas_tokenizer'] (a WordTokenizer)")
         self.tokenizer: WordTokenizer = tok
+        # the attributes of ComfyUI's per-encoder tokenizers (``SDTokenizer``) that nodes read
+        self.start_token: int = tok.bos_token_id
+        self.end_token: int = tok.eos_token_id
+        self.pad_token: int = tok.pad_token_id
+        self.pad_with_end = False
+        self.max_length: int = tok.max_length
+        self.inv_vocab: dict[int, str] = dict(enumerate(tok.vocab))
+        self.end_of_word = ""
+        """Every token is a whole word (CLIP's BPE marks a word's last piece with ``</w>``)."""
+
+    @property
+    def minicanvas(self) -> "MiniCanvasTokenizer":
+        """The tokenizer of the ``"minicanvas"`` token rows: this one (ComfyUI's ``SD1Tokenizer`` keeps its
+        ``"l"`` rows' tokenizer as ``clip_l``), so ``getattr(clip.tokenizer, key)`` finds it."""
+        return self
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> dict:
         import comfy.sd1_clip as sd1

@@ -17,13 +17,14 @@ this MODEL's own patches (``get_key_patches``) and applies them with ``comfy.lor
 upstream LoRAs count and other branches of the graph do not. Nothing of the input MODEL is modified.
 
 Token positions (brief section 1.4). UCE aligns the concept and the anchor from their last word token
-(last word -> last word, EOS -> EOS, padding -> padding); RECE's epochs use all 77 positions of the bare
-concept prompt against all 77 of the anchor. Preserve prompts (always including the empty prompt, the
-unconditional branch of classifier-free guidance) contribute all 77 positions. Only the first 77-token chunk
-of each prompt is used.
+(last word -> last word, EOS -> EOS, padding -> padding); RECE's epochs use every position of the bare
+concept prompt against every position of the anchor. Preserve prompts (always including the empty prompt,
+the unconditional branch of classifier-free guidance) contribute every position. Only the first chunk of
+each prompt is used: 77 tokens for CLIP, 16 for MiniCanvas (the length comes from the CLIP's tokenizer).
 
 Supported: SD1.x, SD2.x and SDXL UNets (every ``attn2`` layer; the context width is the CLIP's conditioning
-width: 768, 1024 or 2048). Other model families are refused with a message.
+width: 768, 1024 or 2048) and MiniCanvas (the pack's built-in model: 128-wide context, 16-token prompts).
+Other model families are refused with a message.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ DEVICE_CHOICES = ("auto", "cpu")
 
 UNET_PREFIX = "diffusion_model."
 
-SUPPORTED_FAMILIES = ("SD15", "SD20", "SDXL", "SDXLRefiner")
-"""``comfy.supported_models`` classes (and their subclasses) whose cross-attention RECE edits."""
+SUPPORTED_FAMILIES = ("SD15", "SD20", "SDXL", "SDXLRefiner", "MiniCanvas")
+"""Model config classes (and their subclasses), by name, whose cross-attention RECE edits: the
+``comfy.supported_models`` families and the pack's MiniCanvas (``nodes/minicanvas.py``)."""
 
 _REFUSED_SUBCLASSES = ("SD_X4Upscaler", "LotusD")
 """Subclasses of a supported family whose cross-attention does not read the text prompt."""
@@ -121,15 +123,14 @@ class CEEdit:
 
 
 def model_family(model: Any) -> str:
-    """The model family name (``SD15``, ``SD20``, ``SDXL``, ...) if RECE supports it; ValueError otherwise."""
-    import comfy.supported_models as sm
-
+    """The model family name (``SD15``, ``SD20``, ``SDXL``, ``MiniCanvas``, ...) if RECE supports it; ValueError
+    otherwise."""
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     name = type(config).__name__ if config is not None else type(base).__name__
-    families = tuple(getattr(sm, f) for f in SUPPORTED_FAMILIES)
-    if config is None or not isinstance(config, families) or name in _REFUSED_SUBCLASSES:
-        raise ValueError(f"model: RECE edits the text cross-attention of SD1.x, SD2.x and SDXL UNets; "
+    lineage = {cls.__name__ for cls in type(config).__mro__} if config is not None else set()
+    if not lineage.intersection(SUPPORTED_FAMILIES) or name in _REFUSED_SUBCLASSES:
+        raise ValueError(f"model: RECE edits the text cross-attention of SD1.x, SD2.x, SDXL and MiniCanvas UNets; "
                          f"this model is {name}, which is not supported")
     if not any(_KV_RE.match(k) for k in base.state_dict().keys()):
         raise ValueError(f"model: {name} has no cross-attention (attn2.to_k / attn2.to_v) weights to edit")
@@ -171,7 +172,7 @@ def effective_weights(model: Any, keys: list[str], device: torch.device) -> dict
 class ComfyRECEHost:
     """A ComfyUI MODEL + CLIP as a :class:`sae_core.rece.RECEHost`.
 
-    Texts go through the CLIP's normal encode path (first 77-token chunk, :mod:`.clip_text`); the weights are
+    Texts go through the CLIP's normal encode path (first chunk, :mod:`.clip_text`); the weights are
     the MODEL's effective ``attn2.to_k`` / ``attn2.to_v`` weights on ``device`` (:func:`effective_weights`).
     Honours ComfyUI's interrupt between steps and advances ``progress`` once the inputs are read.
     """
@@ -254,7 +255,7 @@ class RECEEditModel:
         "prompt, while the preserve prompts keep their meaning (UCE), then RECE's epochs also erase the "
         "embeddings that would still bring the concept back. Returns a patched copy of the model (the input "
         "is not changed) and the edit, which Save Edit as LoRA can write as a LoRA file. "
-        "SD1.x, SD2.x and SDXL."
+        "SD1.x, SD2.x, SDXL and MiniCanvas."
     )
     CATEGORY = category("rece")
     RETURN_TYPES = ("MODEL", EDIT_TYPE)
@@ -269,7 +270,7 @@ class RECEEditModel:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": inp("MODEL", "The diffusion model to edit (SD1.x, SD2.x or SDXL). It is not modified."),
+                "model": inp("MODEL", "The diffusion model to edit (SD1.x, SD2.x, SDXL or MiniCanvas). It is not modified."),
                 "clip": inp("CLIP", "The text encoder of the same checkpoint; it encodes the concepts, anchor and "
                                     "preserve prompts exactly as for sampling (a CLIP Set Last Layer applies)."),
                 "concepts": inp("STRING", "Concepts to erase, one per line or comma-separated, written as you would "
