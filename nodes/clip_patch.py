@@ -1,17 +1,22 @@
-"""Patching one layer of a ComfyUI CLIP's ``clip_l`` encoder on a clone: finding it, and a chunk-aware patch.
+"""Patching one layer of a ComfyUI CLIP's text encoder on a clone: finding it, and a chunk-aware patch.
 
 The mechanism, not a method: a method subclasses :class:`ClipLayerPatch` with its own :meth:`~ClipLayerPatch.edit`
 of the layer's output, and :func:`install_layer_patch` sets it on a ``clone()`` of the CLIP as two object
-patches (the layer's ``forward`` and ``clip_l.encode_token_weights``); the input CLIP is never changed.
+patches (the layer's ``forward`` and the ``encode_token_weights`` that receives that encoder's token rows); the
+input CLIP is never changed.
 
-Which rows are prompt chunks. ComfyUI encodes a prompt as one row per 77-token chunk, plus one empty-prompt
-row when any token carries a weight other than 1 (the reference the weights interpolate from). The wrapper of
-``encode_token_weights`` notes how many rows are real chunks (and a readable label of each), so an edit sees
-only those rows; the empty row always passes through.
+Which rows are prompt chunks. ComfyUI encodes a prompt as one row per chunk (77 tokens for CLIP, 16 for
+MiniCanvas), plus one empty-prompt row when any token carries a weight other than 1 (the reference the weights
+interpolate from). The wrapper of ``encode_token_weights`` notes how many rows are real chunks (and a readable
+label of each), so an edit sees only those rows; the empty row always passes through.
 
-Supported encoders: SD1.x (``SD1ClipModel`` with ``clip_l``) and SDXL (``SDXLClipModel``: its ``clip_l``;
-``clip_g`` and the pooled output it provides are untouched). Anything else is refused with a message naming
-what was found.
+Supported encoders, one :class:`TextEncoderSite` per family (:func:`text_encoder_site`):
+
+* ``SD1``: ``SD1ClipModel`` with ``clip_l``;
+* ``SDXL``: ``SDXLClipModel``, its ``clip_l`` (``clip_g`` and the pooled output it provides are untouched);
+* ``MiniCanvas``: the pack's MiniCanvas CLIP (``nodes/minicanvas.py``), its text encoder ``minicanvas``.
+
+Anything else is refused with a message naming what was found.
 """
 
 from __future__ import annotations
@@ -26,34 +31,41 @@ __all__ = [
     "ENCODE_KEY",
     "LAYERS_PATH",
     "ClipLayerPatch",
-    "clip_l_encoder",
+    "TextEncoderSite",
     "describe_encoder",
     "encoder_width",
     "install_layer_patch",
     "layer_key",
     "output_layer",
     "run_encoder",
+    "text_encoder_site",
 ]
 
 ENCODER_KEY = "clip_l"
-"""Attribute of the CLIP's ``cond_stage_model`` holding the CLIP-L encoder."""
+"""Attribute of the CLIP's ``cond_stage_model`` holding the CLIP-L encoder (SD1.x, SDXL)."""
 
 LAYERS_PATH = "transformer.text_model.encoder.layers"
 """Where ComfyUI's ``SDClipModel`` keeps its encoder layers."""
 
 ENCODE_KEY = f"{ENCODER_KEY}.encode_token_weights"
-"""Object-patch name of the wrapper that tells the layer patch which rows are real prompt chunks."""
+"""Object-patch name of the call that receives ``clip_l``'s token rows (SD1.x, SDXL)."""
 
 
 def layer_key(index: int) -> str:
-    """Object-patch name of the forward of ``clip_l``'s encoder layer ``index``."""
+    """Object-patch name of the forward of ``clip_l``'s encoder layer ``index`` (SD1.x, SDXL; any family:
+    :meth:`TextEncoderSite.layer_key`)."""
     return f"{ENCODER_KEY}.{LAYERS_PATH}.{int(index)}.forward"
 
 
 def encoder_width(encoder: Any) -> Optional[int]:
     """Residual width of a ComfyUI text encoder (its token embedding width), or None."""
+    for inner in ("transformer", "text_model"):
+        try:
+            return int(getattr(encoder, inner).get_input_embeddings().weight.shape[-1])
+        except (AttributeError, IndexError, TypeError):
+            continue
     try:
-        return int(encoder.transformer.get_input_embeddings().weight.shape[-1])
+        return int(encoder.text_model.embeddings.token_embedding.weight.shape[-1])
     except (AttributeError, IndexError, TypeError):
         return None
 
@@ -71,25 +83,62 @@ def describe_encoder(clip: Any) -> str:
     return f"{type(model).__name__}{inner}"
 
 
-def clip_l_encoder(clip: Any, who: str) -> tuple[Any, str]:
-    """``(clip_l module, family)`` for an SD1.x or SDXL CLIP; a ValueError naming the encoder (and ``who``)
-    otherwise."""
+class TextEncoderSite(NamedTuple):
+    """Where, in one family's CLIP, a text-encoder layer is patched and how that encoder is fed."""
+
+    family: str
+    """``"SD1"``, ``"SDXL"`` or ``"MiniCanvas"``."""
+    name: str
+    """Attribute of the CLIP's ``cond_stage_model`` holding the encoder (``clip_l``, ``minicanvas``)."""
+    encoder: Any
+    """That module (its encoder layers are found by ``sae_core.itd.text.resolve_layer``)."""
+    layers_path: str
+    """Its list of encoder layers, relative to it."""
+    token_key: str
+    """Key of its token rows in ``clip.tokenize(text)`` (``"l"``, ``"minicanvas"``)."""
+    encode_key: str
+    """Object-patch name of the call that receives its token rows (the rows, or the whole token dict)."""
+    rows_key: Optional[str]
+    """Key of its rows in what that call receives; ``None``: it receives the rows themselves."""
+    pad_token: str
+    """What pads a chunk after the end token (``"eos"``, ``"<pad>"``)."""
+    run: Callable[[Tensor], Any]
+    """``run(input_ids [B, L])``: the encoder on token ids, exactly as ``encode_token_weights`` runs it."""
+
+    def layer_key(self, index: int) -> str:
+        """Object-patch name of the forward of encoder layer ``index``."""
+        return f"{self.name}.{self.layers_path}.{int(index)}.forward"
+
+
+def text_encoder_site(clip: Any, who: str) -> TextEncoderSite:
+    """The :class:`TextEncoderSite` of an SD1.x, SDXL or MiniCanvas CLIP; a ValueError naming the encoder (and
+    ``who``) otherwise."""
     import comfy.clip_model
     import comfy.sd1_clip
     import comfy.sdxl_clip
+
+    from .minicanvas import FAMILY as MINICANVAS, TOKEN_KEY as MINICANVAS_KEY, MiniCanvasTextModel
 
     if clip is None or not hasattr(clip, "cond_stage_model") or not hasattr(clip, "patcher"):
         raise ValueError(f"clip: {who} needs a CLIP (got {type(clip).__name__}; does the checkpoint have a "
                          "text encoder?)")
     model = clip.cond_stage_model
+    if isinstance(model, MiniCanvasTextModel):
+        encoder = model.minicanvas
+
+        def run_minicanvas(input_ids: Tensor) -> Any:
+            return encoder(input_ids.to(next(encoder.parameters()).device))
+
+        return TextEncoderSite(MINICANVAS, MINICANVAS_KEY, encoder, "text_model.encoder.layers", MINICANVAS_KEY,
+                               "encode_token_weights", MINICANVAS_KEY, "<pad>", run_minicanvas)
     if isinstance(model, comfy.sdxl_clip.SDXLClipModel):
         family = "SDXL"
     elif isinstance(model, comfy.sd1_clip.SD1ClipModel) and getattr(model, "clip", None) == ENCODER_KEY:
         family = "SD1"
     else:
         raise ValueError(
-            f"clip: {who} edits a CLIP-L text encoder (SD1.x clip_l, or SDXL's clip_l); this CLIP is "
-            f"{describe_encoder(clip)}, which is not supported"
+            f"clip: {who} edits a CLIP-L text encoder (SD1.x clip_l, or SDXL's clip_l) or MiniCanvas' text "
+            f"encoder; this CLIP is {describe_encoder(clip)}, which is not supported"
         )
     encoder = getattr(model, ENCODER_KEY, None)
     transformer = getattr(encoder, "transformer", None)
@@ -98,7 +147,8 @@ def clip_l_encoder(clip: Any, who: str) -> tuple[Any, str]:
             f"clip: {who} needs clip_l to be ComfyUI's CLIP transformer; this CLIP ({describe_encoder(clip)}) "
             f"has {type(transformer).__name__}"
         )
-    return encoder, family
+    return TextEncoderSite(family, ENCODER_KEY, encoder, LAYERS_PATH, "l", ENCODE_KEY, None, "eos",
+                           lambda input_ids: run_encoder(encoder, input_ids))
 
 
 def output_layer(clip: Any, encoder: Any, num_layers: int) -> Optional[int]:
@@ -131,23 +181,26 @@ class _EncodeContext(NamedTuple):
 
 
 class ClipLayerPatch:
-    """The object patch on one ``clip_l`` encoder layer's ``forward`` (and on ``clip_l.encode_token_weights``).
+    """The object patch on one text-encoder layer's ``forward`` (and on the ``encode_token_weights`` that
+    receives that encoder's token rows, e.g. ``clip_l.encode_token_weights``).
 
     Called as the layer's forward: runs the original forward, then :meth:`edit` on the rows that are prompt
     chunks. Not an ``nn.Module`` on purpose: ComfyUI sets it as an attribute of the layer, and a module there
-    would join the CLIP's state dict.
+    would join the CLIP's state dict. ``rows_key``: when the wrapped ``encode_token_weights`` receives the whole
+    token dict (MiniCanvas), the key of this encoder's rows in it.
     """
 
     def __init__(self, original_forward: Callable[..., Any], original_encode: Callable[..., Any], layer: int,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, rows_key: Optional[str] = None) -> None:
         self.original_forward = original_forward
         self.original_encode = original_encode
         self.layer = int(layer)
         self.tokenizer = tokenizer
+        self.rows_key = rows_key
         self._context: Optional[_EncodeContext] = None
 
     def edit(self, hidden: Tensor, labels: list[str]) -> Optional[Tensor]:
-        """The edited layer output of the prompt-chunk rows ``[rows, 77, d]`` (``labels``: one text per row),
+        """The edited layer output of the prompt-chunk rows ``[rows, length, d]`` (``labels``: one text per row),
         or ``None`` to leave them as they are."""
         raise NotImplementedError
 
@@ -155,6 +208,7 @@ class ClipLayerPatch:
         tok = self.tokenizer
         inv = getattr(tok, "inv_vocab", None) or {}
         start, end = getattr(tok, "start_token", None), getattr(tok, "end_token", None)
+        end_of_word = getattr(tok, "end_of_word", "</w>")  # "": every token is a whole word
         words = []
         for item in row:
             token = item[0] if isinstance(item, (tuple, list)) else item
@@ -165,13 +219,17 @@ class ClipLayerPatch:
                 continue
             if token == end:
                 break
-            words.append(str(inv.get(token, f"<{token}>")).replace("</w>", " "))
+            piece = str(inv.get(token, f"<{token}>"))
+            words.append(piece.replace(end_of_word, " ") if end_of_word else piece + " ")
         return "".join(words).strip()
 
     def encode_token_weights(self, token_weight_pairs: Any) -> Any:
-        """Stands in for ``clip_l.encode_token_weights``: notes the real chunks, then encodes as usual."""
-        sections = len(token_weight_pairs)
-        labels = [self._label(row) for row in token_weight_pairs]
+        """Stands in for the wrapped ``encode_token_weights``: notes the real chunks, then encodes as usual."""
+        rows = token_weight_pairs
+        if self.rows_key is not None and isinstance(token_weight_pairs, dict):
+            rows = token_weight_pairs[self.rows_key]
+        sections = len(rows)
+        labels = [self._label(row) for row in rows]
         if sections > 1:
             labels = [f"{text} [chunk {i + 1}/{sections}]" for i, text in enumerate(labels)]
         outer = self._context
@@ -181,12 +239,15 @@ class ClipLayerPatch:
         finally:
             self._context = outer
 
-    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.gate(self.original_forward(x, *args, **kwargs))
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.original_forward(x, *args, **kwargs)
+        if isinstance(out, tuple):  # layers that return (hidden, ...) (transformers 4.x)
+            return (self.gate(out[0]), *out[1:])
+        return self.gate(out)
 
     @torch.no_grad()
     def gate(self, hidden: Tensor) -> Tensor:
-        """The layer output ``[rows, 77, d]`` with :meth:`edit` applied to the prompt-chunk rows; the same
+        """The layer output ``[rows, length, d]`` with :meth:`edit` applied to the prompt-chunk rows; the same
         tensor when nothing is edited."""
         rows = int(hidden.shape[0])
         ctx = self._context
@@ -203,13 +264,14 @@ class ClipLayerPatch:
         return torch.cat([edited, hidden[real:]], dim=0)
 
 
-def install_layer_patch(clip: Any, layer: int, make: Callable[[Callable[..., Any], Callable[..., Any]],
-                                                              ClipLayerPatch]) -> tuple[Any, ClipLayerPatch]:
+def install_layer_patch(clip: Any, site: TextEncoderSite, layer: int,
+                        make: Callable[[Callable[..., Any], Callable[..., Any]], ClipLayerPatch]
+                        ) -> tuple[Any, ClipLayerPatch]:
     """``(patched clone of clip, the patch)``: ``make(original_forward, original_encode)`` builds the patch
-    for ``clip_l`` layer ``layer``; the input CLIP is not changed."""
+    for layer ``layer`` of ``site``'s encoder; the input CLIP is not changed."""
     patched = clip.clone()
-    key = layer_key(layer)
-    patch = make(patched.patcher.get_model_object(key), patched.patcher.get_model_object(ENCODE_KEY))
+    key = site.layer_key(layer)
+    patch = make(patched.patcher.get_model_object(key), patched.patcher.get_model_object(site.encode_key))
     patched.patcher.add_object_patch(key, patch)
-    patched.patcher.add_object_patch(ENCODE_KEY, patch.encode_token_weights)
+    patched.patcher.add_object_patch(site.encode_key, patch.encode_token_weights)
     return patched, patch

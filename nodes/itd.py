@@ -1,7 +1,8 @@
 """ItD (Interpret then Deactivate) node: ItD Prompt Classifier.
 
 **ItD Prompt Classifier** turns a CLIP into one whose text encoding erases concepts, using a sparse
-autoencoder (SAE) trained on one CLIP-L layer (``sae_core.itd``, method brief ``methods/itd.md``). Steps 1-2
+autoencoder (SAE) trained on one CLIP-L layer, or one layer of MiniCanvas' text encoder (``sae_core.itd``,
+method brief ``methods/itd.md``). Steps 1-2
 are :func:`sae_core.itd.run_itd`, the pipeline the MiniCanvas bench runs too; the node's inputs are the fields
 of :class:`sae_core.itd.ItDSettings`:
 
@@ -10,7 +11,7 @@ of :class:`sae_core.itd.ItDSettings`:
 2. *Calibrate*: every concept prompt is scored (the mean squared change that flipping its features with
    the strength ``scale`` causes at the layer); the threshold is ``tau = margin x`` the smallest of those
    scores. The retain prompts are scored too, so the report shows how far below ``tau`` they stay.
-3. *Deactivate*, at encode time: the clone's ``clip_l`` layer is object-patched. Each 77-token chunk whose
+3. *Deactivate*, at encode time: the clone's ``clip_l`` layer is object-patched. Each chunk whose
    score reaches ``tau`` continues through the remaining layers with its concept features flipped (the
    SAE reconstruction of the steered code); every other chunk passes through bit-exact (the unpatched
    layer's values; the very same tensor when no chunk is flagged). Every score is logged (logger ``concept_erasure``) and the last ones are
@@ -21,18 +22,19 @@ Calibration templates (the ``templates`` input) put each concept and each retain
 the reference calibrates on five templates per artist or person; the report (the STRING output, also shown on the
 node) lists every calibration prompt's score and its decision.
 
-Padding. ComfyUI pads every chunk to 77 tokens with EOS and the score averages over all 77 positions, so the
-threshold only means something in that regime. Calibration therefore tokenizes through this CLIP's own
-ComfyUI tokenizer (``clip.tokenize``, the same path CLIPTextEncode takes) and runs ``clip_l`` one prompt at
-a time, which is the computation an unweighted one-chunk prompt gets at encode time: the same prompt scores
-the same in both.
+Padding. ComfyUI pads every chunk to 77 tokens with EOS (MiniCanvas: to 16 with ``<pad>``) and the score
+averages over every position, so the threshold only means something in that regime. Calibration therefore
+tokenizes through this CLIP's own ComfyUI tokenizer (``clip.tokenize``, the same path CLIPTextEncode takes)
+and runs the encoder one prompt at a time, which is the computation an unweighted one-chunk prompt gets at
+encode time: the same prompt scores the same in both.
 
 Which rows are classified: only the prompt chunks, never the empty row a weighted prompt adds; the CLIP
 patching mechanics (which layer, which rows, the object patches on a clone) are :mod:`.clip_patch`'s.
 
-Supported encoders: SD1.x (``SD1ClipModel`` with ``clip_l``) and SDXL (``SDXLClipModel``: only ``clip_l`` is
-patched; ``clip_g`` and the pooled output it provides are untouched). Anything else (SD2's OpenCLIP-H, a
-``clip_g`` alone, T5 and other families) is refused with a message naming what was found.
+Supported encoders: SD1.x (``SD1ClipModel`` with ``clip_l``), SDXL (``SDXLClipModel``: only ``clip_l`` is
+patched; ``clip_g`` and the pooled output it provides are untouched) and MiniCanvas (its text encoder
+``minicanvas``; the shipped ``itd_text_sae`` reads its layer 2). Anything else (SD2's OpenCLIP-H, a ``clip_g``
+alone, T5 and other families) is refused with a message naming what was found.
 
 Wire the patched CLIP into the positive prompt only: steering the negative prompt would flip the concept in
 the unconditional branch too, and classifier-free guidance would then stop pushing away from it.
@@ -61,17 +63,18 @@ from sae_core.itd import (
     run_itd,
     templated,
 )
+from sae_core.itd.pipeline import POSITIONS
 from sae_core.prompts import parse_names, parse_prompts
 from sae_core.sae import SparseAutoencoder
 
 from .clip_patch import (
     ClipLayerPatch,
-    clip_l_encoder,
+    TextEncoderSite,
     encoder_width,
     install_layer_patch,
     layer_key,
     output_layer,
-    run_encoder,
+    text_encoder_site,
 )
 from .clip_text import first_chunk_tokenizer, tokenizer_of
 from .common import SAE_TYPE, Progress, category, inp, node_id, throw_if_interrupted
@@ -105,18 +108,19 @@ DEFAULT_TEMPLATES = "{}"
 """Calibration templates by default: each concept (and retain line) as written."""
 
 
-def comfy_text_host(clip: Any, encoder: Any) -> ItDTextHost:
-    """ItD's view of ``clip``'s ``clip_l``: ComfyUI's own tokenizer (the path CLIPTextEncode takes, 77 tokens
-    padded with EOS, first chunk only), ``clip_l`` run one prompt at a time as ``encode_token_weights`` runs it.
-    A one-chunk unweighted prompt at encode time is then exactly the computation calibration scored."""
-    tokenize_ids, length = first_chunk_tokenizer(clip, "l", NODE_NAME)
+def comfy_text_host(clip: Any, site: TextEncoderSite) -> ItDTextHost:
+    """ItD's view of ``clip``'s text encoder at ``site``: ComfyUI's own tokenizer (the path CLIPTextEncode takes;
+    first chunk only: 77 tokens padded with EOS for CLIP-L, 16 padded with ``<pad>`` for MiniCanvas), the encoder
+    run one prompt at a time as ``encode_token_weights`` runs it. A one-chunk unweighted prompt at encode time is
+    then exactly the computation calibration scored."""
+    tokenize_ids, length = first_chunk_tokenizer(clip, site.token_key, NODE_NAME)
 
     def tokenize(prompts: list[str]) -> PromptBatch:
         ids, counts = tokenize_ids(prompts)
         return PromptBatch(ids, torch.arange(length)[None, :] < torch.tensor(counts, dtype=torch.int64)[:, None])
 
-    return ItDTextHost(encoder, tokenize, run=lambda model, batch: run_encoder(model, batch.input_ids),
-                       pad_to=length, pad_token="eos", batch_size=1)
+    return ItDTextHost(site.encoder, tokenize, run=lambda model, batch: site.run(batch.input_ids),
+                       pad_to=length, pad_token=site.pad_token, batch_size=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ class ItDEncodeRecord(NamedTuple):
 
 
 class ItDClipPatch(ClipLayerPatch):
-    """ItD's patch on one ``clip_l`` layer: the gated edit of the prompt chunks, every decision logged.
+    """ItD's patch on one text-encoder layer: the gated edit of the prompt chunks, every decision logged.
 
     The decision of every call is kept in ``history``; ``last`` / ``last_scores`` / ``last_detected`` give the
     most recent one.
@@ -155,10 +159,13 @@ class ItDClipPatch(ClipLayerPatch):
         layer: int,
         family: str,
         tokenizer: Any = None,
+        encoder_name: str = "clip_l",
+        rows_key: Optional[str] = None,
     ) -> None:
-        super().__init__(original_forward, original_encode, layer, tokenizer)
+        super().__init__(original_forward, original_encode, layer, tokenizer, rows_key)
         self.itd = itd
         self.family = family
+        self.encoder_name = encoder_name
         self.history: deque[ItDEncodeRecord] = deque(maxlen=MAX_RECORDS)
         self.calls = 0
         """Encode calls classified so far."""
@@ -185,7 +192,8 @@ class ItDClipPatch(ClipLayerPatch):
         return None if self.last is None else self.last.detected
 
     def __repr__(self) -> str:
-        return (f"ItDClipPatch({self.family} clip_l layer {self.layer}, concepts={self.concepts.concept_names}, "
+        return (f"ItDClipPatch({self.family} {self.encoder_name} layer {self.layer}, "
+                f"concepts={self.concepts.concept_names}, "
                 f"tau={self.tau:.4g}, features={self.concepts.features.numel()})")
 
     def edit(self, hidden: Tensor, labels: list[str]) -> Optional[Tensor]:
@@ -214,7 +222,8 @@ class ItDClipPatch(ClipLayerPatch):
         for label, score, hit in zip(record.prompts, record.scores.tolist(), record.detected.tolist()):
             log.info(
                 "%s: %r score %.4g %s tau %.4g -> %s", NODE_NAME, label, score, ">=" if hit else "<", self.tau,
-                f"concept features deactivated at clip_l layer {self.layer}" if hit else "passed through unchanged",
+                f"concept features deactivated at {self.encoder_name} layer {self.layer}" if hit
+                else "passed through unchanged",
             )
 
 
@@ -242,23 +251,24 @@ def build_classifier(clip: Any, sae: SparseAutoencoder, settings: ItDSettings,
     (the input is not changed)."""
     if sae is None or not all(hasattr(sae, a) for a in ("encoder", "W_dec", "b_dec", "cfg")):
         raise ValueError(f"sae: expected an SAE from Load SAE, got {type(sae).__name__}")
-    encoder, family = clip_l_encoder(clip, NODE_NAME)
+    site = text_encoder_site(clip, NODE_NAME)
+    encoder, family, where = site.encoder, site.family, site.name
     num_layers = layer_count(encoder)
     index, origin = choose_layer(settings.layer, getattr(sae.cfg, "hookpoint", None), num_layers)
     width = encoder_width(encoder)
     math = SaeMath(sae)
     if width is not None:
-        math.check_width(width, f"the CLIP's clip_l layer {index} ({family})")
+        math.check_width(width, f"the CLIP's {where} layer {index} ({family})")
     last = output_layer(clip, encoder, num_layers)
     if last is not None and index > last:
         raise ValueError(
-            f"layer: clip_l layer {index} ({origin}) comes after layer {last}, the last one whose output this "
+            f"layer: {where} layer {index} ({origin}) comes after layer {last}, the last one whose output this "
             f"{family} CLIP uses; editing it would change nothing. Pick a layer <= {last}."
         )
 
     # Calibrate in the deployment regime, with this CLIP's own weights (its LoRAs included) loaded as for encoding.
     clip.load_model()
-    host = comfy_text_host(clip, encoder)
+    host = comfy_text_host(clip, site)
     throw_if_interrupted()
     if progress is not None:
         progress.update(1)
@@ -273,9 +283,11 @@ def build_classifier(clip: Any, sae: SparseAutoencoder, settings: ItDSettings,
 
     itd = ItDPatch(encoder, sae, found, layer=index, on_length_mismatch="warn", check_fingerprint=False)
     patched, patch = install_layer_patch(
-        clip, index, lambda forward, encode: ItDClipPatch(itd, forward, encode, index, family,
-                                                          tokenizer=tokenizer_of(clip, "l")))
-    report = calibration_report(found, list(settings.target_prompts), settings.retain, index, origin, family, math)
+        clip, site, index, lambda forward, encode: ItDClipPatch(
+            itd, forward, encode, index, family, tokenizer=tokenizer_of(clip, site.token_key),
+            encoder_name=where, rows_key=site.rows_key))
+    report = calibration_report(found, list(settings.target_prompts), settings.retain, index, origin, family, math,
+                                where)
     return ItDClassifier(patched, patch, report)
 
 
@@ -287,12 +299,13 @@ def calibration_report(
     origin: str,
     family: str,
     math: SaeMath,
+    encoder_name: str = "clip_l",
 ) -> str:
     """The STRING output: features, the threshold, and every calibration prompt's score."""
     cal = found.calibration
     tau = float(found.tau)
     lines = [
-        f"{NODE_NAME}: {family} clip_l layer {layer} ({origin}); SAE d_in={math.d_in}, "
+        f"{NODE_NAME}: {family} {encoder_name} layer {layer} ({origin}); SAE d_in={math.d_in}, "
         f"{math.num_latents} latents, k={math.k}",
         f"features: {found.features.numel()} in all; "
         + ", ".join(f"{name!r}: {found.concept_features[name].numel()}" for name in found.concept_names)
@@ -339,14 +352,15 @@ class ItDPromptClassifier:
         "of the retain prompts), calibrates a threshold on the concept prompts' scores, and returns a copy of the "
         "CLIP whose text encoding deactivates those features (scales them by 'scale') for every prompt scoring "
         "at or above the threshold. Prompts below it are encoded exactly as by the input CLIP. The report lists "
-        "the calibration scores; each encoded prompt's score is logged. SD1.x and SDXL (clip_l only). "
+        "the calibration scores; each encoded prompt's score is logged. SD1.x and SDXL (clip_l only), and "
+        "MiniCanvas (its text encoder). "
         "Wire the patched CLIP to the positive prompt only."
     )
     CATEGORY = category("itd")
     RETURN_TYPES = ("CLIP", "STRING")
     RETURN_NAMES = ("clip", "report")
     OUTPUT_TOOLTIPS = (
-        "A copy of the CLIP whose clip_l layer deactivates the concept features of prompts the classifier "
+        "A copy of the CLIP whose text-encoder layer deactivates the concept features of prompts the classifier "
         "flags. Use it for the positive prompt only; encode the negative prompt with the original CLIP.",
         "The calibration: feature counts, the threshold, its margin against the retain prompts, and the score "
         "of every concept and retain prompt.",
@@ -357,9 +371,10 @@ class ItDPromptClassifier:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "clip": inp("CLIP", "The text encoder (SD1.x, or SDXL whose clip_l is edited). It is not modified."),
-                "sae": inp(SAE_TYPE, "An SAE trained on one layer of this CLIP-L text encoder (width 768 for the "
-                                     "real CLIP-L), from Load SAE."),
+                "clip": inp("CLIP", "The text encoder (SD1.x, SDXL whose clip_l is edited, or MiniCanvas). It is "
+                                    "not modified."),
+                "sae": inp(SAE_TYPE, "An SAE trained on one layer of this text encoder (width 768 for the real "
+                                     "CLIP-L, 128 for MiniCanvas: minicanvas/itd_text_sae), from Load SAE."),
                 "concepts": inp("STRING", "Concepts to erase, one per line or comma-separated, written as you would "
                                           "prompt them (e.g. 'Van Gogh', 'nudity'). Each is also a calibration "
                                           "prompt: the threshold is set so that all of them are caught.",
@@ -368,7 +383,7 @@ class ItDPromptClassifier:
                                                 "Their features are excluded from the concepts' and their scores show "
                                                 "how far below the threshold they stay.",
                                       multiline=True, default="Claude Monet\nPablo Picasso\na photo of a dog"),
-                "layer": inp("INT", "clip_l encoder layer the SAE reads (0-based; ItD uses 8 of 12). -1 = the "
+                "layer": inp("INT", "Encoder layer the SAE reads (0-based; ItD uses clip_l's 8 of 12). -1 = the "
                                     "layer the SAE was trained on (its hookpoint), else 2/3 of the way up.",
                              default=-1, min=-1, max=63, step=1),
                 "scale": inp("FLOAT", "Factor applied to the concept features of flagged prompts: -8 (ItD) flips and "
@@ -388,18 +403,28 @@ class ItDPromptClassifier:
                                            "five per artist, e.g. 'Painting in the style of {}', and five per "
                                            "person, e.g. 'A portrait of {}'). {} alone = the names as written.",
                                  multiline=True, default=DEFAULT_TEMPLATES),
+                "positions": inp(list(POSITIONS), "Token positions whose SAE features describe a prompt: content = "
+                                                  "BOS to EOS (ItD's unpadded prompts); all = the padding too "
+                                                  "(MiniCanvas' bench setting, its SAE was trained on padding).",
+                                 default="content"),
+                "retain_empty_prompt": inp("BOOLEAN", "Also retain the empty prompt (the unconditional prompt of "
+                                                      "classifier-free guidance): features it shares with a concept "
+                                                      "are not deactivated. MiniCanvas' bench retains it.",
+                                           default=False),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def classify(self, clip: Any, sae: SparseAutoencoder, concepts: str, retain_prompts: str = "", layer: int = -1,
                  scale: float = -8.0, threshold_margin: float = 0.99, top_n: int = 128,
-                 templates: str = DEFAULT_TEMPLATES, unique_id: Optional[str] = None) -> dict:
+                 templates: str = DEFAULT_TEMPLATES, positions: str = "content", retain_empty_prompt: bool = False,
+                 unique_id: Optional[str] = None) -> dict:
         forms = parse_prompts(templates)
         retain = [p for ps in templated(parse_prompts(retain_prompts), forms).values() for p in ps]
+        retain += [""] if retain_empty_prompt else []
         settings = ItDSettings(concepts=templated(parse_names(concepts), forms), retain_prompts=retain,
                                layer=int(layer), scale=float(scale), threshold_margin=float(threshold_margin),
-                               top_n=int(top_n))
+                               top_n=int(top_n), positions=positions)
         with Progress(3, NODE_NAME, node_id=unique_id) as bar:
             result = build_classifier(clip, sae, settings, progress=bar)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
