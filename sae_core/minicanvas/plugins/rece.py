@@ -58,6 +58,7 @@ __all__ = [
     "canvas_projection_weights",
     "canvas_settings",
     "edit_texts",
+    "method_options",
     "object_templates",
     "rece_canvas_edit",
     "rece_method",
@@ -265,17 +266,24 @@ def _run(canvas: Any, kind: str, concepts: list[str], method: str, options: dict
     return edited
 
 
+def method_options(canvas: Any, kind: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``method``'s MiniCanvas defaults for ``kind`` filled in: ``rece`` styles
+    :data:`RECE_STYLE_DEFAULTS`, ``rece`` objects :func:`object_templates` and :data:`RECE_OBJECT_ANCHOR`;
+    ``uce`` has none. What the bench runs, and what the node path fills the RECE node's inputs with."""
+    if method == "rece" and kind == "style":
+        return {**RECE_STYLE_DEFAULTS, **options}
+    if method == "rece" and kind == "object":
+        return {"concept_template": object_templates(canvas), "anchor": RECE_OBJECT_ANCHOR, **options}
+    return dict(options)
+
+
 def rece_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
     """Erase ``concepts`` (styles or objects) with RECE (UCE start + ``epochs`` RECE epochs).
 
     Returns a copy of the canvas with an edited deepcopy of the UNet and a :class:`RECEReport` as
-    ``rece_report``; ``options``: see :func:`canvas_settings`.
+    ``rece_report``; ``options``: see :func:`canvas_settings` (defaults: :func:`method_options`).
     """
-    if kind == "style":
-        options = {**RECE_STYLE_DEFAULTS, **options}
-    elif kind == "object":
-        options = {"concept_template": object_templates(canvas), "anchor": RECE_OBJECT_ANCHOR, **options}
-    return _run(canvas, kind, concepts, "rece", options)
+    return _run(canvas, kind, concepts, "rece", method_options(canvas, kind, "rece", options))
 
 
 def uce_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
