@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 from sae_core.artefacts import Action, decide_artefact, tensor_fingerprint
-from sae_core.itd import ItDTextHost, PromptBatch, default_layer, layer_count
+from sae_core.itd import ItDTextHost, default_layer, layer_count
 from sae_core.itd.collect import POSITIONS, collect_text_store, prompts_fingerprint
 from sae_core.itd.corpus import CORPUS_PATH, CORPUS_SIZE
 from sae_core.prompts import parse_prompts, read_prompt_file
@@ -53,38 +53,15 @@ COLLECT_BATCH = 32
 __all__ = ["CollectTextActivations", "DEFAULT_CORPUS", "NO_CORPUS", "corpus_prompts", "text_host"]
 
 
-def _minicanvas_host(clip: Any) -> ItDTextHost:
-    """The MiniCanvas CLIP's text encoder, fed ComfyUI's MiniCanvas tokens (``clip.tokenize``)."""
-    from .minicanvas import TOKEN_KEY
-
-    encoder = clip.cond_stage_model.minicanvas
-    words = clip.tokenizer.tokenizer
-    length = int(words.max_length)
-
-    def tokenize(prompts: list[str]) -> PromptBatch:
-        rows = [[int(item[0]) for item in clip.tokenize(p)[TOKEN_KEY][0]] for p in prompts]
-        ids = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), length)
-        is_eos = ids == int(words.eos_token_id)
-        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((len(rows),), length - 1))
-        return PromptBatch(ids, torch.arange(length)[None, :] <= first_eos[:, None])
-
-    def run(model: Any, batch: PromptBatch) -> Any:
-        return model(input_ids=batch.input_ids.to(next(model.parameters()).device))
-
-    return ItDTextHost(encoder, tokenize, run=run, pad_to=length, pad_token="<pad>", batch_size=COLLECT_BATCH)
-
-
 def text_host(clip: Any, who: str = NODE_NAME) -> tuple[ItDTextHost, str]:
-    """``(host, family)``: ItD's view of the CLIP's text encoder (SD1.x/SDXL ``clip_l``, or MiniCanvas)."""
-    if clip is not None and hasattr(getattr(clip, "cond_stage_model", None), "minicanvas"):
-        clip.load_model()
-        return _minicanvas_host(clip), "MiniCanvas"
-    from .clip_patch import clip_l_encoder
+    """``(host, family)``: ItD's view of the CLIP's text encoder (SD1.x/SDXL ``clip_l``, or MiniCanvas), the one the
+    ItD Prompt Classifier calibrates with (:func:`.itd.comfy_text_host`), batched for collection."""
+    from .clip_patch import text_encoder_site
     from .itd import comfy_text_host
 
-    encoder, family = clip_l_encoder(clip, who)
+    site = text_encoder_site(clip, who)
     clip.load_model()
-    return dataclasses.replace(comfy_text_host(clip, encoder), batch_size=COLLECT_BATCH), family
+    return dataclasses.replace(comfy_text_host(clip, site), batch_size=COLLECT_BATCH), site.family
 
 
 def corpus_prompts(corpus: str, prompts: str = "", max_prompts: int = 0) -> list[str]:

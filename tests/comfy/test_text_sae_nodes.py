@@ -32,9 +32,9 @@ def test_stores_the_classifiers_residuals_at_every_position(comfy, clip):
     assert len(reader) == 4 * 77 and reader.d == 32
     assert reader.attrs["hookpoint"] == "transformer.text_model.encoder.layers.0"  # -1: 2/3 up a 1-layer encoder
     assert reader.attrs["model_family"] == "SD1" and reader.attrs["settings"]["n_prompts"] == 4
-    encoder, _ = comfy.nodes_pkg.clip_patch.clip_l_encoder(clip, "test")
+    site = comfy.nodes_pkg.clip_patch.text_encoder_site(clip, "test")
     with torch.inference_mode():
-        expected = itd.comfy_text_host(clip, encoder).source(0).residual(PROMPTS.splitlines()).hidden
+        expected = itd.comfy_text_host(clip, site).source(0).residual(PROMPTS.splitlines()).hidden
     torch.testing.assert_close(reader.read_all(), expected.reshape(-1, 32), rtol=1e-5, atol=1e-5)
     content = ActivationReader(collect(comfy, clip, name="itd_test/content", positions="content"))
     assert len(content) == sum(len(p.replace(",", " ,").split()) + 2 for p in PROMPTS.splitlines())
