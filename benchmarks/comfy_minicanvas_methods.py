@@ -107,6 +107,7 @@ def itd_inputs(kind: str, concepts: Sequence[str], **options: Any) -> dict[str, 
         "scale": float(settings.scale),
         "threshold_margin": float(settings.threshold_margin),
         "top_n": int(settings.top_n),
+        "templates": "{}",
         "positions": settings.positions,
         "retain_empty_prompt": "" in retain,
     }

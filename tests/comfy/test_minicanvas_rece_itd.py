@@ -100,7 +100,7 @@ def rece_edit(comfy, mc, kind: str, name: str, method: str = "rece"):
 def itd_clip(comfy, mc, sae, kind: str, name: str):
     node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_ItDPromptClassifier"]()
     with torch.inference_mode():
-        return node.classify(mc.clip, sae, **itd_inputs(kind, [name]))
+        return node.classify(mc.clip, sae, **itd_inputs(kind, [name]))["result"]
 
 
 # ---------------------------------------------------------------------------------------------
