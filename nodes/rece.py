@@ -46,6 +46,7 @@ from sae_core.rece import METHODS, RECESettings, run_rece
 
 from .clip_text import encode_first_chunks
 from .common import Progress, category, comfy_device, inp, node_id, throw_if_interrupted
+from .families import MINICANVAS, SD_FAMILIES, require_family
 
 log = logging.getLogger("concept_erasure")
 
@@ -59,9 +60,9 @@ DEVICE_CHOICES = ("auto", "cpu")
 
 UNET_PREFIX = "diffusion_model."
 
-SUPPORTED_FAMILIES = ("SD15", "SD20", "SDXL", "SDXLRefiner", "MiniCanvas")
-"""Model config classes (and their subclasses), by name, whose cross-attention RECE edits: the
-``comfy.supported_models`` families and the pack's MiniCanvas (``nodes/minicanvas.py``)."""
+SUPPORTED_FAMILIES = (*SD_FAMILIES, MINICANVAS)
+"""Model families (:mod:`.families`; subclasses count) whose cross-attention RECE edits: ComfyUI's Stable Diffusion
+UNets and the pack's MiniCanvas."""
 
 _REFUSED_SUBCLASSES = ("SD_X4Upscaler", "LotusD")
 """Subclasses of a supported family whose cross-attention does not read the text prompt."""
@@ -125,14 +126,11 @@ class CEEdit:
 def model_family(model: Any) -> str:
     """The model family name (``SD15``, ``SD20``, ``SDXL``, ``MiniCanvas``, ...) if RECE supports it; ValueError
     otherwise."""
-    base = getattr(model, "model", None)
-    config = getattr(base, "model_config", None)
-    name = type(config).__name__ if config is not None else type(base).__name__
-    lineage = {cls.__name__ for cls in type(config).__mro__} if config is not None else set()
-    if not lineage.intersection(SUPPORTED_FAMILIES) or name in _REFUSED_SUBCLASSES:
-        raise ValueError(f"model: RECE edits the text cross-attention of SD1.x, SD2.x, SDXL and MiniCanvas UNets; "
-                         f"this model is {name}, which is not supported")
-    if not any(_KV_RE.match(k) for k in base.state_dict().keys()):
+    name = require_family(model, SUPPORTED_FAMILIES, "RECE edits the text cross-attention of")
+    if name in _REFUSED_SUBCLASSES:
+        raise ValueError(f"model: this model is {name}, whose cross-attention does not read the text prompt; "
+                         "RECE does not edit it")
+    if not any(_KV_RE.match(k) for k in model.model.state_dict().keys()):
         raise ValueError(f"model: {name} has no cross-attention (attn2.to_k / attn2.to_v) weights to edit")
     return name
 
