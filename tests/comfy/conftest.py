@@ -233,3 +233,18 @@ def canvas():
     from sae_core.minicanvas import MiniCanvas
 
     return MiniCanvas.load()
+
+
+@pytest.fixture(scope="session")
+def bench_module(comfy):
+    """``benchmarks/comfy_minicanvas.py`` (not a package) as a module, loaded once: the node-path benchmark's
+    graphs (``METHODS``, ``NodeBench``) and the node inputs each method gets from its MiniCanvas plug-in."""
+    import importlib.util
+
+    name = "ce_comfy_minicanvas_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "comfy_minicanvas.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

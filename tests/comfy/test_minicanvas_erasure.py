@@ -12,15 +12,10 @@ A method joins by adding its node function to ``METHODS`` in the benchmark and t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 torch.set_num_threads(1)
 
@@ -47,27 +42,21 @@ CASES = [
     # SAeUron erases a MiniCanvas object in under half of its images at the plug-in's defaults (bench: square
     # 44%, README); all nine prompts of the object are used and a third of them must lose it
     Case("saeuron", "object", "square", targets=9, min_gain=0.3),
+    Case("uce", "style", "pastel"),
+    Case("rece", "style", "striped"),
+    Case("rece", "object", "circle"),
+    Case("itd", "style", "striped"),
+    Case("itd", "object", "circle"),
 ]
 """One style and one object per method."""
 
 
-def _bench_module():
-    """``benchmarks/comfy_minicanvas.py`` (not a package) as a module."""
-    name = "ce_comfy_minicanvas_bench"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "comfy_minicanvas.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
-def bench(comfy):
+def bench(bench_module):
     """A NodeBench (one ComfyUI executor) over the shipped MiniCanvas and its judges."""
     from sae_core.minicanvas import MiniCanvas
 
-    return _bench_module().NodeBench(MiniCanvas.load())
+    return bench_module.NodeBench(MiniCanvas.load())
 
 
 def reduced_specs(canvas, kind: str, concept: str, targets: int) -> list:
@@ -90,8 +79,8 @@ def reduced_specs(canvas, kind: str, concept: str, targets: int) -> list:
     return specs
 
 
-def test_the_method_table_covers_every_case():
-    methods = _bench_module().METHODS
+def test_the_method_table_covers_every_case(bench_module):
+    methods = bench_module.METHODS
     for case in CASES:
         assert case.method in methods and case.kind in ("style", "object")
 
