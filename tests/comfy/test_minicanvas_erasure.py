@@ -46,7 +46,7 @@ CASES = [
     Case("rece", "style", "striped"),
     Case("rece", "object", "circle"),
     Case("itd", "style", "striped"),
-    Case("itd", "object", "circle"),
+    Case("itd", "object", "star"),
 ]
 """One style and one object per method."""
 
