@@ -31,6 +31,7 @@ NODE_MODULES: list[str] = [
     "text_sae",
     "saeuron",
     "minicanvas",
+    "report",
 ]
 """Node modules of this package, in menu order."""
 

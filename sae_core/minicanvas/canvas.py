@@ -76,6 +76,25 @@ def evaluation_prompts(objects: Sequence[int] | None = None, styles: Sequence[in
     return specs
 
 
+def spec_for_prompt(text: str, objects: Sequence[str] = OBJECTS, styles: Sequence[str] = STYLES) -> PromptSpec | None:
+    """The labels of a free-form prompt: the first object name among its words and the first style name
+    (UNSTYLED if none). ``None`` when no object is named (the judges' tables need an object label)."""
+    words = WordTokenizer.split(text)
+    obj = next((objects.index(w) for w in words if w in objects), None)
+    if obj is None:
+        return None
+    style = next((styles.index(w) for w in words if w in styles), UNSTYLED)
+    return PromptSpec(text, obj, style)
+
+
+def judged_table(specs: Sequence[PromptSpec], judged: JudgeOutput) -> EvalTable:
+    """The :class:`EvalTable` of one image per spec (``specs[i]`` made image ``i``) and its judge output."""
+    if len(specs) != len(judged.objects):
+        raise ValueError(f"{len(specs)} prompt labels for {len(judged.objects)} judged images")
+    return EvalTable(np.array([s.object_idx for s in specs]), np.array([s.style_idx for s in specs]),
+                     judged.objects.numpy(), judged.styles.numpy())
+
+
 class MiniCanvas:
     """The MiniCanvas model bundle; see the module docstring for the interface."""
 

@@ -1,9 +1,10 @@
 // Shows the text a node returns in its "ui" ({"ui": {"text": [...]}}) in a read-only box on the node:
-// the ItD Prompt Classifier's calibration report and the ItD Prompt Gate's per-chunk decisions.
+// the ItD Prompt Classifier's calibration report, the ItD Prompt Gate's per-chunk decisions, the Erasure
+// Report's scores and RECE Edit Model's per-layer weight change.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODES = new Set(["CE_ItDPromptClassifier", "CE_ItDPromptGate"]);
+const NODES = new Set(["CE_ItDPromptClassifier", "CE_ItDPromptGate", "CE_ErasureReport", "CE_RECEEditModel"]);
 const WIDGET = "ce_report_view";
 
 app.registerExtension({

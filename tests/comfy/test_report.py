@@ -1,0 +1,140 @@
+"""Erasure Report on the MiniCanvas Checkpoint inside ComfyUI: its UA/IRA/CRA equal the bench's for the same
+prompts and seeds, its grid has one row per prompt and seed and shows the erasure, and a leak probe is sampled.
+
+The bench figure is computed through sae_core's MiniCanvas code (``MiniCanvas.evaluate`` + ``erasure_metrics``,
+what ``python -m sae_core bench`` runs) on a reduced prompt set; the report gets the same prompts as text.
+Erasers are pluggable (``ERASERS``): each returns the erased MODEL for the report and the erased canvas the
+bench evaluates.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sae_core.minicanvas.canvas import PromptSpec, spec_for_prompt  # noqa: E402
+from sae_core.minicanvas.data import OBJECTS, STYLES, prompt_for  # noqa: E402
+from sae_core.minicanvas.metrics import erasure_metrics  # noqa: E402
+
+REPORT_ID = "CE_ErasureReport"
+SEEDS = (0, 1)
+STEPS = 20
+CFG = 7.0
+
+
+@pytest.fixture(scope="module")
+def canvas():
+    from sae_core.minicanvas import MiniCanvas
+
+    return MiniCanvas.load()
+
+
+@pytest.fixture(scope="module")
+def mc(comfy):
+    with torch.inference_mode():
+        return comfy.nodes_pkg.minicanvas.load_minicanvas()
+
+
+def prompt_set(kind: str, name: str) -> tuple[list[str], list[str]]:
+    """Concept prompts (the concept on three objects / in three styles) and retain prompts (two others of the
+    same kind, two unstyled): enough rows for UA, IRA and CRA."""
+    if kind == "style":
+        s = STYLES.index(name)
+        concept = [prompt_for(o, s) for o in (0, 3, 6)]
+        retain = [prompt_for(1, (s + 1) % 8), prompt_for(4, (s + 3) % 8), prompt_for(2, None), prompt_for(5, None)]
+    else:
+        o = OBJECTS.index(name)
+        concept = [prompt_for(o, s) for s in (0, 2)] + [prompt_for(o, None)]
+        retain = [prompt_for((o + 1) % 8, 1), prompt_for((o + 4) % 8, 5), prompt_for((o + 2) % 8, None)]
+    return concept, retain
+
+
+def bench_metrics(canvas, prompts: list[str], kind: str, name: str):
+    specs = [spec_for_prompt(p) for p in prompts]
+    table, images = canvas.evaluate(specs, list(SEEDS), STEPS, CFG)
+    target = (STYLES if kind == "style" else OBJECTS).index(name)
+    return erasure_metrics(table, kind, target), images
+
+
+def rece_plugin_unet(comfy, mc, canvas, kind: str, name: str):
+    """RECE through the MiniCanvas plug-in (the bench's method), its erased UNet wrapped as a ComfyUI MODEL."""
+    from sae_core.minicanvas.methods import get_method
+
+    edited = get_method("rece")(canvas, kind, [name], quiet=True)
+    with torch.inference_mode():
+        model = comfy.nodes_pkg.minicanvas.build_model(edited)
+    return model, edited
+
+
+ERASERS = {"rece_plugin": rece_plugin_unet}
+
+
+def run_report(comfy, mc, model, kind, name, concept, retain, probe=None):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[REPORT_ID]()
+    out = node.report(mc[0], mc[1], model, mc[2], "\n".join(concept), "\n".join(retain),
+                      ", ".join(map(str, SEEDS)), kind, name, STEPS, CFG, "ddim", "simple", probe=probe)
+    return out
+
+
+@pytest.mark.parametrize("eraser", sorted(ERASERS))
+@pytest.mark.parametrize("kind,name", [("style", "checkered"), ("object", "star")])
+def test_report_scores_equal_the_bench(comfy, mc, canvas, eraser, kind, name):
+    concept, retain = prompt_set(kind, name)
+    erased_model, erased_canvas = ERASERS[eraser](comfy, mc, canvas, kind, name)
+    report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased_model, mc[2], concept, retain, list(SEEDS),
+                                               kind, name, STEPS, CFG, "ddim", "simple")
+    bench_before, _ = bench_metrics(canvas, concept + retain, kind, name)
+    bench_after, bench_images = bench_metrics(erased_canvas, concept + retain, kind, name)
+    print(f"{eraser} {kind}:{name} report before {report.scores['before']} after {report.scores['after']}; "
+          f"bench before {bench_before} after {bench_after}")
+    assert tuple(report.scores["before"]) == pytest.approx(tuple(bench_before), abs=1e-12)
+    assert tuple(report.scores["after"]) == pytest.approx(tuple(bench_after), abs=1e-12)
+    assert report.scores["after"].ua > report.scores["before"].ua + 0.5, "the erasure did not show in UA"
+    # same images as the canvas sampler (prompt-major, seed-minor in both)
+    assert (report.after.movedim(-1, 1) - bench_images).abs().max() < 2e-3
+
+    # grid: one row per prompt and seed, two columns of 32 px tiles at 4x, labels on top and left
+    rows = len(concept + retain) * len(SEEDS)
+    grid = report.grid
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3
+    assert grid.shape[1] == 14 + rows * (128 + 2) + 2
+    assert grid.shape[2] > 2 * (128 + 2) + 2 + 100  # the tiles and a label column
+    n_concept = len(concept) * len(SEEDS)
+    diff = (report.before - report.after).abs().flatten(1).mean(1)
+    assert diff[:n_concept].mean() > 2 * diff[n_concept:].mean(), diff
+    # the grid's tiles are the images: the original's first tile sits at the top-left of the tile area
+    left = grid.shape[2] - 2 * (128 + 2) - 2
+    tile = grid[0, 14 + 2:14 + 2 + 128:4, left + 2:left + 2 + 128:4]
+    assert (tile - report.before[0]).abs().max() < 1 / 255 + 1e-6
+
+
+def test_report_node_returns_grid_text_and_ui(comfy, mc, canvas):
+    concept, retain = prompt_set("style", "checkered")
+    erased_model, _ = rece_plugin_unet(comfy, mc, canvas, "style", "checkered")
+    out = run_report(comfy, mc, erased_model, "style", "checkered", concept[:1], retain[:1])
+    grid, text = out["result"]
+    assert out["ui"]["text"] == [text]
+    assert grid.shape == (1, 14 + 2 * len(SEEDS) * 130 + 2, grid.shape[2], 3)
+    assert "UA" in text and "IRA" in text and "CRA" in text and concept[0] in text
+    with pytest.raises(ValueError, match="not a MiniCanvas style"):
+        run_report(comfy, mc, erased_model, "style", "van gogh", concept[:1], [])
+
+
+def test_probe_rows_are_sampled_and_counted(comfy, mc, canvas):
+    """A probe conditioning (here the concept's own prompt, encoded) adds one row per seed on both models."""
+    concept, _ = prompt_set("style", "checkered")
+    erased_model, _ = rece_plugin_unet(comfy, mc, canvas, "style", "checkered")
+    with torch.inference_mode():
+        (probe,) = comfy.nodes.CLIPTextEncode().encode(mc[1], concept[0])
+    report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased_model, mc[2], concept[:1], [], list(SEEDS),
+                                               "style", "checkered", STEPS, CFG, "ddim", "simple", probe=probe)
+    assert [r.group for r in report.rows] == ["concept"] * len(SEEDS) + ["probe"] * len(SEEDS)
+    # the probe is the concept prompt's conditioning: same images as the concept rows, on both models
+    n = len(SEEDS)
+    assert torch.equal(report.before[:n], report.before[n:])
+    assert torch.equal(report.after[:n], report.after[n:])
+    assert report.scores["probe"]["images"] == n
+    assert 0.0 <= report.scores["probe"]["erased"] <= report.scores["probe"]["original"]
