@@ -42,7 +42,7 @@ from torch import Tensor
 import folder_paths
 from sae_core.amnesia.lora import save_lora
 from sae_core.prompts import parse_names
-from sae_core.rece import METHODS, RECESettings, run_rece
+from sae_core.rece import METHODS, RECESettings, layer_changes, leak_probe, run_rece
 
 from .clip_text import encode_first_chunks
 from .common import Progress, category, comfy_device, inp, node_id, throw_if_interrupted
@@ -256,13 +256,18 @@ class RECEEditModel:
         "SD1.x, SD2.x, SDXL and MiniCanvas."
     )
     CATEGORY = category("rece")
-    RETURN_TYPES = ("MODEL", EDIT_TYPE)
-    RETURN_NAMES = ("model", "edit")
+    RETURN_TYPES = ("MODEL", EDIT_TYPE, "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "edit", "leak_probe", "concept_conditioning")
     OUTPUT_TOOLTIPS = (
         "A copy of the model with the edit applied as weight patches on every cross-attention key/value layer.",
         "The edit (weight deltas and their exact low-rank factors); wire it to Save Edit as LoRA.",
+        "Leak probe: RECE's adversarial embedding of the first concept against the edited weights (what one more "
+        "epoch would erase): the text embedding that makes the edited model see what the original saw for the "
+        "concept. Sample the edited model with it (Erasure Report's probe) to see how much of the concept is "
+        "still reachable.",
+        "The first concept's own conditioning (its prompt encoded by the CLIP, as CLIP Text Encode does).",
     )
-    FUNCTION = "edit"
+    FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -325,6 +330,51 @@ class RECEEditModel:
                  meta["method"], meta["concepts"], meta["num_weights"], meta["model_family"], meta["seconds"],
                  meta["relative_change"])
         return (patched, edit)
+
+    def run(self, model: Any, clip: Any, concepts: str, anchor: str = "", preserve: str = "", method: str = "rece",
+            epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, uce_preserve_scale: float = -1.0,
+            uce_lambda: float = 0.5, preserve_scale: float = 0.1, lam: float = 0.1,
+            device: str = "auto", unique_id: Optional[str] = None) -> dict:
+        """The node: :meth:`edit`, then the leak probe, the concept's conditioning and the per-layer table."""
+        patched, edit = self.edit(model, clip, concepts, anchor, preserve, method, epochs, lambda_reg, erase_scale,
+                                  uce_preserve_scale, uce_lambda, preserve_scale, lam, device, unique_id)
+        probe, concept_cond, changes = leak_outputs(model, clip, edit, comfy_device(device))
+        table = change_table(edit, changes)
+        return {"ui": {"text": [table]}, "result": (patched, edit, probe, concept_cond)}
+
+
+def leak_outputs(model: Any, clip: Any, edit: CEEdit, device: torch.device) -> tuple[list, list, dict[str, float]]:
+    """``(leak probe CONDITIONING, concept CONDITIONING, per-weight relative change)`` of ``edit`` on ``model``.
+
+    Both conditionings keep the concept encoding's extra keys (``pooled_output`` for SDXL); the probe replaces
+    the first chunk's token rows by :func:`sae_core.rece.leak_probe` of them (the rest of a longer prompt is
+    dropped, as RECE only reads the first chunk).
+    """
+    meta = edit.metadata
+    weights = effective_weights(model, list(edit.deltas), device)
+    text = meta["concepts"][0]
+    concept_cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    enc, _ = encode_first_chunks(clip, [text], "RECE")
+    probe_rows = leak_probe(weights, edit.deltas, enc, float(meta["lambda_reg"]))
+    cond0, extra = concept_cond[0][0], concept_cond[0][1]
+    probe = [[probe_rows.to(cond0.device, cond0.dtype), dict(extra)]]
+    return probe, concept_cond, layer_changes(edit.deltas, weights)
+
+
+def change_table(edit: CEEdit, changes: dict[str, float]) -> str:
+    """The per-layer relative weight change ``||dW|| / ||W||`` of ``to_k`` and ``to_v`` as a text table."""
+    meta = edit.metadata
+    layers: dict[str, dict[str, float]] = {}
+    for key, value in changes.items():
+        layer, _, proj = key.removeprefix(UNET_PREFIX).rpartition(".to_")
+        layers.setdefault(layer, {})[proj.split(".")[0]] = value
+    width = max((len(k) for k in layers), default=5)
+    lines = [f"{meta['method']} erased {meta['concepts']}: {meta['num_weights']} weights, relative change "
+             f"{meta['relative_change']:.4g} overall",
+             f"{'layer':<{width}}  {'to_k':>9}  {'to_v':>9}"]
+    for layer, row in layers.items():
+        lines.append(f"{layer:<{width}}  {row.get('k', float('nan')):9.4g}  {row.get('v', float('nan')):9.4g}")
+    return "\n".join(lines)
 
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/%]*$")

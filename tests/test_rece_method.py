@@ -229,3 +229,33 @@ def test_settings_are_validated_once_at_construction():
                        ({"method": "uce", "start_from_uce": False}, "start_from_uce")]:
         with pytest.raises(ValueError, match=match):
             RECESettings(**{"concepts": ["a"], **bad})
+
+
+@pytest.mark.parametrize("texts", [["an image of a star in striped style"], ["an image of a star", "an image of a ring"]])
+def test_leak_probe_is_the_next_epochs_adversarial_embedding(canvas, texts):
+    """``leak_probe`` against the UCE edit is exactly the c' RECE's first epoch computes (and erases) from it;
+    against the final RECE edit it is a new embedding; and the per-layer changes add up to the overall one."""
+    from sae_core.rece import RECESettings, layer_changes, leak_probe, relative_change, run_rece
+
+    host = _CountsHost(canvas)
+    uce = run_rece(host, RECESettings(concepts=texts, preserve=["", "an image of a heart"], method="uce"))
+    rece = run_rece(host, RECESettings(concepts=texts, preserve=["", "an image of a heart"], method="rece", epochs=1,
+                                       lambda_reg=1e-3))
+    weights = host.projection_weights()
+    enc, _ = host.encode(texts)
+    probe = leak_probe(weights, uce.result.deltas, enc, 1e-3)
+    assert probe.shape == enc.shape and probe.dtype == torch.float64
+    for i in range(len(texts)):
+        # the deltas are float32 (the weights' dtype); RECE's own c' never left float64
+        torch.testing.assert_close(probe[i], rece.result.adversarial[0][i].to(probe), rtol=1e-4, atol=2e-6)
+    after = leak_probe(weights, rece.result.deltas, enc, 1e-3)
+    assert (after - probe).abs().max() > 1e-3
+    # no edit: the probe is the ridge-shrunk concept itself
+    same = leak_probe(weights, {k: torch.zeros_like(w) for k, w in weights.items()}, enc, 1e-9)
+    torch.testing.assert_close(same, enc.double(), rtol=1e-4, atol=1e-4)
+
+    changes = layer_changes(rece.result.deltas, weights)
+    assert list(changes) == list(rece.result.deltas) and all(v > 0 for v in changes.values())
+    total = sum(changes[k] ** 2 * float(weights[k].double().pow(2).sum()) for k in changes)
+    norm = sum(float(weights[k].double().pow(2).sum()) for k in changes)
+    assert (total / norm) ** 0.5 == pytest.approx(relative_change(rece.result.deltas, weights), rel=1e-9)

@@ -21,7 +21,8 @@ from .epochs import (
     uce_start,
     uce_token_rows,
 )
-from .pipeline import METHODS, UCE_TOKENS, RECEHost, RECERun, RECESettings, relative_change, run_rece
+from .pipeline import (METHODS, UCE_TOKENS, RECEHost, RECERun, RECESettings, layer_changes, leak_probe,
+                       relative_change, run_rece)
 
 __all__ = [
     "METHODS",
@@ -36,6 +37,8 @@ __all__ = [
     "last_token_row",
     "rece_edit",
     "rece_token_rows",
+    "layer_changes",
+    "leak_probe",
     "relative_change",
     "run_rece",
     "token_count",

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
-from .closed_form import EMBEDDING_VARIANTS, _check_scale
+from .closed_form import EMBEDDING_VARIANTS, _check_scale, adversarial_map
 from .epochs import RECEResult, UCEStart, rece_edit, uce_preserve_scale, uce_start
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "RECEHost",
     "RECERun",
     "RECESettings",
+    "layer_changes",
+    "leak_probe",
     "relative_change",
     "run_rece",
     "settings_fields",
@@ -166,6 +168,31 @@ def relative_change(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor])
     num = sum(float(d.double().pow(2).sum()) for d in deltas.values())
     den = sum(float(weights[k].double().pow(2).sum()) for k in deltas)
     return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def layer_changes(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> dict[str, float]:
+    """``name -> ||dW||_F / ||W||_F`` of every edited weight, in ``deltas``' order (what each layer changed)."""
+    return {k: relative_change({k: d}, weights) for k, d in deltas.items()}
+
+
+@torch.no_grad()
+def leak_probe(weights: Mapping[str, Tensor], deltas: Mapping[str, Tensor], concepts: Tensor, lambda_reg: float,
+               variant: str = "regularized", reference: Optional[Tensor] = None) -> Tensor:
+    """RECE's adversarial embedding ``c'`` of each concept against the edited weights ``W + dW``: ``[B, L, ctx]``.
+
+    ``c'`` minimises ``sum_l ||(W_l + dW_l) x - W_l c||^2`` plus ``lambda_reg`` times the variant's penalty, for
+    every token row of the concept encodings ``concepts [B, L, ctx]``: the text-side embedding that makes the
+    edited projections give what the original ones gave for the concept. It is what one more RECE epoch would
+    erase (for ``uce``, the first epoch's ``c'``), so sampling the edited model with it shows how much of the
+    concept is still reachable. ``reference [B, L, ctx]`` (the anchor rows) only for the ``"reference"`` variant.
+    Float64 on the weights' device.
+    """
+    original = {k: weights[k].double() for k in deltas}
+    current = {k: original[k] + deltas[k].to(original[k].device, torch.float64) for k in deltas}
+    amap = adversarial_map(current, original, lambda_reg, variant)
+    rows = concepts.to(amap.matrix.device, torch.float64)
+    ref = reference.to(rows).reshape(-1, rows.shape[-1]) if reference is not None else None
+    return amap.apply(rows.reshape(-1, rows.shape[-1]), ref).reshape(rows.shape)
 
 
 @torch.no_grad()

@@ -138,3 +138,32 @@ def test_probe_rows_are_sampled_and_counted(comfy, mc, canvas):
     assert torch.equal(report.after[:n], report.after[n:])
     assert report.scores["probe"]["images"] == n
     assert 0.0 <= report.scores["probe"]["erased"] <= report.scores["probe"]["original"]
+
+
+def test_rece_node_outputs_leak_probe_concept_conditioning_and_layer_table(comfy, tiny):
+    """RECE Edit Model's appended outputs: the leak probe (RECE's c' of the first concept against the edited
+    weights, in CONDITIONING form), the concept's own conditioning (= CLIP Text Encode), and a per-layer table."""
+    from sae_core.rece import leak_probe
+
+    model, clip = tiny
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_RECEEditModel"]()
+    assert node.RETURN_TYPES == ("MODEL", "CE_EDIT", "CONDITIONING", "CONDITIONING")  # appended: links keep indices
+    with torch.inference_mode():
+        out = getattr(node, node.FUNCTION)(model, clip, "a cat, a dog", "", "a house", "rece", 1, 1e-3, device="cpu")
+        patched, edit, probe, concept = out["result"]
+        (encoded,) = comfy.nodes.CLIPTextEncode().encode(clip, "a cat")
+    assert torch.equal(concept[0][0], encoded[0][0])
+    assert len(probe) == 1 and probe[0][0].shape == (1, 77, 32) and "pooled_output" in probe[0][1]
+    # the probe is leak_probe of the first concept's first chunk against the model's weights + the edit
+    weights = {k: v.float() for k, v in model.model.state_dict().items() if k in edit.deltas}
+    expected = leak_probe(weights, edit.deltas, encoded[0][0][:, :77], 1e-3)
+    torch.testing.assert_close(probe[0][0].double(), expected.to(probe[0][0].device), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(probe[0][0], encoded[0][0])
+    # the table: a header, a column line and one row per cross-attention layer with its to_k / to_v change
+    (table,) = out["ui"]["text"]
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(edit.deltas) // 2 and "to_k" in lines[1]
+    first = lines[2].split()
+    key = f"diffusion_model.{first[0]}.to_k.weight"
+    assert key in edit.deltas
+    assert float(first[1]) == pytest.approx(float(edit.deltas[key].norm() / weights[key].norm()), rel=1e-3)
