@@ -167,3 +167,40 @@ def test_rece_node_outputs_leak_probe_concept_conditioning_and_layer_table(comfy
     key = f"diffusion_model.{first[0]}.to_k.weight"
     assert key in edit.deltas
     assert float(first[1]) == pytest.approx(float(edit.deltas[key].norm() / weights[key].norm()), rel=1e-3)
+
+
+def plugin_leak_probe(comfy, mc, canvas, edited):
+    """The leak probe of a plug-in RECE erasure, built as RECE Edit Model builds it: the first concept text's
+    conditioning from the MiniCanvas CLIP with its token rows replaced by ``leak_probe`` against the edit."""
+    from sae_core.minicanvas.plugins.rece import canvas_projection_weights
+    from sae_core.rece import leak_probe
+
+    rep = edited.rece_report
+    weights = {k: w.detach().float() for k, w in canvas_projection_weights(canvas.unet).items()}
+    after = canvas_projection_weights(edited.unet)
+    deltas = {k: after[k].detach().float() - w for k, w in weights.items()}
+    with torch.inference_mode():
+        (cond,) = comfy.nodes.CLIPTextEncode().encode(mc[1], rep.concept_texts[0])
+    rows = leak_probe(weights, deltas, cond[0][0], rep.settings.lambda_reg).float()
+    return [[rows, dict(cond[0][1])]], rep.concept_texts[0]
+
+
+LEAK_SEEDS = [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_rece_leak_probe_brings_the_erased_style_back(comfy, mc, canvas):
+    """RECE erases 'striped' (its prompts lose the style); sampling the erased model with the leak probe brings
+    the style back in more images than the concept's own prompt does: UA's complement rises."""
+    erased_model, edited = rece_plugin_unet(comfy, mc, canvas, "style", "striped")
+    probe, text = plugin_leak_probe(comfy, mc, canvas, edited)
+    report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased_model, mc[2], [text], [], LEAK_SEEDS, "style",
+                                               "striped", STEPS, CFG, "ddim", "simple", probe=probe)
+    n = len(LEAK_SEEDS)
+    target = STYLES.index("striped")
+    kept = int((canvas.judge(report.after[:n].movedim(-1, 1)).styles == target).sum())
+    leaked = round(report.scores["probe"]["erased"] * n)
+    print(f"leak probe of RECE -striped: concept text {text!r} judged striped in {kept}/{n} erased images, "
+          f"probe in {leaked}/{n} (original model: text {int((canvas.judge(report.before[:n].movedim(-1, 1)).styles == target).sum())}/{n}, "
+          f"probe {round(report.scores['probe']['original'] * n)}/{n})")
+    assert leaked >= kept + 3
+    assert f"leak probe: striped judged in" in report.text
