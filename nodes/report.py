@@ -295,7 +295,8 @@ def run_report(model: Any, clip: Any, erased_model: Any, vae: Any, concept_promp
             after.append(_sample(erased_model, vae, pos_a, neg_a, r.seed, latent_a, steps, cfg, sampler_name,
                                  scheduler))
     img_b, img_a = torch.cat(before), torch.cat(after)
-    header = (f"Erasure Report: {concept_kind} '{concept}', {len(rows) // len(seeds)} rows x {len(seeds)} seeds, "
+    header = (f"Erasure Report: {concept_kind} '{concept}', {len(concept_prompts)} concept + {len(retain_prompts)} "
+              f"retain prompts{' + probe' if probe is not None else ''} x {len(seeds)} seeds, "
               f"{sampler_name}/{scheduler} {steps} steps cfg {cfg:g}")
     text, scores, verdicts = build_report(rows, img_b, img_a, header, concept_kind, concept, canvas)
     text_rows = [f"{r.group[0].upper()} s{r.seed} {r.label}" + (f" | {v}" if v else "")

@@ -9,7 +9,8 @@ bench evaluates.
 
 from __future__ import annotations
 
-import copy
+import importlib.util
+import sys
 
 import pytest
 
@@ -23,19 +24,6 @@ REPORT_ID = "CE_ErasureReport"
 SEEDS = (0, 1)
 STEPS = 20
 CFG = 7.0
-
-
-@pytest.fixture(scope="module")
-def canvas():
-    from sae_core.minicanvas import MiniCanvas
-
-    return MiniCanvas.load()
-
-
-@pytest.fixture(scope="module")
-def mc(comfy):
-    with torch.inference_mode():
-        return comfy.nodes_pkg.minicanvas.load_minicanvas()
 
 
 def prompt_set(kind: str, name: str) -> tuple[list[str], list[str]]:
@@ -70,6 +58,81 @@ def rece_plugin_unet(comfy, mc, canvas, kind: str, name: str):
 
 
 ERASERS = {"rece_plugin": rece_plugin_unet}
+
+
+def _bench_module(comfy):
+    """``benchmarks/comfy_minicanvas.py`` (its node graphs and executor) as a module."""
+    name = "ce_comfy_minicanvas_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, comfy.repo_root / "benchmarks" / "comfy_minicanvas.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+KEEP_TEXT = "CEReportTest_KeepText"
+KEPT_TEXT: dict[str, str] = {}
+
+
+class KeepText:
+    """Test output node: keeps a STRING under a key."""
+
+    CATEGORY = "tests"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "keep"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"tooltip": "text", "forceInput": True}),
+                             "key": ("STRING", {"tooltip": "key", "default": ""})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_kwargs):
+        return float("nan")
+
+    def keep(self, text, key):
+        KEPT_TEXT[key] = text
+        return {"ui": {}}
+
+
+@pytest.mark.parametrize("kind,name", [("style", "checkered"), ("object", "square")])
+def test_report_node_in_a_graph_prints_the_bench_figures_for_saeuron(comfy, canvas, kind, name):
+    """MiniCanvas Checkpoint -> Load SAE -> SAeUron Concept Block -> Erasure Report, run by ComfyUI's executor:
+    the report's UA/IRA/CRA lines are the figures the plug-in's erasure gets from MiniCanvas' own sampler and
+    judges (``MiniCanvas.evaluate`` + ``erasure_metrics``, what the bench runs) on the same prompts and seeds,
+    printed as the bench prints them (percent, one decimal)."""
+    from sae_core.minicanvas.cli import format_metrics
+    from sae_core.minicanvas.methods import get_method
+
+    bench_mod = _bench_module(comfy)
+    bench = bench_mod.NodeBench(canvas)
+    comfy.nodes.NODE_CLASS_MAPPINGS.setdefault(KEEP_TEXT, KeepText)
+    concept, retain = prompt_set(kind, name)
+    g = bench_mod.Graph()
+    ckpt = g.add("CE_MiniCanvasCheckpoint", clip_denoised=True)
+    erased, clip = bench_mod.saeuron_nodes(g, kind, [name], g.out(ckpt, 0), g.out(ckpt, 1))
+    report = g.add(REPORT_ID, model=g.out(ckpt, 0), clip=g.out(ckpt, 1), erased_model=erased, vae=g.out(ckpt, 2),
+                   concept_prompts="\n".join(concept), retain_prompts="\n".join(retain),
+                   seeds=", ".join(map(str, SEEDS)), concept_kind=kind, concept=name, steps=STEPS, cfg=CFG,
+                   sampler_name="ddim", scheduler="simple", erased_clip=clip)
+    g.add(KEEP_TEXT, text=g.out(report, 1), key=f"{kind}:{name}")
+    g.add(bench_mod.KEEP_NODE, images=g.out(report, 0), key=f"grid {kind}:{name}")
+    bench.execute(g)
+    text = KEPT_TEXT.pop(f"{kind}:{name}")
+    grid = bench_mod.KEPT.pop(f"grid {kind}:{name}")
+    assert grid.shape[1] == 14 + len(concept + retain) * len(SEEDS) * 130 + 2
+
+    erased_canvas = get_method("saeuron")(canvas, kind, [name])
+    bench_before, _ = bench_metrics(canvas, concept + retain, kind, name)
+    bench_after, _ = bench_metrics(erased_canvas, concept + retain, kind, name)
+    print(f"saeuron {kind}:{name} bench before {format_metrics(bench_before, 0)} after {format_metrics(bench_after, 0)}")
+    print(text)
+    lines = {line.split()[0]: line.split()[1:3] for line in text.splitlines() if line.split()[:1] in (["UA"], ["IRA"], ["CRA"])}
+    for k, label in enumerate(("UA", "IRA", "CRA")):
+        assert lines[label] == [f"{100 * bench_before[k]:.1f}", f"{100 * bench_after[k]:.1f}"], (label, text)
+    assert bench_after.ua > bench_before.ua
 
 
 def run_report(comfy, mc, model, kind, name, concept, retain, probe=None):
