@@ -266,8 +266,16 @@ def test_minicanvas_workflow_runs_in_comfyui(comfy, node_classes, name):
     from PIL import Image
 
     prompt, saved = run_workflow(comfy, node_classes, name)
-    latent = next(n for n in prompt.values() if n["class_type"] == "EmptyChromaRadianceLatentImage")
-    for paths in saved.values():
+    latent = next((n for n in prompt.values() if n["class_type"] == "EmptyChromaRadianceLatentImage"), None)
+    for save_id, paths in saved.items():
+        source = prompt[prompt[save_id]["inputs"]["images"][0]]
+        if source["class_type"] == "CE_ErasureReport":  # one before/after grid: 2 columns of 4x tiles, a row each
+            rows = len(source["inputs"]["concept_prompts"].splitlines()) + len(source["inputs"]["retain_prompts"].splitlines())
+            rows *= len(source["inputs"]["seeds"].split(","))
+            assert len(paths) == 1
+            with Image.open(paths[0]) as im:
+                assert im.size[1] == 14 + rows * 130 + 2 and im.size[0] > 2 * 130
+            continue
         assert len(paths) == latent["inputs"]["batch_size"]
         for path in paths:
             with Image.open(path) as im:
