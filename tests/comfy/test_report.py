@@ -9,7 +9,6 @@ bench evaluates.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
@@ -57,18 +56,19 @@ def rece_plugin_unet(comfy, mc, canvas, kind: str, name: str):
     return model, edited
 
 
-ERASERS = {"rece_plugin": rece_plugin_unet}
+def rece_node(comfy, mc, canvas, kind: str, name: str):
+    """RECE Edit Model on the MiniCanvas Checkpoint with the plug-in's settings (the node-path benchmark's inputs);
+    the bench evaluates the plug-in's erasure."""
+    from sae_core.minicanvas.methods import get_method
+
+    bench_mod = sys.modules["ce_comfy_minicanvas_bench"]  # loaded by the bench_module fixture
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_RECEEditModel"]()
+    with torch.inference_mode():
+        model, _edit = node.edit(mc[0], mc[1], **bench_mod.rece_inputs(kind, [name]))
+    return model, get_method("rece")(canvas, kind, [name], quiet=True)
 
 
-def _bench_module(comfy):
-    """``benchmarks/comfy_minicanvas.py`` (its node graphs and executor) as a module."""
-    name = "ce_comfy_minicanvas_bench"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, comfy.repo_root / "benchmarks" / "comfy_minicanvas.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+ERASERS = {"rece_plugin": rece_plugin_unet, "rece_node": rece_node}
 
 
 KEEP_TEXT = "CEReportTest_KeepText"
@@ -98,7 +98,7 @@ class KeepText:
 
 
 @pytest.mark.parametrize("kind,name", [("style", "checkered"), ("object", "square")])
-def test_report_node_in_a_graph_prints_the_bench_figures_for_saeuron(comfy, canvas, kind, name):
+def test_report_node_in_a_graph_prints_the_bench_figures_for_saeuron(comfy, canvas, bench_module, kind, name):
     """MiniCanvas Checkpoint -> Load SAE -> SAeUron Concept Block -> Erasure Report, run by ComfyUI's executor:
     the report's UA/IRA/CRA lines are the figures the plug-in's erasure gets from MiniCanvas' own sampler and
     judges (``MiniCanvas.evaluate`` + ``erasure_metrics``, what the bench runs) on the same prompts and seeds,
@@ -106,7 +106,7 @@ def test_report_node_in_a_graph_prints_the_bench_figures_for_saeuron(comfy, canv
     from sae_core.minicanvas.cli import format_metrics
     from sae_core.minicanvas.methods import get_method
 
-    bench_mod = _bench_module(comfy)
+    bench_mod = bench_module
     bench = bench_mod.NodeBench(canvas)
     comfy.nodes.NODE_CLASS_MAPPINGS.setdefault(KEEP_TEXT, KeepText)
     concept, retain = prompt_set(kind, name)
@@ -144,7 +144,7 @@ def run_report(comfy, mc, model, kind, name, concept, retain, probe=None):
 
 @pytest.mark.parametrize("eraser", sorted(ERASERS))
 @pytest.mark.parametrize("kind,name", [("style", "checkered"), ("object", "star")])
-def test_report_scores_equal_the_bench(comfy, mc, canvas, eraser, kind, name):
+def test_report_scores_equal_the_bench(comfy, mc, canvas, bench_module, eraser, kind, name):
     concept, retain = prompt_set(kind, name)
     erased_model, erased_canvas = ERASERS[eraser](comfy, mc, canvas, kind, name)
     report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased_model, mc[2], concept, retain, list(SEEDS),
