@@ -267,3 +267,24 @@ def test_rece_leak_probe_brings_the_erased_style_back(comfy, mc, canvas):
           f"probe {round(report.scores['probe']['original'] * n)}/{n})")
     assert leaked >= kept + 3
     assert f"leak probe: striped judged in" in report.text
+
+
+@pytest.mark.parametrize("kind,name", [("style", "striped"), ("object", "star")])
+def test_rece_node_leak_probe_on_minicanvas(comfy, mc, canvas, bench_module, kind, name):
+    """RECE Edit Model on MiniCanvas (the bench's settings) -> its leak_probe output -> Erasure Report's probe: the
+    probe is judged to show the erased concept in more of the erased model's images than the concept's own text."""
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_RECEEditModel"]()
+    inputs = bench_module.rece_inputs(kind, [name])
+    with torch.inference_mode():
+        out = getattr(node, node.FUNCTION)(mc[0], mc[1], **inputs)
+    erased, edit, probe, _concept = out["result"]
+    text = edit.metadata["concepts"][0]
+    report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased, mc[2], [text], [], LEAK_SEEDS, kind, name,
+                                               STEPS, CFG, "ddim", "simple", probe=probe)
+    n = len(LEAK_SEEDS)
+    target = (STYLES if kind == "style" else OBJECTS).index(name)
+    judged = canvas.judge(report.after[:n].movedim(-1, 1))
+    kept = int(((judged.styles if kind == "style" else judged.objects) == target).sum())
+    leaked = round(report.scores["probe"]["erased"] * n)
+    print(f"RECE Edit Model -{name}: text {text!r} judged {name} in {kept}/{n} erased images, leak probe in {leaked}/{n}")
+    assert leaked >= kept + 2
