@@ -158,8 +158,11 @@ class CollectSAEActivations:
         settings = {"prompts": prompt_list, "block": ref.name, "steps": int(steps), "cfg": float(cfg),
                     "seed": int(seed), "sampler": sampler_name, "scheduler": scheduler, "width": int(width),
                     "height": int(height), "branch": branch, "store_dtype": store_dtype, "model_family": family,
-                    "sigmas": sigmas}
+                    # 6 significant digits: the schedule computed on a GPU and on the CPU differs in the last bits
+                    "sigmas": [float(f"{float(x):.6g}") for x in sigmas]}
         found = store_settings(folder)
+        if found is not None and isinstance(found.get("sigmas"), list):  # stores written before the rounding
+            found = {**found, "sigmas": [float(f"{float(x):.6g}") for x in found["sigmas"]]}
         # overwrite concerns a store of other settings (its tooltip): one of the same settings is reused
         decision = decide_artefact("Collect SAE Activations", folder, settings, found,
                                    overwrite=bool(overwrite) and found != settings)
