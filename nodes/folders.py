@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import folder_paths
+from sae_core.artefacts import ArtefactDecision, decide_artefact
 from sae_core.store import ActivationReader, IncompleteStoreError
 
 from .common import FEATURES_FOLDER, SAE_FOLDER, shipped_names, shipped_path
@@ -160,6 +161,17 @@ def prompt_file_path(name: str) -> Path:
     if path is None:
         raise FileNotFoundError(f"prompt file '{name}' was not found in {', '.join(register_prompts_folder())}")
     return Path(path)
+
+
+def decide_store(what: str, folder: Path, settings: dict, overwrite: bool,
+                 normalise: Optional[Callable[[dict], dict]] = None) -> ArtefactDecision:
+    """The activation-store policy of the collect nodes: a complete store of the same ``settings`` is reused (even
+    with ``overwrite`` on), one of other settings is refused unless ``overwrite`` is on. ``normalise`` maps the
+    settings a store records to today's form before they are compared."""
+    found = store_settings(folder)
+    if found is not None and normalise is not None:
+        found = normalise(found)
+    return decide_artefact(what, folder, settings, found, overwrite=bool(overwrite) and found != settings)
 
 
 def store_settings(folder: Path) -> Optional[dict]:

@@ -52,7 +52,7 @@ from .common import (
     torch_dtype,
 )
 from .families import model_family
-from .folders import (dataset_folder, forget_file_list, resolve_dataset, sae_output_folder, store_settings,
+from .folders import (dataset_folder, decide_store, forget_file_list, resolve_dataset, sae_output_folder,
                       training_folder)
 from .sae_nodes import DEVICE_CHOICES, load_sae_cached
 from .sampling import ComfyHost, ComfySampling, SamplerState, sampler_inputs
@@ -81,6 +81,11 @@ class _WithSigma:
 
     def add(self, rows: Any, **meta: Any) -> None:
         self.writer.add(rows, sigma=self.state.sigma_value(), **meta)
+
+
+def _rounded(sigmas: Any) -> list[float]:
+    """Sigmas to 6 significant digits: the schedule computed on a GPU and on the CPU differs in the last bits."""
+    return [float(f"{float(x):.6g}") for x in sigmas]
 
 
 def _as_json(obj: Any) -> Any:
@@ -158,14 +163,12 @@ class CollectSAEActivations:
         settings = {"prompts": prompt_list, "block": ref.name, "steps": int(steps), "cfg": float(cfg),
                     "seed": int(seed), "sampler": sampler_name, "scheduler": scheduler, "width": int(width),
                     "height": int(height), "branch": branch, "store_dtype": store_dtype, "model_family": family,
-                    # 6 significant digits: the schedule computed on a GPU and on the CPU differs in the last bits
-                    "sigmas": [float(f"{float(x):.6g}") for x in sigmas]}
-        found = store_settings(folder)
-        if found is not None and isinstance(found.get("sigmas"), list):  # stores written before the rounding
-            found = {**found, "sigmas": [float(f"{float(x):.6g}") for x in found["sigmas"]]}
-        # overwrite concerns a store of other settings (its tooltip): one of the same settings is reused
-        decision = decide_artefact("Collect SAE Activations", folder, settings, found,
-                                   overwrite=bool(overwrite) and found != settings)
+                    "sigmas": _rounded(sigmas)}
+
+        def normalise(found: dict) -> dict:  # stores written before the sigmas were rounded
+            return {**found, "sigmas": _rounded(found["sigmas"])} if isinstance(found.get("sigmas"), list) else found
+
+        decision = decide_store("Collect SAE Activations", folder, settings, overwrite, normalise)
         if decision.action is Action.REUSE:
             log.info("%s", decision.message)
             return (str(folder),)
@@ -287,17 +290,17 @@ class TrainSAE:
                                               if k_ not in ("device", "checkpoint_every")},
                              **({"whiten": True} if whiten else {})})
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-        ckpt = training_folder(filename) / digest
+        runs = training_folder(filename)
+        ckpt = runs / digest
         marker = ckpt / "settings.json"
         found = _checkpoint_settings(marker) if marker.is_file() else None
         decision = decide_artefact("Train SAE checkpoint", ckpt, identity, found, complete=False, resumable=True)
-        others = [p.name for p in training_folder(filename).glob("*/settings.json") if p.parent != ckpt] \
-            if training_folder(filename).is_dir() else []
+        others = sorted(p.parent.name for p in runs.glob("*/settings.json") if p.parent != ckpt)
         if decision.action is Action.RESUME:
             log.info("%s", decision.message)
         elif others:
             log.info("Train SAE: %s holds checkpoints of other data or settings (%s); they are kept, this run starts "
-                     "in %s", training_folder(filename), ", ".join(sorted(others)), ckpt)
+                     "in %s", runs, ", ".join(others), ckpt)
         save_json(marker, identity)
 
         with Progress(int(steps), desc="Train SAE", node_id=unique_id) as bar:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from sae_core.artefacts import Action, decide_artefact, tensor_fingerprint
+from sae_core.artefacts import Action, tensor_fingerprint
 from sae_core.itd import ItDTextHost, default_layer, layer_count
 from sae_core.itd.collect import POSITIONS, collect_text_store, prompts_fingerprint
 from sae_core.itd.corpus import CORPUS_PATH, CORPUS_SIZE
@@ -35,7 +35,7 @@ from sae_core.prompts import parse_prompts, read_prompt_file
 from sae_core.store import ActivationReader
 
 from .common import Progress, category, inp, interrupt_requested, node_id, throw_if_interrupted
-from .folders import dataset_folder, prompt_file_path, prompt_filenames, store_settings
+from .folders import dataset_folder, decide_store, prompt_file_path, prompt_filenames
 
 log = logging.getLogger("concept_erasure")
 
@@ -146,8 +146,7 @@ class CollectTextActivations:
         settings = {"n_prompts": len(prompt_list), "prompts_fingerprint": prompts_fingerprint(prompt_list),
                     "layer": index, "hookpoint": source.layer_path, "positions": positions, "store_dtype": store_dtype,
                     "model_family": family, "text_encoder": weights, "pad_to": host.pad_to}
-        found = store_settings(folder)
-        decision = decide_artefact(NODE_NAME, folder, settings, found, overwrite=bool(overwrite) and found != settings)
+        decision = decide_store(NODE_NAME, folder, settings, overwrite)
         if decision.action is Action.REUSE:
             log.info("%s", decision.message)
             return (str(folder),)
