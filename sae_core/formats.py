@@ -203,8 +203,10 @@ def _int_field(path: Path, data: dict[str, Any], key: str) -> int | None:
     return int(value)
 
 
-def _make_config(cfg_path: Path, data: dict[str, Any], weights_path: Path, tensors: dict[str, Tensor]) -> SaeConfig:
-    """SaeConfig from a flat cfg dict, checked against the tensors; d_in is inferred when absent."""
+def _make_config(cfg_path: Path, data: dict[str, Any], weights_path: Path, tensors: dict[str, Tensor],
+                 check_tensors: bool = True) -> SaeConfig:
+    """SaeConfig from a flat cfg dict, checked against the tensors (unless ``check_tensors`` is off: they were
+    checked against another config already); d_in is inferred when absent."""
     data = dict(data)
     for key in ("d_in", "num_latents", "k", "expansion_factor"):
         _int_field(cfg_path, data, key)
@@ -228,7 +230,8 @@ def _make_config(cfg_path: Path, data: dict[str, Any], weights_path: Path, tenso
         cfg = SaeConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise SaeFormatError(cfg_path, f"invalid SAE config ({exc})") from exc
-    _check_tensors(weights_path, cfg, tensors, cfg_path)
+    if check_tensors:
+        _check_tensors(weights_path, cfg, tensors, cfg_path)
     return cfg
 
 
@@ -288,7 +291,7 @@ def _load_ours_folder(folder: Path, device, dtype) -> SparseAutoencoder:
             raise SaeFormatError(weights_path, f"metadata '{METADATA_KEY}' is not valid JSON ({exc})") from exc
         if not isinstance(own, dict):
             raise SaeFormatError(weights_path, f"metadata '{METADATA_KEY}' must be a JSON object")
-        saved = _make_config(weights_path, own, weights_path, tensors)
+        saved = _make_config(weights_path, own, weights_path, tensors, check_tensors=False)
         diff = [f"{f} {getattr(cfg, f)} (cfg.json) vs {getattr(saved, f)} (weights)" for f in ("k", "d_in", "num_latents")
                 if getattr(cfg, f) != getattr(saved, f)]
         if diff:
