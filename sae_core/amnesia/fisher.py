@@ -363,6 +363,12 @@ def compute_fisher(
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
 
+    def resume_from(file: str, found_count: int) -> None:
+        nonlocal count, running
+        tensors = load_tensors(file, what="Fisher file")
+        count = found_count
+        running = {n: tensors[n].to(params[n].device, torch.float32) for n in names}
+
     work = path  # where checkpoints go; a redo works beside the old file and replaces it only when complete
     if path is not None and resume and os.path.exists(path):
         try:
@@ -379,18 +385,14 @@ def compute_fisher(
             log.warning("%s; %s is kept until the new estimate is complete", decision.message, path)
             work = staging_path(path)
         else:
-            tensors = load_tensors(path, what="Fisher file")
-            count = found_count
-            running = {n: tensors[n].to(params[n].device, torch.float32) for n in names}
+            resume_from(path, found_count)
     if work is not None and work != path and os.path.exists(work):  # a redo that was stopped: continue it
         try:
             found, found_count = fisher_file_identity(work, expected)
         except ArtefactError:
             found, found_count = None, None
         if found == wanted and found_count is not None:
-            tensors = load_tensors(work, what="Fisher file")
-            count = found_count
-            running = {n: tensors[n].to(params[n].device, torch.float32) for n in names}
+            resume_from(work, found_count)
 
     def save() -> None:
         assert work is not None
