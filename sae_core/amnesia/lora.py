@@ -499,6 +499,19 @@ def save_lora(path: Union[str, os.PathLike], state_dict: Mapping[str, torch.Tens
     save_tensors(path, state_dict, dict(metadata or {}))
 
 
+def _factor_problem(up: torch.Tensor, down: torch.Tensor, alpha: Optional[torch.Tensor]) -> Optional[str]:
+    """What is wrong with one LoRA factor pair (matrices of rank >= 1, finite floats, one finite alpha), or None."""
+    if up.dim() < 2 or down.dim() < 2 or down.shape[0] == 0:
+        return f"up {tuple(up.shape)} and down {tuple(down.shape)} must be matrices of rank >= 1"
+    if not (up.is_floating_point() and down.is_floating_point()) or not (
+            bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        return "the factors hold NaN/Inf values"
+    if alpha is not None and (alpha.numel() != 1 or not alpha.is_floating_point()
+                              or not math.isfinite(float(alpha.reshape(-1)[0]))):
+        return f"alpha must be one finite number, got {tuple(alpha.shape)} values"
+    return None
+
+
 def load_lora_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """Read a LoRA safetensors file onto the CPU; every factor pair is checked (2-D or more, matching rank >= 1,
     finite values, one finite alpha), so a damaged file raises :class:`~sae_core.artefacts.ArtefactError` naming it."""
@@ -507,16 +520,11 @@ def load_lora_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tenso
     problems = []
     for x in ups:
         up, down, alpha = tensors[f"{x}.lora_up.weight"], tensors.get(f"{x}.lora_down.weight"), tensors.get(f"{x}.alpha")
-        if down is None:
-            problems.append(f"{x}: no lora_down")
-        elif up.dim() < 2 or down.dim() < 2 or down.shape[0] == 0 or up.shape[1] != down.shape[0]:
-            problems.append(f"{x}: up {tuple(up.shape)} and down {tuple(down.shape)} are not factors of rank >= 1")
-        elif not (up.is_floating_point() and down.is_floating_point()) or not (
-                bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-            problems.append(f"{x}: the factors hold NaN/Inf values")
-        if alpha is not None and (alpha.numel() != 1 or not alpha.is_floating_point()
-                                  or not math.isfinite(float(alpha.reshape(-1)[0]))):
-            problems.append(f"{x}: alpha is not one finite number")
+        problem = "no lora_down" if down is None else _factor_problem(up, down, alpha)
+        if problem is None and up.shape[1] != down.shape[0]:
+            problem = f"up {tuple(up.shape)} and down {tuple(down.shape)} have different ranks"
+        if problem is not None:
+            problems.append(f"{x}: {problem}")
     if problems:
         raise ArtefactError(path, "malformed LoRA: " + "; ".join(problems[:3]))
     return tensors
@@ -576,14 +584,10 @@ def apply_lora_state_dict(
             mod = mod.base
         up = state_dict[f"{x}.lora_up.weight"].float()
         down = state_dict[down_key].float()
-        if up.dim() < 2 or down.dim() < 2 or down.shape[0] == 0:
-            raise ValueError(f"LoRA key {x!r}: up {tuple(up.shape)} and down {tuple(down.shape)} must be matrices of "
-                             "rank >= 1")
-        if not bool(torch.isfinite(up).all()) or not bool(torch.isfinite(down).all()):
-            raise ValueError(f"LoRA key {x!r}: the factors hold NaN/Inf values")
         alpha_t = state_dict.get(f"{x}.alpha")
-        if alpha_t is not None and (alpha_t.numel() != 1 or not math.isfinite(float(alpha_t.reshape(-1)[0]))):
-            raise ValueError(f"LoRA key {x!r}: alpha must be one finite number, got {tuple(alpha_t.shape)} values")
+        problem = _factor_problem(up, down, alpha_t.float() if alpha_t is not None else None)
+        if problem is not None:
+            raise ValueError(f"LoRA key {x!r}: {problem}")
         scale = float(alpha_t.reshape(-1)[0]) / down.shape[0] if alpha_t is not None else 1.0
         w = mod.weight
         if up.shape[1] != down.shape[0] or up.shape[0] * down.flatten(1).shape[1] != w.numel():
