@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sae_core.minicanvas.canvas import PromptSpec, spec_for_prompt  # noqa: E402
+from sae_core.minicanvas.canvas import spec_for_prompt  # noqa: E402
 from sae_core.minicanvas.data import OBJECTS, STYLES, prompt_for  # noqa: E402
 from sae_core.minicanvas.metrics import erasure_metrics  # noqa: E402
 
@@ -266,7 +266,7 @@ def test_rece_leak_probe_brings_the_erased_style_back(comfy, mc, canvas):
           f"probe in {leaked}/{n} (original model: text {int((canvas.judge(report.before[:n].movedim(-1, 1)).styles == target).sum())}/{n}, "
           f"probe {round(report.scores['probe']['original'] * n)}/{n})")
     assert leaked >= kept + 3
-    assert f"leak probe: striped judged in" in report.text
+    assert "leak probe: striped judged in" in report.text
 
 
 @pytest.mark.parametrize("kind,name", [("style", "striped"), ("object", "star")])
