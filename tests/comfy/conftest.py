@@ -25,6 +25,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip()
+# shared helper modules of these tests (tiny_models) import by name under --import-mode=importlib
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))
 SKIP_REASON = "COMFYUI_PATH not set: tests/comfy needs a ComfyUI checkout and its venv (see README)"
 
 PACK_NODE_IDS = ("CE_LoadSAE", "CE_SAComputeFisher", "CE_SALoRATrain", "CE_RECEEditModel", "CE_SaveEditAsLoRA",
