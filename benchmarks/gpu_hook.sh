@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass of the GPU checks for the SAeUron hook and SAE training, from the repository root:
 # the fast path's exactness tests on CUDA, then the two benchmarks (AuxK on and off), then the
-# fast path through torch.compile. Each step has its own time limit and the later ones run even
+# fast path through torch.compile (counting and top-k decisions) with a kernel profile. Each step has its own time limit and the later ones run even
 # if an earlier one fails.
 #
 #     bash benchmarks/gpu_hook.sh 2>&1 | tee log
@@ -26,5 +26,5 @@ step 70 "$PY" -m pytest -q tests/test_saeuron_fast.py
 step 50 "$PY" benchmarks/saeuron_hook.py --device cuda
 step 30 "$PY" benchmarks/sae_train.py --device cuda
 step 30 "$PY" benchmarks/sae_train.py --device cuda --dead 0
-step 55 "$PY" benchmarks/saeuron_hook.py --device cuda --no-unet --compile --repeats 30
+step 90 "$PY" benchmarks/saeuron_hook.py --device cuda --no-unet --compile --profile --repeats 30
 exit $status

@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=3, help="selected latents per step")
     ap.add_argument("--no-unet", action="store_true", help="skip the SD1.5-shaped UNet comparison")
     ap.add_argument("--compile", action="store_true", help="also time the fast path through torch.compile")
+    ap.add_argument("--profile", action="store_true", help="CUDA kernels of 20 eager fast-path calls (cuda only)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -92,11 +93,13 @@ def main() -> None:
         return SAeUronHook(sae, ConceptStats(stats.concepts, concept_means), "a", gamma=-1.0, top_n=args.features,
                            error_mode=mode, check_sae=False, path=path, **kw)
 
-    hooks = {"screened": hook("screened"), "fast": hook("fast"), "reference error mode": hook(mode="reference")}
+    hooks = {"screened": hook("screened"), "fast": hook("fast"), "fast, top-k decision": hook("fast"),
+             "reference error mode": hook(mode="reference")}
     if on_cuda:
         hooks["fast, no CUDA graph"] = hook("fast")
     if args.compile:
         hooks["fast, torch.compile"] = hook("fast", compile=True)
+        hooks["fast, top-k, torch.compile"] = hook("fast", compile=True)
     # the same latents with thresholds no token reaches: the concept is absent from the image
     absent = {path: hook(path, concept_means=means + 1e3) for path in ("screened", "fast")}
 
@@ -106,6 +109,9 @@ def main() -> None:
             h(y, 0)  # builds device tables (and the CUDA graph)
             if name == "fast, no CUDA graph":
                 h._fast[y.device].graphs = False
+            if "top-k" in name:  # membership by a top-k of every token instead of counting
+                h._fast[y.device].count = False
+                h._fast[y.device]._captured.clear()
         ref = hooks["screened"](y, 0)
         agree = {}  # every fast variant against the screened path: same edited tokens, largest difference
         for name, h in hooks.items():
@@ -134,10 +140,26 @@ def main() -> None:
             v = a16 @ engine.tabs.w16.t()
             parts["float16 product 512 x 1288 x 20480"] = timed(lambda: a16 @ engine.tabs.w16.t(), repeats, device)
             parts[f"top-{32 + 1 + engine.extra} of 512 x 20480"] = timed(lambda: v.topk(49, dim=1), repeats, device)
+            hi = v[:, :args.features].float().half()
+            parts[f"count above {args.features} thresholds, 512 x 20480"] = timed(
+                lambda: (v[:, None, :] > hi[..., None]).sum(2), repeats, device)
             xf = to_tokens(y).float()
             parts["float32 encode 512 x 1280 x 20480"] = timed(lambda: xf @ w.W_enc.t(), repeats, device)
 
         t_unet = t_unet_hooked = None
+        if args.profile and on_cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            fast_hook = hooks["fast"]
+            for _ in range(3):
+                fast_hook(y, 0)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    fast_hook._fast[y.device]._run(to_tokens(y), torch.zeros(1, dtype=torch.int64, device=device),
+                                                   None)
+                sync(device)
+            profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
         if not args.no_unet:
             del block
             unet = MiniUNet(SD15).to(device, dtype).eval()
@@ -168,6 +190,8 @@ def main() -> None:
           f"{'':<{11 - len(auto.path)}}{t_hooked * 1e3:9.3f} ms   hooked/unhooked = {t_hooked / t_block:.2f}x")
     for label, seconds in parts.items():
         print(f"  {label:<40} {seconds * 1e3:9.3f} ms")
+    if args.profile and on_cuda:
+        print(profile_table)
     if t_unet is not None:
         used = "fast" if auto.uses_fast(device) else "screened"
         print(f"SD1.5-shaped UNet forward ({n_params / 1e6:.0f} M params, [2, 4, 64, 64]): {t_unet * 1e3:9.2f} ms")

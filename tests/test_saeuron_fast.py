@@ -9,6 +9,7 @@ from sae_core.capture import to_tokens
 from sae_core.config import SaeConfig
 from sae_core.sae import SparseAutoencoder
 from sae_core.saeuron import SAeUronHook, SelectionTable, StepSelection
+from sae_core.saeuron.fast import COUNT_LIMIT
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SMALL = dict(d=16, n=96, k=6)
@@ -49,13 +50,25 @@ def assert_same(fast: SAeUronHook, y_fast: torch.Tensor, screened: SAeUronHook, 
     assert int(fast.fast_unresolved) == 0
 
 
+def decide_by(hook: SAeUronHook, x: torch.Tensor, count: bool) -> None:
+    """Build ``hook``'s fast engine for ``x`` and make it decide membership by counting or by top-k."""
+    hook(x, 0)
+    engine = hook._fast[x.device]
+    engine.count = count
+    engine._captured.clear()  # CUDA graphs hold the old choice
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count", [True, False], ids=["count", "topk"])
 @pytest.mark.parametrize("sizes,seed", [(SMALL, 0), (SMALL, 1), (MEDIUM, 2), (MEDIUM, 3)])
-def test_fast_equals_screened_on_random_saes(device, sizes, seed):
+def test_fast_equals_screened_on_random_saes(device, count, sizes, seed):
     sae = random_sae(**sizes, seed=seed, device=device)
     table = random_table(sae, steps=3, per_step=4, seed=seed + 10)
     fast, screened = pair(sae, table)
     x = torch.randn(4, sizes["d"], 5, 3, generator=torch.Generator().manual_seed(seed)).to(device)
+    decide_by(fast, x, count)
+    screened(x, 0)  # the same calls on both, so that their fired-token totals compare
+    assert fast._fast[x.device].count is count
     some = False
     for t in range(3):
         y_fast, y_ref = fast(x, t), screened(x, t)
@@ -159,7 +172,8 @@ def test_fast_low_precision_inputs_on_cpu(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_edge_pairs_are_settled_exactly(device):
+@pytest.mark.parametrize("count", [True, False], ids=["count", "topk"])
+def test_edge_pairs_are_settled_exactly(device, count):
     """A 30x wider error bound puts many pairs on the edge: the exact recount must agree."""
     sae = random_sae(**MEDIUM, seed=20, device=device)
     table = random_table(sae, steps=1, per_step=8, seed=21)
@@ -169,7 +183,7 @@ def test_edge_pairs_are_settled_exactly(device):
     fast(x, 0)  # builds the device tables
     engine = fast._fast[x.device]
     engine.tabs = engine.tabs._replace(q=engine.tabs.q * 30, nwq=engine.tabs.nwq * 30)
-    engine.extra, engine.budget = 200, 32
+    engine.extra, engine.budget, engine.count = 200, 32, count
     engine._captured.clear()  # CUDA graphs hold the old settings
     y = fast(x, 0)
     assert_same(fast, y, screened, y_ref)
@@ -181,6 +195,17 @@ def test_edge_pairs_are_settled_exactly(device):
     engine._captured.clear()
     counts = engine(tokens, 0).counts.tolist()
     assert counts[2] == counts[1] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_step", [COUNT_LIMIT, COUNT_LIMIT + 1])
+def test_membership_is_counted_for_few_latents_per_step_on_cuda(device, per_step):
+    sae = random_sae(**MEDIUM, seed=31, device=device)
+    table = random_table(sae, steps=2, per_step=per_step, seed=32)
+    fast, screened = pair(sae, table)
+    x = torch.randn(2, MEDIUM["d"], 4, 4, generator=torch.Generator().manual_seed(33)).to(device)
+    assert_same(fast, fast(x, 1), screened, screened(x, 1))
+    assert fast._fast[x.device].count is (device == "cuda" and per_step <= COUNT_LIMIT)
 
 
 def test_path_option():
@@ -215,13 +240,15 @@ def test_cuda_graph_outputs_are_not_overwritten_and_follow_the_step():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("count", [True, False], ids=["count", "topk"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_sd15_shape(dtype):
+def test_cuda_sd15_shape(dtype, count):
     """SAeUron's real shape: 2 x 1280 x 16 x 16 block output, 20480 latents, k 32."""
     sae = random_sae(d=1280, n=20480, k=32, seed=28, device="cuda")
     table = random_table(sae, steps=2, per_step=8, seed=29, thr=0.01)
     fast, screened = pair(sae, table)
     x = torch.randn(2, 1280, 16, 16, generator=torch.Generator().manual_seed(30)).cuda().to(dtype)
+    decide_by(fast, x, count)
     edited = 0
     for t in range(2):
         y_fast, y_ref = fast(x, t), screened(x, t)

@@ -22,14 +22,19 @@ decided from a float16 product on the matrix units (one pass, float32 accumulati
    encoder (measured once), ``K 2**-23`` a worst-case bound on float32 accumulation over the ``K``
    product terms. Rounding the result to float16 keeps the order of the values and moves each
    by at most ``2**-11`` of itself.
-3. ``i`` is in the top ``k`` iff ``z_i`` beats ``tau_i``, the ``k``-th largest pre-activation of
-   the other latents. The float16 values give ``tau'_i`` within ``D + 2**-10 |tau'_i|`` of it
-   (an order statistic moves no more than its inputs). Outside that band the decision is
-   certain; inside it (rare) the token's ``L`` best float16 candidates are recomputed in float32
-   and counted exactly, provided the ``L``-th candidate is certainly below ``z_i`` (so nothing
-   outside the list can beat it). At most ``budget`` tokens per call are recomputed; a pair that
-   cannot be settled keeps the float16 decision and is counted in ``unresolved`` (the hook sums it
-   in ``SAeUronHook.fast_unresolved``; it is 0 unless that many tokens sit on the edge at once).
+3. ``i`` is in the top ``k`` iff fewer than ``k`` other latents have an exact pre-activation
+   above ``z_i``. Float16 rounding is monotone, so a float16 value above ``fp16(z_i + D)`` comes
+   from an exact value above ``z_i`` and one below ``fp16(z_i - D)`` from an exact value below it.
+   Counting both (one pass over the product per selected latent, on GPUs while a step selects at
+   most ``COUNT_LIMIT`` latents) makes the decision certain unless the two counts straddle ``k``.
+   Otherwise (a CPU, or many latents) the decision comes from a top-``k + 1`` of every token:
+   ``z_i`` against ``tau_i``, the ``k``-th largest pre-activation of the other latents, which the
+   float16 values give within ``D + 2**-10 |tau'_i|``. Pairs left on the edge (rare) are
+   recomputed in float32 from the token's ``L`` best float16 candidates and counted exactly,
+   provided the ``L``-th candidate is certainly below ``z_i`` (so nothing outside the list can
+   beat it). At most ``budget`` tokens per call are recomputed; a pair that cannot be settled
+   keeps the float16 decision and is counted in ``unresolved`` (the hook sums it in
+   ``SAeUronHook.fast_unresolved``; it is 0 unless that many tokens sit on the edge at once).
 
 The edit itself is the reference formula: ``y = x + sum_i (z_i * scale_i - z_i) W_dec[i]`` on
 tokens where a selected latent fired, ``y = x`` bit for bit elsewhere, in the input dtype.
@@ -38,10 +43,11 @@ On CUDA the whole call runs as one captured CUDA graph per (token count, dtype, 
 optionally through ``torch.compile`` (``compile=True``; fuses the small element-wise steps).
 
 Measured (``benchmarks/saeuron_hook.py --device cuda``, one H200, SD1.5's ``[2, 1280, 16, 16]``
-float16 block output, SAE 1280 -> 20480, k 32, 3 latents): 0.48 ms per call (0.39 ms with
-``compile=True``) against 1.69 ms for the screened path; of that, the float16 product takes
-0.07 ms, the top-49 0.17 ms and the ~70 small kernels the rest. (A float32 encode alone takes
-0.66 ms.)
+float16 block output, SAE 1280 -> 20480, k 32, 3 latents), deciding by top-k: 0.48 ms per call
+(0.39 ms with ``compile=True``) against 1.69 ms for the screened path; of that, the float16
+product takes 0.07 ms, the top-49 0.17 ms and the ~70 small kernels the rest. (A float32 encode
+alone takes 0.66 ms.) Counting replaces the top-49 of all 512 tokens by three comparison passes
+and a top-49 of at most ``budget`` tokens; ``benchmarks/gpu_hook.sh`` times both decisions.
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ __all__ = ["FastEdit", "FastResult", "fast_edit_tokens"]
 
 SCALE_BITS = 12
 """Tokens are scaled to a norm in ``[2**11, 2**12)`` before the float16 product."""
+
+COUNT_LIMIT = 8
+"""Most latents a step may select for membership to be decided by counting (one pass over the
+``[N, n]`` float16 product each) rather than by a top-k of every token."""
 
 
 class FastResult(NamedTuple):
@@ -121,13 +131,16 @@ def _prepare(weights: Any, table: SelectionTable, device: torch.device) -> _Tabl
 
 
 def fast_edit_tokens(tokens: Tensor, tabs: _Tables, sel_idx: Tensor, sel_f: Tensor,
-                     row_mask: Tensor | None = None, *, extra: int = 16, budget: int = 32) -> FastResult:
+                     row_mask: Tensor | None = None, *, extra: int = 16, budget: int = 32,
+                     count: bool = True) -> FastResult:
     """One step's edit of ``tokens [N, d]`` (see the module docstring).
 
     ``sel_idx [M]`` / ``sel_f [M, 2d + 3]`` are one row of the prepared step tables; padding
     entries have a threshold of ``+inf`` and never fire. ``row_mask [N]`` (bool) limits the edit
     to some tokens. ``extra``: float16 candidates kept beyond the ``k + 1`` needed (the list the
-    edge cases are recomputed from); ``budget``: tokens recomputed per call at most.
+    edge cases are recomputed from); ``budget``: tokens recomputed per call at most. ``count``:
+    decide membership by counting the latents surely / possibly above each selected code (one
+    pass over the product per selected latent) instead of a top-k of every token.
     """
     k, d = tabs.k, tabs.d
     n_tok = tokens.shape[0]
@@ -148,26 +161,38 @@ def fast_edit_tokens(tokens: Tensor, tabs: _Tables, sel_idx: Tensor, sel_f: Tens
         v = torch.mm(a16, tabs.w16.t())                                             # fp16 [N, n]
     else:  # CPU: the same float16 operands, float32 accumulation, float16 result
         v = torch.mm(a16.float(), tabs.w16_t32).half()
-    vals, idx = v.topk(k + 1 + extra, dim=1)                                        # sorted
-    # k-th largest of the other latents, and how far the exact one can be from it
-    mine = (idx[:, :k, None] == sel_idx).any(1)
-    tau = torch.where(mine, vals[:, k, None], vals[:, k - 1, None])
     zs = z * (s * tabs.w_scale)[:, None]
-    gap = zs - tau
-    inside = gap > 0
     want = z > thr
     if row_mask is not None:
         want &= row_mask[:, None]
-    edge = (gap.abs() <= torch.add(bound[:, None], tau.abs(), alpha=2.0**-10)) & want
+    # float16 of values surely at or above / below every accumulated product within ``bound`` of zs:
+    # rounding to float16 is monotone, so v_j > hi16 means the exact value j is above z, v_j < lo16 below
+    slack = torch.add(zs.abs(), bound[:, None]).mul_(2.0**-20)
+    hi16 = torch.add(zs, bound[:, None]).add_(slack).half()
+    lo16 = torch.sub(zs, bound[:, None]).sub_(slack).half()
+    n_cand = k + 1 + extra
+    if count:
+        above = (v[:, None, :] > hi16[..., None]).sum(2)                            # surely above z_i
+        maybe = (v[:, None, :] >= lo16[..., None]).sum(2) - 1                       # possibly, itself excluded
+        sure_in, sure_out = maybe < k, above >= k
+        inside = sure_in | (~sure_out & (above + maybe < 2 * k))                    # edge pairs: the midpoint
+        edge = ~sure_in & ~sure_out & want
+        rows = edge.any(1).half().topk(min(budget, n_tok), sorted=False).indices
+        vals, cand = v[rows].topk(n_cand, dim=1)                                    # [U, L], sorted
+    else:
+        vals_all, idx_all = v.topk(n_cand, dim=1)                                   # sorted
+        # k-th largest of the other latents, and how far the exact one can be from it
+        mine = (idx_all[:, :k, None] == sel_idx).any(1)
+        tau = torch.where(mine, vals_all[:, k, None], vals_all[:, k - 1, None])
+        gap = zs - tau
+        inside = gap > 0
+        edge = (gap.abs() <= torch.add(bound[:, None], tau.abs(), alpha=2.0**-10)) & want
+        rows = edge.any(1).half().topk(min(budget, n_tok), sorted=False).indices
+        vals, cand = vals_all[rows], idx_all[rows]
     # settle edge pairs exactly from the candidate list, if its last entry is surely below z
-    last = vals[:, -1].float()
-    tail = torch.add(last + bound, last.abs(), alpha=2.0**-10)
-    settle = edge & (zs > tail[:, None])
-    rows = settle.any(1).half().topk(min(budget, n_tok), sorted=False).indices
-    cand = idx[rows]                                                                # [U, L]
+    settled = edge[rows] & (vals[:, -1:] < lo16[rows])
     exact = torch.baddbmm(tabs.b_enc[cand][..., None], tabs.w_enc[cand], c[rows][..., None])[..., 0]
     beaten = ((exact[..., None] > z[rows][:, None, :]) & (cand[..., None] != sel_idx)).sum(1) < k
-    settled = settle[rows]
     inside = inside.index_put((rows,), torch.where(settled, beaten, inside[rows]))
     fire = inside & want
     zf = z * fire
@@ -236,16 +261,22 @@ class FastEdit:
         graphs: capture a CUDA graph per input shape (CUDA only; default on).
         compile: run the step through ``torch.compile`` (needs a working Triton; default off).
         extra, budget: see :func:`fast_edit_tokens`.
+        count: decide top-k membership by counting (see :func:`fast_edit_tokens`); by default on
+            CUDA when a step selects at most ``COUNT_LIMIT`` latents (each costs one pass over the
+            product), else by a top-k of every token.
 
     Calling it returns a :class:`FastResult` whose tensors may be reused by the next call on the
     same shape (graph outputs): copy what must outlive it.
     """
 
     def __init__(self, weights: Any, table: SelectionTable, device: torch.device, *, graphs: bool = True,
-                 compile: bool = False, extra: int = 16, budget: int = 32) -> None:
+                 compile: bool = False, extra: int = 16, budget: int = 32, count: bool | None = None) -> None:
         self.device = torch.device(device)
         self.tabs = _prepare(weights, table, self.device)
         self.extra, self.budget = int(extra), int(budget)
+        if count is None:  # counting pays on a GPU (a few fused passes); a CPU sorts faster than it compares
+            count = self.device.type == "cuda" and self.tabs.sel_idx.shape[1] <= COUNT_LIMIT
+        self.count = bool(count)
         n_lat = self.tabs.w16.shape[0]
         if self.tabs.k + 1 + self.extra > n_lat:
             self.extra = max(0, n_lat - self.tabs.k - 1)
@@ -265,7 +296,8 @@ class FastEdit:
         tabs = self.tabs
         sel_idx = tabs.sel_idx.index_select(0, step)[0]
         sel_f = tabs.sel_f.index_select(0, step)[0]
-        return fast_edit_tokens(tokens, tabs, sel_idx, sel_f, mask, extra=self.extra, budget=self.budget)
+        return fast_edit_tokens(tokens, tabs, sel_idx, sel_f, mask, extra=self.extra, budget=self.budget,
+                                count=self.count)
 
     def __call__(self, tokens: Tensor, step_index: int, row_mask: Tensor | None = None) -> FastResult:
         step_index = int(step_index)
