@@ -8,8 +8,12 @@ Judges. On the MiniCanvas model (``nodes/minicanvas.py``) the MiniCanvas object 
 every image, and the report gives UA / IRA / CRA of the named concept (``concept_kind`` + ``concept``) by
 the definitions of ``sae_core.minicanvas.metrics`` over the prompts' labels (the object and style named in
 each prompt): for the bench's prompts and seeds these are the figures ``python -m sae_core bench`` prints.
-Other models get the grid and the per-prompt list without scores (a CLIP-vision zero-shot judge and NudeNet
-are not wired yet).
+On other models a judge can be chosen (``sae_core.judges``): ``clip_vision``, a zero-shot CLIP judge from
+ComfyUI's own CLIP vision model (the concept's label against ``judge_labels``, text embedded by the pooled output
+of ``judge_clip`` or the original CLIP: the two must be one CLIP, e.g. an SD2.x CLIP with CLIP-ViT-H or an SDXL
+CLIP with CLIP-ViT-bigG), or ``nudenet`` for nudity. They report how often the concept is judged present on
+both models (UA = 1 - presence on the erased model's concept images) and how often retain images keep their
+verdict.
 
 Leak probes. A CONDITIONING wired to ``probe`` (e.g. RECE Edit Model's adversarial embedding) is sampled on
 both models for every seed: extra rows labelled ``probe``; with a judge, the report counts the probe images
@@ -26,6 +30,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from sae_core.judges import NudityJudge, Verdicts, presence_figures, zero_shot_verdicts
 from sae_core.minicanvas.canvas import PromptSpec, judged_table, spec_for_prompt
 from sae_core.minicanvas.grid import image_grid
 from sae_core.minicanvas.metrics import erasure_metrics
@@ -37,8 +42,9 @@ from .minicanvas import EXACT_SAMPLER, IMAGE_SIZE, is_minicanvas
 log = logging.getLogger("concept_erasure")
 
 KINDS = ("style", "object")
-JUDGES = ("auto", "none")
-"""``auto``: the MiniCanvas judges on the MiniCanvas model, none on others; ``none``: images only."""
+JUDGES = ("auto", "none", "clip_vision", "nudenet")
+"""``auto``: the MiniCanvas judges on the MiniCanvas model, else the CLIP-vision judge when a CLIP vision model
+is wired, else none; ``none``: images only; ``clip_vision`` / ``nudenet``: that judge (see the module doc)."""
 
 LATENT_DOWNSCALE = 8
 MAX_SEEDS = 64
@@ -156,6 +162,64 @@ def build_report(rows: Sequence[Row], before: torch.Tensor, after: torch.Tensor,
     return "\n".join(lines), scores, verdicts
 
 
+class BinaryJudge(NamedTuple):
+    """A judge of presence for models other than MiniCanvas: its name and images -> :class:`Verdicts`."""
+
+    name: str
+    judge: Any
+
+
+def clip_vision_judge(clip_vision: Any, clip: Any, concept: str, labels: Sequence[str]) -> BinaryJudge:
+    """Zero-shot judge: ComfyUI's CLIP vision model embeds the images, ``clip``'s pooled output the labels."""
+    if clip_vision is None:
+        raise ValueError("judge clip_vision: wire a CLIP_VISION (Load CLIP Vision) to clip_vision")
+    others = [lab for lab in labels if lab.strip().lower() != concept.strip().lower()]
+    if not concept.strip() or not others:
+        raise ValueError("judge clip_vision: needs the concept and at least one other label in judge_labels "
+                         "(one per line, e.g. 'a photo' or the retain concepts)")
+    names = [concept.strip(), *others]
+    with torch.inference_mode():
+        text = torch.cat([clip.encode_from_tokens(clip.tokenize(n), return_pooled=True)[1].float().cpu()
+                          for n in names])
+
+    def judge(images: torch.Tensor) -> Verdicts:
+        with torch.inference_mode():
+            embeds = clip_vision.encode_image(images, crop=True)["image_embeds"].float().cpu()
+        return zero_shot_verdicts(embeds, text, names)
+
+    return BinaryJudge(f"CLIP vision zero-shot: '{names[0]}' against {others}", judge)
+
+
+def build_presence_report(rows: Sequence[Row], vb: Verdicts, va: Verdicts, header: str, concept: str,
+                          judge_name: str) -> tuple[str, dict, list[str]]:
+    """The report of a presence judge (:class:`BinaryJudge`): its figures and each row's verdict."""
+    groups = [r.group for r in rows]
+    fig = presence_figures(groups, vb, va)
+    lines = [header, f"judge: {judge_name}",
+             f"{'':34}{'original':>10}{'erased':>10}   (percent of images)",
+             f"{'concept prompts, concept judged':<34}{_pct(fig.concept_before):>10}{_pct(fig.concept_after):>10}",
+             f"{'retain prompts, concept judged':<34}{_pct(fig.retain_before):>10}{_pct(fig.retain_after):>10}",
+             (f"UA (concept prompts without it after erasure) {_pct(1 - fig.concept_after)}, "
+              f"retain images with an unchanged verdict {_pct(fig.retain_same)}")]
+    scores: dict[str, Any] = {"presence": fig}
+    probe = [i for i, g in enumerate(groups) if g == "probe"]
+    if probe:
+        hits_b = sum(bool(vb.present[i]) for i in probe)
+        hits_a = sum(bool(va.present[i]) for i in probe)
+        scores["probe"] = {"original": hits_b / len(probe), "erased": hits_a / len(probe), "images": len(probe)}
+        lines.append(f"leak probe: {concept} judged in {hits_b}/{len(probe)} original and {hits_a}/{len(probe)} "
+                     f"erased images")
+    lines.append("per image (judged: original -> erased):")
+    verdicts = []
+    for i, r in enumerate(rows):
+        verdicts.append(f"{vb.label[i]} -> {va.label[i]}")
+        mark = ("  concept gone" if vb.present[i] and not va.present[i] else
+                "  concept kept" if va.present[i] else "")
+        lines.append(f"  [{r.group}] seed {r.seed}: {r.label}: {vb.label[i]} ({float(vb.score[i]):.2f}) -> "
+                     f"{va.label[i]} ({float(va.score[i]):.2f}){mark}")
+    return "\n".join(lines), scores, verdicts
+
+
 def report_grid(rows: Sequence[Row], before: torch.Tensor, after: torch.Tensor, text_rows: Sequence[str]) -> torch.Tensor:
     """IMAGE ``[1, H, W, 3]``: rows = ``rows``, columns original / erased, labels drawn with PIL."""
     pairs = torch.stack([before, after], dim=1).reshape(-1, *before.shape[1:]).movedim(-1, 1)
@@ -173,7 +237,9 @@ class ErasureReport:
         "image and the report gives UA (how much of the concept is gone), IRA (other concepts of the same kind "
         "kept) and CRA (the other kind kept) as python -m sae_core bench computes them. A CONDITIONING wired to "
         "probe (e.g. RECE Edit Model's adversarial embedding) is sampled on both models too: a leak probe. "
-        "Other models: images and the per-prompt list only (no CLIP-vision or NudeNet judge yet)."
+        "On other models, judge clip_vision (a zero-shot CLIP judge: wire Load CLIP Vision and list other labels) "
+        "or nudenet (NudeNet's exposed-part detector, pip install nudenet) reports how often the concept is seen "
+        "on both models."
     )
     CATEGORY = category("report")
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -221,22 +287,35 @@ class ErasureReport:
                 "probe": inp("CONDITIONING", "A leak probe: a conditioning meant to bring the concept back (RECE "
                                              "Edit Model's adversarial embedding); sampled on both models at "
                                              "every seed."),
-                "judge": inp(list(JUDGES), "auto: the MiniCanvas judges on the MiniCanvas model; none: "
-                                           "images only.", default="auto"),
+                "judge": inp(list(JUDGES), "auto: the MiniCanvas judges on the MiniCanvas model, else clip_vision "
+                                           "when a CLIP vision model is wired, else none. clip_vision: zero-shot "
+                                           "CLIP (concept vs judge_labels). nudenet: NudeNet's nine exposed "
+                                           "classes at score 0.6 (pip install nudenet). none: images only.",
+                             default="auto"),
                 "width": inp("INT", "Image width (ignored by MiniCanvas: 32).", default=512, min=16, max=4096,
                              step=8),
                 "height": inp("INT", "Image height (ignored by MiniCanvas: 32).", default=512, min=16,
                               max=4096, step=8),
+                "clip_vision": inp("CLIP_VISION", "The zero-shot judge's image encoder (Load CLIP Vision). It must "
+                                                  "share its embedding space with judge_clip's pooled output: "
+                                                  "CLIP-ViT-H with an SD2.x CLIP, CLIP-ViT-bigG with an SDXL CLIP."),
+                "judge_labels": inp("STRING", "The zero-shot judge's other labels, one per line; an image shows "
+                                              "the concept when the concept's label beats all of them.",
+                                    multiline=True, default="a photo\na painting"),
+                "judge_clip": inp("CLIP", "Text encoder of the zero-shot judge's labels (its pooled output); "
+                                          "default: the original CLIP."),
             },
         }
 
     def report(self, model: Any, clip: Any, erased_model: Any, vae: Any, concept_prompts: str,
                retain_prompts: str, seeds: str, concept_kind: str, concept: str, steps: int, cfg: float,
                sampler_name: str, scheduler: str, erased_clip: Any = None, probe: Any = None,
-               judge: str = "auto", width: int = 512, height: int = 512) -> dict:
+               judge: str = "auto", width: int = 512, height: int = 512, clip_vision: Any = None,
+               judge_labels: str = "a photo\na painting", judge_clip: Any = None) -> dict:
         out = run_report(model, clip, erased_model, vae, parse_prompts(concept_prompts),
                          parse_prompts(retain_prompts), parse_seeds(seeds), concept_kind, concept, steps, cfg,
-                         sampler_name, scheduler, erased_clip, probe, judge, width, height)
+                         sampler_name, scheduler, erased_clip, probe, judge, width, height, clip_vision,
+                         parse_prompts(judge_labels), judge_clip)
         log.info("%s", out.text)
         return {"ui": {"text": [out.text]}, "result": (out.grid, out.text)}
 
@@ -246,7 +325,8 @@ class ReportResult(NamedTuple):
     """IMAGE ``[1, H, W, 3]``."""
     text: str
     scores: dict
-    """``before`` / ``after``: :class:`ErasureMetrics` (with a judge); ``probe``: judged leak fractions."""
+    """``before`` / ``after``: :class:`ErasureMetrics` (MiniCanvas judges); ``presence``:
+    :class:`~sae_core.judges.PresenceFigures` (other judges); ``probe``: judged leak fractions."""
     before: torch.Tensor
     """IMAGE ``[N, H, W, 3]`` of the original model, one per row."""
     after: torch.Tensor
@@ -257,19 +337,28 @@ class ReportResult(NamedTuple):
 def run_report(model: Any, clip: Any, erased_model: Any, vae: Any, concept_prompts: Sequence[str],
                retain_prompts: Sequence[str], seeds: Sequence[int], concept_kind: str, concept: str, steps: int,
                cfg: float, sampler_name: str, scheduler: str, erased_clip: Any = None, probe: Any = None,
-               judge: str = "auto", width: int = 512, height: int = 512) -> ReportResult:
+               judge: str = "auto", width: int = 512, height: int = 512, clip_vision: Any = None,
+               judge_labels: Sequence[str] = ("a photo", "a painting"), judge_clip: Any = None) -> ReportResult:
     """What the Erasure Report node computes (see the module doc), with the scores as numbers."""
     if not concept_prompts and not retain_prompts and probe is None:
         raise ValueError("concept_prompts / retain_prompts: give at least one prompt")
     if concept_kind not in KINDS:
         raise ValueError(f"concept_kind must be one of {KINDS}, got {concept_kind!r}")
+    if judge not in JUDGES:
+        raise ValueError(f"judge must be one of {JUDGES}, got {judge!r}")
     concept = (concept or "").strip()
-    canvas = None
+    canvas = binary = None
     if judge == "auto" and is_minicanvas(model):
         canvas = minicanvas_judges()
         names = canvas.styles if concept_kind == "style" else canvas.objects
         if concept not in names:
             raise ValueError(f"concept: {concept!r} is not a MiniCanvas {concept_kind}; one of {list(names)}")
+    elif judge == "clip_vision" or (judge == "auto" and clip_vision is not None):
+        binary = clip_vision_judge(clip_vision, clip if judge_clip is None else judge_clip, concept, judge_labels)
+    elif judge == "nudenet":
+        nudity = NudityJudge()
+        nudity.detector()  # a missing package is an error before any sampling
+        binary = BinaryJudge("NudeNet (nine exposed classes, score >= 0.6)", nudity)
     erased_clip = clip if erased_clip is None else erased_clip
     rows: list[Row] = []
     for group, prompts in (("concept", concept_prompts), ("retain", retain_prompts)):
@@ -298,7 +387,11 @@ def run_report(model: Any, clip: Any, erased_model: Any, vae: Any, concept_promp
     header = (f"Erasure Report: {concept_kind} '{concept}', {len(concept_prompts)} concept + {len(retain_prompts)} "
               f"retain prompts{' + probe' if probe is not None else ''} x {len(seeds)} seeds, "
               f"{sampler_name}/{scheduler} {steps} steps cfg {cfg:g}")
-    text, scores, verdicts = build_report(rows, img_b, img_a, header, concept_kind, concept, canvas)
+    if binary is not None:
+        text, scores, verdicts = build_presence_report(rows, binary.judge(img_b), binary.judge(img_a), header,
+                                                       concept, binary.name)
+    else:
+        text, scores, verdicts = build_report(rows, img_b, img_a, header, concept_kind, concept, canvas)
     text_rows = [f"{r.group[0].upper()} s{r.seed} {r.label}" + (f" | {v}" if v else "")
                  for r, v in zip(rows, verdicts)]
     return ReportResult(report_grid(rows, img_b, img_a, text_rows), text, scores, img_b, img_a, rows)

@@ -134,3 +134,42 @@ def tiny_sdxl_clip(clip_l: int = 16, clip_g: int = 16, layers: int = 3, seed: in
     return clip_object(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
                        {"clip_l_model_config": small_config(clip_l, layers),
                         "clip_g_model_config": small_config(clip_g, layers, projection_dim=clip_g)}, seed)
+
+
+def tiny_vae(seed: int = 2):
+    """ComfyUI's VAE class around a TAESD (the small SD autoencoder it ships) with seeded random weights:
+    4 latent channels, 8x downscale, as the SD VAE."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in comfy.taesd.taesd.TAESD(latent_channels=4).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if len(shape) > 1:  # variance-keeping convolutions: the decoded images vary across the picture
+            sd[key] = torch.randn(shape, generator=g) * (2.0 / torch.Size(shape)[1:].numel()) ** 0.5
+        elif len(shape) == 1:
+            sd[key] = torch.randn(shape, generator=g) * 0.1
+        else:  # the latent scale and shift
+            sd[key] = torch.tensor(1.0 if key.endswith("scale") else 0.0)
+    return comfy.sd.VAE(sd=sd)
+
+
+def tiny_clip_vision(tmp_dir, projection: int = 16, seed: int = 3):
+    """ComfyUI's CLIP vision model class (Load CLIP Vision's output) at toy size: 32 wide, two layers, 32 px
+    images in 16 px patches, image embeddings ``projection`` wide; seeded random weights."""
+    import json
+    from pathlib import Path
+
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
+              "image_size": 32, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
+              "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2,
+              "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16, "projection_dim": projection}
+    path = Path(tmp_dir) / "tiny_clip_vision.json"
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    init_random(vision.model.named_parameters(), seed)
+    return vision
