@@ -336,6 +336,10 @@ def _encoders_note(clip: Any, site: TextEncoderSite) -> str:
     others = [s.name for s in text_encoder_sites(clip, NODE_NAME) if s.name != site.name]
     patched = {p.encoder_name for p in clip.patcher.object_patches.values() if isinstance(p, ItDClipPatch)}
     lines = []
+    if site.name in patched:
+        hint = f" (to edit {others[0]} instead, set encoder to {others[0]})" if others else ""
+        lines.append(f"{site.name}: already edited by an ItD node upstream; this classifier was calibrated on, and "
+                     f"acts on, that node's output{hint}")
     if site.name == "clip_g":
         lines.append("pooled output: from the edited clip_g run for flagged prompts (the UNet's ADM input), "
                      "bit-exact for the others")

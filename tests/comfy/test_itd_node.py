@@ -456,6 +456,47 @@ def test_workflow_wiring():
     assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
 
 
+def test_sdxl_workflows_chain_one_classifier_per_encoder():
+    """workflows/sdxl: the checkpoint's CLIP -> ItD on clip_l -> ItD on clip_g -> positive prompt only; each
+    classifier's SAE is the one of its encoder (the training template writes them); the gate gets the prompt text,
+    since SDXL's conditioning carries no decision."""
+    folder = Path(__file__).resolve().parents[2] / "workflows" / "sdxl"
+    for name in ("itd_prompt_classifier.json", "itd_train_text_sae.json"):
+        wf = json.loads((folder / name).read_text())
+        by_id = {n["id"]: n for n in wf["nodes"]}
+
+        def source_of(node, socket, wf=wf, by_id=by_id):
+            link = next(i["link"] for i in node["inputs"] if i["name"] == socket)
+            return next(by_id[src] for lid, src, *_ in wf["links"] if lid == link)
+
+        (sampler,) = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+        positive, negative = source_of(sampler, "positive"), source_of(sampler, "negative")
+        loader = source_of(negative, "clip")
+        assert loader["type"] == "CheckpointLoaderSimple" and "xl" in loader["widgets_values"][0]
+        g_node = source_of(positive, "clip")
+        l_node = source_of(g_node, "clip")
+        assert g_node["type"] == l_node["type"] == NODE_ID and source_of(l_node, "clip") is loader
+        assert (l_node["widgets_values"][-1], g_node["widgets_values"][-1]) == ("clip_l", "clip_g")
+        saes = {}
+        for node, encoder in ((l_node, "clip_l"), (g_node, "clip_g")):
+            src = source_of(node, "sae")
+            if src["type"] == "CE_LoadSAE":
+                saes[encoder] = src["widgets_values"][0].rsplit("/", 1)[0]
+            else:  # Train SAE on that encoder's store
+                assert src["type"] == "CE_TrainSAE"
+                assert source_of(src, "dataset_path")["widgets_values"][-1] == encoder
+                saes[encoder] = src["widgets_values"][8]
+        assert all(encoder in sae for encoder, sae in saes.items()), saes
+        if name == "itd_train_text_sae.json":
+            trained = saes
+            (gate_node,) = [n for n in wf["nodes"] if n["type"] == GATE_ID]
+            assert source_of(gate_node, "clip") is g_node and "conditioning" not in {i["name"] for i in gate_node["inputs"]}
+            assert gate_node["widgets_values"] == positive["widgets_values"]
+        else:
+            loaded = saes
+    assert loaded == trained
+
+
 # ---------------------------------------------------------------------------------------------
 # calibration templates and ItD Prompt Gate
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +695,41 @@ def test_sdxl_clip_g_alone_and_both_encoders(comfy):
     (cond,) = comfy.nodes.CLIPTextEncode().encode(both, "cat")
     with pytest.raises(ValueError, match="carries no ItD decision"):
         gate(comfy, both, "", cond)
+    # a second node on an encoder that is already edited says so (auto is clip_l again)
+    _, report = run_node(comfy, l_only, sae_l)
+    assert "clip_l: already edited by an ItD node upstream" in report and "set encoder to clip_g" in report
     # a clip_g SAE on auto (clip_l): the width error names the encoder that fits it
     with pytest.raises(ValueError, match=r"width mismatch.*d_in=48.*This CLIP's clip_g is 48 wide: set encoder to "
                                          r"clip_g"):
         run_node(comfy, clip, sae_g)
+
+
+def test_sdxl_pooled_edit_reaches_the_unet(comfy):
+    """Stock CLIPTextEncode + KSampler on a tiny SDXL with both encoders classified: a flagged prompt samples
+    differently, also when only its pooled output (the ADM input ``y``) comes from the ItD CLIP; an unflagged prompt
+    samples bit-exactly as with the original CLIP."""
+    g_width = 48
+    model = tiny_models.tiny_sdxl(clip_l=WIDTH, clip_g=g_width)
+    clip = tiny_models.tiny_sdxl_clip(clip_l=WIDTH, clip_g=g_width, layers=LAYERS)
+    patched, _ = run_node(comfy, clip, word_sae(clip, encoder="clip_l"), encoder="clip_l")
+    patched, _ = run_node(comfy, patched, word_sae(clip, encoder="clip_g"), encoder="clip_g")
+    n = comfy.nodes
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def sample(positive):
+        with torch.inference_mode():
+            (negative,) = n.CLIPTextEncode().encode(clip, "")
+            (out,) = n.KSampler().sample(model, 0, 2, 5.0, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    with torch.inference_mode():
+        (flagged,) = n.CLIPTextEncode().encode(patched, "a painting of a dragon")
+        (original,) = n.CLIPTextEncode().encode(clip, "a painting of a dragon")
+        (boat_itd,) = n.CLIPTextEncode().encode(patched, "a photo of a boat")
+        (boat,) = n.CLIPTextEncode().encode(clip, "a photo of a boat")
+    assert the_patch(comfy, patched, encoder="clip_g").last.detected.tolist() == [False]  # the boat, last encoded
+    pooled_only = [[original[0][0], {**original[0][1], "pooled_output": flagged[0][1]["pooled_output"]}]]
+    reference = sample(original)
+    assert not torch.equal(sample(flagged), reference)
+    assert not torch.equal(sample(pooled_only), reference)  # the edited pooled output alone moves the sample
+    assert torch.equal(sample(boat_itd), sample(boat))
