@@ -56,14 +56,14 @@ def _decision(parts: list[dict]) -> dict:
         top = max(part["scores"]) if part["scores"] else 0.0
         return top / part["tau"] if part["tau"] > 0 else (float("inf") if top > 0 else 0.0)
 
-    lead = max(parts, key=ratio)
+    deciding = max(parts, key=ratio)
     return {
         "chunks": [f"{p['encoder']}: {c}" if several else c for p in parts for c in p["chunks"]],
         "scores": [float(s) for p in parts for s in p["scores"]],
         "flagged": [bool(f) for p in parts for f in p["flagged"]],
         "taus": [float(p["tau"]) for p in parts for _ in p["scores"]],
-        "score": max(lead["scores"]) if lead["scores"] else 0.0,
-        "tau": float(lead["tau"]),
+        "score": max(deciding["scores"]) if deciding["scores"] else 0.0,
+        "tau": float(deciding["tau"]),
     }
 
 
