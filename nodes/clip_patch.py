@@ -10,13 +10,22 @@ MiniCanvas), plus one empty-prompt row when any token carries a weight other tha
 interpolate from). The wrapper of ``encode_token_weights`` notes how many rows are real chunks (and a readable
 label of each), so an edit sees only those rows; the empty row always passes through.
 
-Supported encoders, one :class:`TextEncoderSite` per family (:func:`text_encoder_site`):
+Supported encoders, one :class:`TextEncoderSite` each (:func:`text_encoder_sites`; :func:`text_encoder_site` picks
+one by name):
 
 * ``SD1``: ``SD1ClipModel`` with ``clip_l``;
-* ``SDXL``: ``SDXLClipModel``, its ``clip_l`` (``clip_g`` and the pooled output it provides are untouched);
+* ``SD2``: ``SD2ClipModel`` with ``clip_h`` (OpenCLIP-H);
+* ``SDXL``: ``SDXLClipModel`` with ``clip_l`` and ``clip_g`` (OpenCLIP-bigG, whose pooled output is the UNet's
+  ADM input);
+* ``SDXLRefiner``: ``SDXLRefinerClipModel`` with ``clip_g`` alone;
 * ``MiniCanvas``: the pack's MiniCanvas CLIP (``nodes/minicanvas.py``), its text encoder ``minicanvas``.
 
 Anything else is refused with a message naming what was found.
+
+The pooled output. ComfyUI's CLIP encoders compute it after the whole stack (the final LayerNorm of the last
+layer's output at the first end token, then the projection), whichever layer the token states are read from. A
+patched layer's output is what the layers after it run on, so the pooled output of a chunk comes from the edited
+run too, and that of an unedited chunk stays bit-exact; nothing else needs patching.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AUTO_ENCODER",
+    "ENCODERS",
     "ENCODER_KEY",
     "ENCODE_KEY",
     "LAYERS_PATH",
@@ -39,6 +50,7 @@ __all__ = [
     "output_layer",
     "run_encoder",
     "text_encoder_site",
+    "text_encoder_sites",
 ]
 
 ENCODER_KEY = "clip_l"
@@ -49,6 +61,13 @@ LAYERS_PATH = "transformer.text_model.encoder.layers"
 
 ENCODE_KEY = f"{ENCODER_KEY}.encode_token_weights"
 """Object-patch name of the call that receives ``clip_l``'s token rows (SD1.x, SDXL)."""
+
+ENCODERS = ("clip_l", "clip_g", "clip_h")
+"""The CLIP text encoders a site can be (attributes of the CLIP's ``cond_stage_model``)."""
+
+AUTO_ENCODER = "auto"
+"""Encoder choice: ``clip_l`` when the CLIP has one (SD1.x, SDXL), else its only text encoder (SD2.x ``clip_h``,
+the SDXL refiner's ``clip_g``, MiniCanvas)."""
 
 
 def layer_key(index: int) -> str:
@@ -87,36 +106,61 @@ class TextEncoderSite(NamedTuple):
     """Where, in one family's CLIP, a text-encoder layer is patched and how that encoder is fed."""
 
     family: str
-    """``"SD1"``, ``"SDXL"`` or ``"MiniCanvas"``."""
+    """``"SD1"``, ``"SD2"``, ``"SDXL"``, ``"SDXLRefiner"`` or ``"MiniCanvas"``."""
     name: str
-    """Attribute of the CLIP's ``cond_stage_model`` holding the encoder (``clip_l``, ``minicanvas``)."""
+    """Attribute of the CLIP's ``cond_stage_model`` holding the encoder (``clip_l``, ``clip_g``, ``clip_h``,
+    ``minicanvas``)."""
     encoder: Any
     """That module (its encoder layers are found by ``sae_core.itd.text.resolve_layer``)."""
     layers_path: str
     """Its list of encoder layers, relative to it."""
     token_key: str
-    """Key of its token rows in ``clip.tokenize(text)`` (``"l"``, ``"minicanvas"``)."""
+    """Key of its token rows in ``clip.tokenize(text)`` (``"l"``, ``"g"``, ``"h"``, ``"minicanvas"``)."""
     encode_key: str
     """Object-patch name of the call that receives its token rows (the rows, or the whole token dict)."""
     rows_key: Optional[str]
     """Key of its rows in what that call receives; ``None``: it receives the rows themselves."""
     pad_token: str
-    """What pads a chunk after the end token (``"eos"``, ``"<pad>"``)."""
+    """What pads a chunk after the end token (``"eos"``, ``"id 0"``, ``"<pad>"``)."""
     run: Callable[[Tensor], Any]
     """``run(input_ids [B, L])``: the encoder on token ids, exactly as ``encode_token_weights`` runs it."""
+    conditioning_extra: bool = False
+    """Whether the CLIP hands this encoder's extra outputs (a third tuple element) on into the conditioning:
+    ``SD1ClipModel`` and its subclasses (SD1, SD2, SDXL refiner) do; ``SDXLClipModel`` keeps two values only."""
 
     def layer_key(self, index: int) -> str:
         """Object-patch name of the forward of encoder layer ``index``."""
         return f"{self.name}.{self.layers_path}.{int(index)}.forward"
 
 
-def text_encoder_site(clip: Any, who: str) -> TextEncoderSite:
-    """The :class:`TextEncoderSite` of an SD1.x, SDXL or MiniCanvas CLIP; a ValueError naming the encoder (and
-    ``who``) otherwise."""
-    import comfy.clip_model
+def _pad_description(tokenizer: Any) -> str:
+    pad, end = getattr(tokenizer, "pad_token", None), getattr(tokenizer, "end_token", None)
+    return "eos" if pad is None or pad == end else f"id {pad}"
+
+
+def _clip_encoders(model: Any) -> tuple[str, tuple[str, ...], bool] | None:
+    """``(family, encoder names, conditioning_extra)`` of a supported ComfyUI CLIP model, else ``None``."""
     import comfy.sd1_clip
     import comfy.sdxl_clip
+    import comfy.text_encoders.sd2_clip
 
+    if isinstance(model, comfy.sdxl_clip.SDXLClipModel):
+        return "SDXL", ("clip_l", "clip_g"), False
+    if isinstance(model, comfy.sdxl_clip.SDXLRefinerClipModel) and getattr(model, "clip", None) == "clip_g":
+        return "SDXLRefiner", ("clip_g",), True
+    if isinstance(model, comfy.text_encoders.sd2_clip.SD2ClipModel) and getattr(model, "clip", None) == "clip_h":
+        return "SD2", ("clip_h",), True
+    if isinstance(model, comfy.sd1_clip.SD1ClipModel) and getattr(model, "clip", None) == ENCODER_KEY:
+        return "SD1", (ENCODER_KEY,), True
+    return None
+
+
+def text_encoder_sites(clip: Any, who: str) -> list[TextEncoderSite]:
+    """Every text encoder of an SD1.x, SD2.x, SDXL, SDXL refiner or MiniCanvas CLIP that a layer patch can go on
+    (SDXL: ``clip_l`` then ``clip_g``); a ValueError naming the encoder (and ``who``) for any other CLIP."""
+    import comfy.clip_model
+
+    from .clip_text import tokenizer_of
     from .minicanvas import FAMILY as MINICANVAS, TOKEN_KEY as MINICANVAS_KEY, MiniCanvasTextModel
 
     if clip is None or not hasattr(clip, "cond_stage_model") or not hasattr(clip, "patcher"):
@@ -129,33 +173,57 @@ def text_encoder_site(clip: Any, who: str) -> TextEncoderSite:
         def run_minicanvas(input_ids: Tensor) -> Any:
             return encoder(input_ids.to(next(encoder.parameters()).device))
 
-        return TextEncoderSite(MINICANVAS, MINICANVAS_KEY, encoder, "text_model.encoder.layers", MINICANVAS_KEY,
-                               "encode_token_weights", MINICANVAS_KEY, "<pad>", run_minicanvas)
-    if isinstance(model, comfy.sdxl_clip.SDXLClipModel):
-        family = "SDXL"
-    elif isinstance(model, comfy.sd1_clip.SD1ClipModel) and getattr(model, "clip", None) == ENCODER_KEY:
-        family = "SD1"
-    else:
+        return [TextEncoderSite(MINICANVAS, MINICANVAS_KEY, encoder, "text_model.encoder.layers", MINICANVAS_KEY,
+                                "encode_token_weights", MINICANVAS_KEY, "<pad>", run_minicanvas)]
+    found = _clip_encoders(model)
+    if found is None:
         raise ValueError(
-            f"clip: {who} edits a CLIP-L text encoder (SD1.x clip_l, or SDXL's clip_l) or MiniCanvas' text "
-            f"encoder; this CLIP is {describe_encoder(clip)}, which is not supported"
+            f"clip: {who} edits the CLIP text encoders of SD1.x (clip_l), SD2.x (clip_h), SDXL (clip_l, clip_g), "
+            f"the SDXL refiner (clip_g) or MiniCanvas' text encoder; this CLIP is {describe_encoder(clip)}, which "
+            "is not supported"
         )
-    encoder = getattr(model, ENCODER_KEY, None)
-    transformer = getattr(encoder, "transformer", None)
-    if not isinstance(transformer, comfy.clip_model.CLIPTextModel):
+    family, names, extra = found
+    sites = []
+    for name in names:
+        encoder = getattr(model, name, None)
+        transformer = getattr(encoder, "transformer", None)
+        if not isinstance(transformer, comfy.clip_model.CLIPTextModel):
+            raise ValueError(
+                f"clip: {who} needs {name} to be ComfyUI's CLIP transformer; this CLIP ({describe_encoder(clip)}) "
+                f"has {type(transformer).__name__}"
+            )
+        key = name.split("_", 1)[1]
+        sites.append(TextEncoderSite(family, name, encoder, LAYERS_PATH, key, f"{name}.encode_token_weights", None,
+                                     _pad_description(tokenizer_of(clip, key)),
+                                     lambda input_ids, encoder=encoder: run_encoder(encoder, input_ids), extra))
+    return sites
+
+
+def text_encoder_site(clip: Any, who: str, encoder: str = AUTO_ENCODER) -> TextEncoderSite:
+    """The :class:`TextEncoderSite` of ``clip``'s text encoder ``encoder`` (``clip_l``, ``clip_g``, ``clip_h``, or
+    ``auto``: ``clip_l`` when the CLIP has one, else its only encoder); a ValueError naming the encoder (and
+    ``who``) for an unsupported CLIP or an encoder this CLIP does not have."""
+    if encoder != AUTO_ENCODER and encoder not in ENCODERS:
+        raise ValueError(f"encoder: expected one of {', '.join((AUTO_ENCODER, *ENCODERS))}, got {encoder!r}")
+    sites = text_encoder_sites(clip, who)
+    names = [site.name for site in sites]
+    if encoder == AUTO_ENCODER:
+        return sites[names.index(ENCODER_KEY)] if ENCODER_KEY in names else sites[0]
+    if encoder not in names:
         raise ValueError(
-            f"clip: {who} needs clip_l to be ComfyUI's CLIP transformer; this CLIP ({describe_encoder(clip)}) "
-            f"has {type(transformer).__name__}"
+            f"encoder: this {sites[0].family} CLIP has no {encoder}; its text encoder"
+            f"{'s are' if len(names) > 1 else ' is'} {', '.join(names)} (pick one of them, or {AUTO_ENCODER})"
         )
-    return TextEncoderSite(family, ENCODER_KEY, encoder, LAYERS_PATH, "l", ENCODE_KEY, None, "eos",
-                           lambda input_ids: run_encoder(encoder, input_ids))
+    return sites[names.index(encoder)]
 
 
 def output_layer(clip: Any, encoder: Any, num_layers: int) -> Optional[int]:
-    """Index of the last ``clip_l`` layer whose output reaches the conditioning (``None``: every layer can).
+    """Index of the last layer of ``encoder`` whose output reaches the token states of the conditioning (``None``:
+    every layer can).
 
-    SD1 outputs the last layer; SDXL's clip_l the penultimate one; CLIP Set Last Layer (``clip.layer_idx``)
-    overrides both as ComfyUI does at encode time.
+    SD1's clip_l outputs the last layer; SDXL's clip_l and clip_g, SD2's clip_h the penultimate one
+    (``comfy/sdxl_clip.py``, ``comfy/text_encoders/sd2_clip.py``); CLIP Set Last Layer (``clip.layer_idx``)
+    overrides them as ComfyUI does at encode time. Layers after it only reach the pooled output.
     """
     default = getattr(encoder, "options_default", None) or (getattr(encoder, "layer", "last"),
                                                              getattr(encoder, "layer_idx", None))
@@ -171,7 +239,8 @@ def output_layer(clip: Any, encoder: Any, num_layers: int) -> Optional[int]:
 
 
 def run_encoder(encoder: Any, input_ids: Tensor) -> Any:
-    """``clip_l`` on token ids ``[B, L]``, exactly as ``encode_token_weights`` runs it."""
+    """A ComfyUI CLIP encoder (``clip_l``, ``clip_g``, ``clip_h``) on token ids ``[B, L]``, exactly as
+    ``encode_token_weights`` runs it."""
     return encoder([[int(t) for t in row] for row in input_ids.tolist()])
 
 

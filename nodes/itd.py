@@ -1,8 +1,8 @@
 """ItD (Interpret then Deactivate) node: ItD Prompt Classifier.
 
 **ItD Prompt Classifier** turns a CLIP into one whose text encoding erases concepts, using a sparse
-autoencoder (SAE) trained on one CLIP-L layer, or one layer of MiniCanvas' text encoder (``sae_core.itd``,
-method brief ``methods/itd.md``). Steps 1-2
+autoencoder (SAE) trained on one layer of one of its text encoders (CLIP-L, OpenCLIP-bigG or OpenCLIP-H), or of
+MiniCanvas' text encoder (``sae_core.itd``, method brief ``methods/itd.md``). Steps 1-2
 are :func:`sae_core.itd.run_itd`, the pipeline the MiniCanvas bench runs too; the node's inputs are the fields
 of :class:`sae_core.itd.ItDSettings`:
 
@@ -11,12 +11,13 @@ of :class:`sae_core.itd.ItDSettings`:
 2. *Calibrate*: every concept prompt is scored (the mean squared change that flipping its features with
    the strength ``scale`` causes at the layer); the threshold is ``tau = margin x`` the smallest of those
    scores. The retain prompts are scored too, so the report shows how far below ``tau`` they stay.
-3. *Deactivate*, at encode time: the clone's ``clip_l`` layer is object-patched. Each chunk whose
+3. *Deactivate*, at encode time: the clone's layer of the chosen encoder is object-patched. Each chunk whose
    score reaches ``tau`` continues through the remaining layers with its concept features flipped (the
    SAE reconstruction of the steered code); every other chunk passes through bit-exact (the unpatched
    layer's values; the very same tensor when no chunk is flagged). Every score is logged (logger ``concept_erasure``) and the last ones are
    kept on the patch object (``ItDClipPatch.last``), so a user can see why a prompt was or was not changed; for
-   SD1 the decision also travels in the conditioning (``CONDITIONING_KEY``) for ItD Prompt Gate.
+   SD1.x, SD2.x and the SDXL refiner the decision also travels in the conditioning (``CONDITIONING_KEY``) for ItD
+   Prompt Gate.
 
 Calibration templates (the ``templates`` input) put each concept and each retain line into several phrasings, as
 the reference calibrates on five templates per artist or person; the report (the STRING output, also shown on the
@@ -31,10 +32,20 @@ encode time: the same prompt scores the same in both.
 Which rows are classified: only the prompt chunks, never the empty row a weighted prompt adds; the CLIP
 patching mechanics (which layer, which rows, the object patches on a clone) are :mod:`.clip_patch`'s.
 
-Supported encoders: SD1.x (``SD1ClipModel`` with ``clip_l``), SDXL (``SDXLClipModel``: only ``clip_l`` is
-patched; ``clip_g`` and the pooled output it provides are untouched) and MiniCanvas (its text encoder
-``minicanvas``; the shipped ``itd_text_sae`` reads its layer 2). Anything else (SD2's OpenCLIP-H, a ``clip_g``
-alone, T5 and other families) is refused with a message naming what was found.
+Encoders. One node patches one text encoder with its own SAE, features and threshold, chosen by ``encoder``:
+``auto`` is ``clip_l`` when the CLIP has one (SD1.x, SDXL), else its only encoder (SD2.x ``clip_h``, the SDXL
+refiner's ``clip_g``, MiniCanvas' ``minicanvas``). For SDXL, chain two nodes on one CLIP: one with ``encoder``
+``clip_l`` and its CLIP-L SAE, then one with ``clip_g`` and an OpenCLIP-bigG SAE; each classifies a prompt on its own
+encoder, and encoders left unpatched pass through bit-exact. The layer is checked against the one the
+conditioning is read from (the last for SD1.x; the penultimate for SDXL's both and SD2's ``clip_h``; CLIP Set Last
+Layer moves it). Other CLIPs (T5, Stable Cascade, SD3/Flux families) are refused with a message naming what was
+found.
+
+Pooled output. ComfyUI computes a chunk's pooled output after the whole encoder stack (final LayerNorm of the
+last layer at the end token, then the projection), so the edited layer output runs on into it: the pooled output
+of a flagged prompt comes from the edited run (for ``clip_g``, SDXL's ADM input ``y`` then carries the deactivated
+concept too), and that of an unflagged prompt is bit-exact. As in ComfyUI, a multi-chunk prompt's pooled output is
+its first chunk's.
 
 Wire the patched CLIP into the positive prompt only: steering the negative prompt would flip the concept in
 the unconditional branch too, and classifier-free guidance would then stop pushing away from it.
@@ -68,6 +79,8 @@ from sae_core.prompts import parse_names, parse_prompts
 from sae_core.sae import SparseAutoencoder
 
 from .clip_patch import (
+    AUTO_ENCODER,
+    ENCODERS,
     ClipLayerPatch,
     TextEncoderSite,
     encoder_width,
@@ -75,6 +88,7 @@ from .clip_patch import (
     layer_key,
     output_layer,
     text_encoder_site,
+    text_encoder_sites,
 )
 from .clip_text import first_chunk_tokenizer, tokenizer_of
 from .common import SAE_TYPE, Progress, category, inp, node_id, throw_if_interrupted
@@ -82,6 +96,7 @@ from .common import SAE_TYPE, Progress, category, inp, node_id, throw_if_interru
 __all__ = [
     "CONDITIONING_KEY",
     "DEFAULT_TEMPLATES",
+    "ENCODER_CHOICES",
     "ItDClassifier",
     "ItDClipPatch",
     "ItDEncodeRecord",
@@ -107,10 +122,14 @@ CONDITIONING_KEY = "itd_classifier"
 DEFAULT_TEMPLATES = "{}"
 """Calibration templates by default: each concept (and retain line) as written."""
 
+ENCODER_CHOICES = (AUTO_ENCODER, *ENCODERS)
+"""The ``encoder`` input: ``auto`` (``clip_l`` when the CLIP has one, else its only encoder) or a named one."""
+
 
 def comfy_text_host(clip: Any, site: TextEncoderSite) -> ItDTextHost:
     """ItD's view of ``clip``'s text encoder at ``site``: ComfyUI's own tokenizer (the path CLIPTextEncode takes;
-    first chunk only: 77 tokens padded with EOS for CLIP-L, 16 padded with ``<pad>`` for MiniCanvas), the encoder
+    first chunk only: 77 tokens padded with EOS for CLIP-L, with id 0 for OpenCLIP-bigG and -H, 16 padded with
+    ``<pad>`` for MiniCanvas), the encoder
     run one prompt at a time as ``encode_token_weights`` runs it. A one-chunk unweighted prompt at encode time is
     then exactly the computation calibration scored."""
     tokenize_ids, length = first_chunk_tokenizer(clip, site.token_key, NODE_NAME)
@@ -161,11 +180,15 @@ class ItDClipPatch(ClipLayerPatch):
         tokenizer: Any = None,
         encoder_name: str = "clip_l",
         rows_key: Optional[str] = None,
+        conditioning_extra: bool = False,
     ) -> None:
         super().__init__(original_forward, original_encode, layer, tokenizer, rows_key)
         self.itd = itd
         self.family = family
         self.encoder_name = encoder_name
+        self.conditioning_extra = bool(conditioning_extra)
+        """Whether the CLIP hands this encoder's extra outputs on into the conditioning (SD1.x, SD2.x, SDXL
+        refiner; not SDXL, whose two encoders' outputs are concatenated into two values)."""
         self.history: deque[ItDEncodeRecord] = deque(maxlen=MAX_RECORDS)
         self.calls = 0
         """Encode calls classified so far."""
@@ -203,16 +226,18 @@ class ItDClipPatch(ClipLayerPatch):
         return result.hidden if bool(result.detected.any()) else None
 
     def encode_token_weights(self, token_weight_pairs: Any) -> Any:
-        """Encodes as usual; for SD1 the decision also travels in the conditioning (``CONDITIONING_KEY``: chunk
-        labels, scores, flags, tau), where ItD Prompt Gate reads it. SDXL's encoder drops extra entries."""
+        """Encodes as usual; for SD1.x, SD2.x and the SDXL refiner the decision also travels in the conditioning
+        (``CONDITIONING_KEY``: chunk labels, scores, flags, tau, encoder), where ItD Prompt Gate reads it. SDXL's
+        encoder keeps two values only, so nothing is added there."""
         start = self.calls
         out = super().encode_token_weights(token_weight_pairs)
-        if self.family != "SD1" or self.calls == start or not isinstance(out, tuple) or len(out) < 2:
+        if not self.conditioning_extra or self.calls == start or not isinstance(out, tuple) or len(out) < 2:
             return out
         record = self.history[-1]
         extra = dict(out[2]) if len(out) > 2 else {}
         extra[CONDITIONING_KEY] = {"chunks": list(record.prompts), "scores": record.scores.tolist(),
-                                   "flagged": record.detected.tolist(), "tau": record.tau}
+                                   "flagged": record.detected.tolist(), "tau": record.tau,
+                                   "encoder": self.encoder_name}
         return (out[0], out[1], extra)
 
     def _record(self, labels: list[str], scores: Tensor, detected: Tensor) -> None:
@@ -245,25 +270,39 @@ class ItDClassifier(NamedTuple):
     """Human-readable calibration report."""
 
 
+def _check_sae_width(clip: Any, site: TextEncoderSite, math: SaeMath, index: int) -> None:
+    """The SAE's width against the chosen encoder's; the error names the encoder of this CLIP that fits it."""
+    width = encoder_width(site.encoder)
+    if width is None:
+        return
+    try:
+        math.check_width(width, f"the CLIP's {site.name} layer {index} ({site.family})")
+    except ValueError as err:
+        fits = [s.name for s in text_encoder_sites(clip, NODE_NAME)
+                if s.name != site.name and encoder_width(s.encoder) == math.d_in]
+        if not fits:
+            raise
+        raise ValueError(f"{err} This CLIP's {fits[0]} is {math.d_in} wide: set encoder to {fits[0]}.") from None
+
+
 def build_classifier(clip: Any, sae: SparseAutoencoder, settings: ItDSettings,
-                     progress: Optional[Progress] = None) -> ItDClassifier:
-    """Interpret, calibrate (:func:`sae_core.itd.run_itd`) and install the ItD classifier on a clone of ``clip``
-    (the input is not changed)."""
+                     progress: Optional[Progress] = None, encoder: str = AUTO_ENCODER) -> ItDClassifier:
+    """Interpret, calibrate (:func:`sae_core.itd.run_itd`) and install the ItD classifier on ``encoder`` (``auto``,
+    ``clip_l``, ``clip_g``, ``clip_h``) of a clone of ``clip`` (the input is not changed)."""
     if sae is None or not all(hasattr(sae, a) for a in ("encoder", "W_dec", "b_dec", "cfg")):
         raise ValueError(f"sae: expected an SAE from Load SAE, got {type(sae).__name__}")
-    site = text_encoder_site(clip, NODE_NAME)
-    encoder, family, where = site.encoder, site.family, site.name
-    num_layers = layer_count(encoder)
+    site = text_encoder_site(clip, NODE_NAME, encoder)
+    family, where = site.family, site.name
+    num_layers = layer_count(site.encoder)
     index, origin = choose_layer(settings.layer, getattr(sae.cfg, "hookpoint", None), num_layers)
-    width = encoder_width(encoder)
     math = SaeMath(sae)
-    if width is not None:
-        math.check_width(width, f"the CLIP's {where} layer {index} ({family})")
-    last = output_layer(clip, encoder, num_layers)
+    _check_sae_width(clip, site, math, index)
+    last = output_layer(clip, site.encoder, num_layers)
     if last is not None and index > last:
         raise ValueError(
             f"layer: {where} layer {index} ({origin}) comes after layer {last}, the last one whose output this "
-            f"{family} CLIP uses; editing it would change nothing. Pick a layer <= {last}."
+            f"{family} CLIP's conditioning is read from; editing it would leave the token states unchanged (only "
+            f"the pooled output would move). Pick a layer <= {last}."
         )
 
     # Calibrate in the deployment regime, with this CLIP's own weights (its LoRAs included) loaded as for encoding.
@@ -281,14 +320,37 @@ def build_classifier(clip: Any, sae: SparseAutoencoder, settings: ItDSettings,
     if progress is not None:
         progress.update(2)
 
-    itd = ItDPatch(encoder, sae, found, layer=index, on_length_mismatch="warn", check_fingerprint=False)
+    itd = ItDPatch(site.encoder, sae, found, layer=index, on_length_mismatch="warn", check_fingerprint=False)
     patched, patch = install_layer_patch(
         clip, site, index, lambda forward, encode: ItDClipPatch(
             itd, forward, encode, index, family, tokenizer=tokenizer_of(clip, site.token_key),
-            encoder_name=where, rows_key=site.rows_key))
+            encoder_name=where, rows_key=site.rows_key, conditioning_extra=site.conditioning_extra))
     report = calibration_report(found, list(settings.target_prompts), settings.retain, index, origin, family, math,
                                 where)
-    return ItDClassifier(patched, patch, report)
+    note = _encoders_note(clip, site)
+    return ItDClassifier(patched, patch, f"{report}\n{note}" if note else report)
+
+
+def _encoders_note(clip: Any, site: TextEncoderSite) -> str:
+    """What the report says about the CLIP's other encoders and the pooled output."""
+    others = [s.name for s in text_encoder_sites(clip, NODE_NAME) if s.name != site.name]
+    patched = {p.encoder_name for p in clip.patcher.object_patches.values() if isinstance(p, ItDClipPatch)}
+    lines = []
+    if site.name in patched:
+        hint = f" (to edit {others[0]} instead, set encoder to {others[0]})" if others else ""
+        lines.append(f"{site.name}: already edited by an ItD node upstream; this classifier was calibrated on, and "
+                     f"acts on, that node's output{hint}")
+    if site.name == "clip_g":
+        lines.append("pooled output: from the edited clip_g run for flagged prompts (the UNet's ADM input), "
+                     "bit-exact for the others")
+    for name in others:
+        if name in patched:
+            lines.append(f"{name}: classified by the ItD node upstream of this one (its own SAE and threshold)")
+        else:
+            pooled = " and the pooled output it gives the UNet" if name == "clip_g" else ""
+            lines.append(f"{name}{pooled}: not edited; chain another ItD Prompt Classifier with encoder {name} and "
+                         f"an SAE of {name} to edit it")
+    return "\n".join(lines)
 
 
 def calibration_report(
@@ -348,13 +410,14 @@ class ItDPromptClassifier:
     """Erase concepts in the text encoder: SAE features deactivated for prompts the zero-shot classifier flags."""
 
     DESCRIPTION = (
-        "ItD (Interpret then Deactivate): finds the SAE features of the concepts at one CLIP-L layer (minus those "
-        "of the retain prompts), calibrates a threshold on the concept prompts' scores, and returns a copy of the "
-        "CLIP whose text encoding deactivates those features (scales them by 'scale') for every prompt scoring "
-        "at or above the threshold. Prompts below it are encoded exactly as by the input CLIP. The report lists "
-        "the calibration scores; each encoded prompt's score is logged. SD1.x and SDXL (clip_l only), and "
-        "MiniCanvas (its text encoder). "
-        "Wire the patched CLIP to the positive prompt only."
+        "ItD (Interpret then Deactivate): finds the SAE features of the concepts at one layer of one text encoder "
+        "(minus those of the retain prompts), calibrates a threshold on the concept prompts' scores, and returns a "
+        "copy of the CLIP whose text encoding deactivates those features (scales them by 'scale') for every prompt "
+        "scoring at or above the threshold; a flagged prompt's pooled output comes from the edited run. Prompts "
+        "below it are encoded exactly as by the input CLIP (token states and pooled output). The report lists the "
+        "calibration scores; each encoded prompt's score is logged. SD1.x (clip_l), SD2.x (clip_h), SDXL (clip_l "
+        "and clip_g: chain two nodes, one per encoder, each with its own SAE), the SDXL refiner (clip_g) and "
+        "MiniCanvas. Wire the patched CLIP to the positive prompt only."
     )
     CATEGORY = category("itd")
     RETURN_TYPES = ("CLIP", "STRING")
@@ -371,10 +434,11 @@ class ItDPromptClassifier:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "clip": inp("CLIP", "The text encoder (SD1.x, SDXL whose clip_l is edited, or MiniCanvas). It is "
-                                    "not modified."),
-                "sae": inp(SAE_TYPE, "An SAE trained on one layer of this text encoder (width 768 for the real "
-                                     "CLIP-L, 128 for MiniCanvas: minicanvas/itd_text_sae), from Load SAE."),
+                "clip": inp("CLIP", "The text encoder (SD1.x, SD2.x, SDXL, SDXL refiner or MiniCanvas); the "
+                                    "encoder input says which of its encoders is edited. It is not modified."),
+                "sae": inp(SAE_TYPE, "An SAE trained on one layer of the chosen encoder (width 768 for CLIP-L, 1280 "
+                                     "for SDXL's clip_g, 1024 for SD2's clip_h, 128 for MiniCanvas: "
+                                     "minicanvas/itd_text_sae), from Load SAE."),
                 "concepts": inp("STRING", "Concepts to erase, one per line or comma-separated, written as you would "
                                           "prompt them (e.g. 'Van Gogh', 'nudity'). Each is also a calibration "
                                           "prompt: the threshold is set so that all of them are caught.",
@@ -384,7 +448,8 @@ class ItDPromptClassifier:
                                                 "how far below the threshold they stay.",
                                       multiline=True, default="Claude Monet\nPablo Picasso\na photo of a dog"),
                 "layer": inp("INT", "Encoder layer the SAE reads (0-based; ItD uses clip_l's 8 of 12). -1 = the "
-                                    "layer the SAE was trained on (its hookpoint), else 2/3 of the way up.",
+                                    "layer the SAE was trained on (its hookpoint), else 2/3 of the way up. At most "
+                                    "the layer the conditioning is read from (SDXL, SD2: the penultimate).",
                              default=-1, min=-1, max=63, step=1),
                 "scale": inp("FLOAT", "Factor applied to the concept features of flagged prompts: -8 (ItD) flips and "
                                       "amplifies them, 0 removes them.",
@@ -411,6 +476,12 @@ class ItDPromptClassifier:
                                                       "classifier-free guidance): features it shares with a concept "
                                                       "are not deactivated. MiniCanvas' bench retains it.",
                                            default=False),
+                "encoder": inp(list(ENCODER_CHOICES), "Which text encoder this node edits, with this SAE: auto = "
+                                                      "clip_l when the CLIP has one (SD1.x, SDXL), else its only "
+                                                      "encoder (SD2.x clip_h, SDXL refiner clip_g, MiniCanvas). For "
+                                                      "SDXL's clip_g chain a second node set to clip_g with a clip_g "
+                                                      "SAE; encoders no node edits pass through unchanged.",
+                               default=AUTO_ENCODER),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -418,7 +489,7 @@ class ItDPromptClassifier:
     def classify(self, clip: Any, sae: SparseAutoencoder, concepts: str, retain_prompts: str = "", layer: int = -1,
                  scale: float = -8.0, threshold_margin: float = 0.99, top_n: int = 128,
                  templates: str = DEFAULT_TEMPLATES, positions: str = "content", retain_empty_prompt: bool = False,
-                 unique_id: Optional[str] = None) -> dict:
+                 encoder: str = AUTO_ENCODER, unique_id: Optional[str] = None) -> dict:
         forms = parse_prompts(templates)
         retain = [p for ps in templated(parse_prompts(retain_prompts), forms).values() for p in ps]
         retain += [""] if retain_empty_prompt else []
@@ -426,7 +497,7 @@ class ItDPromptClassifier:
                                layer=int(layer), scale=float(scale), threshold_margin=float(threshold_margin),
                                top_n=int(top_n), positions=positions)
         with Progress(3, NODE_NAME, node_id=unique_id) as bar:
-            result = build_classifier(clip, sae, settings, progress=bar)
+            result = build_classifier(clip, sae, settings, progress=bar, encoder=encoder)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
         # the report is shown on the node (ui text) as well as returned
         return {"ui": {"text": [result.report]}, "result": (result.clip, result.report)}

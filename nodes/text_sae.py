@@ -1,8 +1,10 @@
 """Collect Text Activations: the training data of a text-encoder SAE (the SAE ItD's classifier needs).
 
 The node encodes a prompt corpus with the wired CLIP, through ComfyUI's own tokenizer and padding (77 tokens
-padded with EOS for SD1.x/SDXL ``clip_l``; 16 tokens padded with ``<pad>`` for MiniCanvas), and streams the
-output of one encoder layer into an activation store in ``output/sae_activations/<name>/``: one row per token
+padded with EOS for SD1.x/SDXL ``clip_l``, with id 0 for SDXL's ``clip_g`` and SD2's ``clip_h``; 16 tokens padded
+with ``<pad>`` for MiniCanvas), and streams the output of one layer of one encoder (the ``encoder`` input, as the
+classifier's: ``auto`` is ``clip_l`` when the CLIP has one, else its only encoder) into an activation store in
+``output/sae_activations/<name>/``: one row per token
 position kept (``all``: every padded position, as the classifier scores them; ``content``: BOS..EOS), each with
 its prompt index and position. **Train SAE** then trains the SAE on that store (``topk`` token and ``whiten`` on
 for ItD's recipe). Both steps are the library's (``sae_core.itd.collect_text_store`` and
@@ -10,8 +12,10 @@ for ItD's recipe). Both steps are the library's (``sae_core.itd.collect_text_sto
 ``python -m sae_core.itd.text_sae`` run.
 
 The layer is chosen as the ItD Prompt Classifier chooses it: ``-1`` is two thirds of the way up the encoder
-(layer 8 of CLIP-L's 12, layer 2 of MiniCanvas' 4), and the store records the layer's module path as its hook
-point, which the trained SAE keeps, so the classifier finds the layer on its own.
+(layer 8 of CLIP-L's 12, 21 of OpenCLIP-bigG's 32, 16 of OpenCLIP-H's 24, 2 of MiniCanvas' 4), and the store records
+the layer's module path as its hook point, which the trained SAE keeps, so the classifier finds the layer on its
+own; the store also records the encoder's name (``encoder``). A layer after the one the conditioning is read from
+(SDXL, SD2: the penultimate) is refused, as the classifier refuses it.
 
 The corpus: the one that ships with the pack (``sae_core/itd/data``, 40,000 prompts, see its README), a text
 file from ``ComfyUI/models/prompts/`` (one prompt per line, ``.txt`` or ``.txt.gz``), typed prompts, or a
@@ -34,6 +38,7 @@ from sae_core.itd.corpus import CORPUS_PATH, CORPUS_SIZE
 from sae_core.prompts import parse_prompts, read_prompt_file
 from sae_core.store import ActivationReader
 
+from .clip_patch import AUTO_ENCODER, ENCODERS, TextEncoderSite, output_layer, text_encoder_site
 from .common import Progress, category, inp, interrupt_requested, node_id, throw_if_interrupted
 from .folders import dataset_folder, decide_store, prompt_file_path, prompt_filenames
 
@@ -53,15 +58,15 @@ COLLECT_BATCH = 32
 __all__ = ["CollectTextActivations", "DEFAULT_CORPUS", "NO_CORPUS", "corpus_prompts", "text_host"]
 
 
-def text_host(clip: Any, who: str = NODE_NAME) -> tuple[ItDTextHost, str]:
-    """``(host, family)``: ItD's view of the CLIP's text encoder (SD1.x/SDXL ``clip_l``, or MiniCanvas), the one the
-    ItD Prompt Classifier calibrates with (:func:`.itd.comfy_text_host`), batched for collection."""
-    from .clip_patch import text_encoder_site
+def text_host(clip: Any, who: str = NODE_NAME, encoder: str = AUTO_ENCODER) -> tuple[ItDTextHost, TextEncoderSite]:
+    """``(host, site)``: ItD's view of the CLIP's text encoder ``encoder`` (``auto``, ``clip_l``, ``clip_g``,
+    ``clip_h``), the one the ItD Prompt Classifier calibrates with (:func:`.itd.comfy_text_host`), batched for
+    collection."""
     from .itd import comfy_text_host
 
-    site = text_encoder_site(clip, who)
+    site = text_encoder_site(clip, who, encoder)
     clip.load_model()
-    return dataclasses.replace(comfy_text_host(clip, site), batch_size=COLLECT_BATCH), site.family
+    return dataclasses.replace(comfy_text_host(clip, site), batch_size=COLLECT_BATCH), site
 
 
 def corpus_prompts(corpus: str, prompts: str = "", max_prompts: int = 0) -> list[str]:
@@ -90,7 +95,8 @@ class CollectTextActivations:
         "Train SAE for the SAE the ItD Prompt Classifier needs (Train SAE with topk = token and whiten on). "
         f"The default corpus ships with the pack ({CORPUS_SIZE} prompts: subjects, styles, painters, generic "
         "descriptions of famous people, unsafe phrasings); text files in models/prompts and typed prompts work too. "
-        "SD1.x and SDXL (clip_l), and MiniCanvas. A complete store with the same settings is reused."
+        "SD1.x (clip_l), SD2.x (clip_h), SDXL (clip_l or clip_g: one store and one SAE per encoder), the SDXL "
+        "refiner (clip_g) and MiniCanvas. A complete store with the same settings is reused."
     )
     CATEGORY = category("itd")
     RETURN_TYPES = ("STRING",)
@@ -125,21 +131,34 @@ class CollectTextActivations:
                 "overwrite": inp("BOOLEAN", "Replace an existing complete store of this name that was collected "
                                             "with other settings (otherwise that is an error).", default=False),
             },
+            "optional": {
+                "encoder": inp([AUTO_ENCODER, *ENCODERS], "Which text encoder is recorded: auto = clip_l when the "
+                                                          "CLIP has one (SD1.x, SDXL), else its only encoder (SD2.x "
+                                                          "clip_h, SDXL refiner clip_g, MiniCanvas). For SDXL's "
+                                                          "clip_g, collect a second store with clip_g and train its "
+                                                          "own SAE.", default=AUTO_ENCODER),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def collect(self, clip: Any, corpus: str, prompts: str, layer: int, positions: str, max_prompts: int,
                 dataset_name: str, store_dtype: str = "float16", overwrite: bool = False,
-                unique_id: Optional[str] = None) -> tuple[str]:
+                encoder: str = AUTO_ENCODER, unique_id: Optional[str] = None) -> tuple[str]:
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         prompt_list = corpus_prompts(corpus, prompts, max_prompts)
-        host, family = text_host(clip)
+        host, site = text_host(clip, encoder=encoder)
+        family = site.family
         num_layers = layer_count(host.model)
         index = default_layer(num_layers) if int(layer) < 0 else int(layer)
         if not 0 <= index < num_layers:
             raise ValueError(f"layer: {index} is out of range; this text encoder has {num_layers} layers "
                              f"(0..{num_layers - 1})")
+        last = output_layer(clip, host.model, num_layers)
+        if last is not None and index > last:
+            raise ValueError(f"layer: {site.name} layer {index} comes after layer {last}, the last one this {family} "
+                             f"CLIP's conditioning is read from; an SAE there could not edit the token states. Pick "
+                             f"a layer <= {last}.")
         source = host.source(index)
         folder = dataset_folder(dataset_name)
         weights = tensor_fingerprint(sorted(host.model.state_dict().items()), dtype=torch.float16, max_values=4096)
@@ -150,12 +169,13 @@ class CollectTextActivations:
         if decision.action is Action.REUSE:
             log.info("%s", decision.message)
             return (str(folder),)
-        log.info("%s: %d prompts, %s layer %d (%s), positions %s -> %s", NODE_NAME, len(prompt_list), family, index,
-                 source.layer_path, positions, folder)
+        log.info("%s: %d prompts, %s %s layer %d (%s), positions %s -> %s", NODE_NAME, len(prompt_list), family,
+                 site.name, index, source.layer_path, positions, folder)
         with Progress(len(prompt_list), desc="collect text activations", node_id=unique_id) as bar:
             done = collect_text_store(
                 source, prompt_list, folder, positions=positions, dtype=store_dtype, overwrite=True,
-                attrs={"model_family": family, "settings": settings, "origin": node_id("CollectTextActivations")},
+                attrs={"model_family": family, "encoder": site.name, "settings": settings,
+                       "origin": node_id("CollectTextActivations")},
                 should_stop=interrupt_requested, on_progress=lambda n, total: bar.update_absolute(n))
         if done is None:
             throw_if_interrupted()

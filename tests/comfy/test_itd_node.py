@@ -1,11 +1,12 @@
-"""ItD Prompt Classifier in a real ComfyUI, on small CLIP-L-structured encoders built with ComfyUI's own classes.
+"""ItD Prompt Classifier in a real ComfyUI, on small CLIP-structured encoders built with ComfyUI's own classes.
 
 The text encoders are ComfyUI's ``SD1ClipModel`` / ``SDXLClipModel`` with small configs (64 wide, 4 layers),
-random weights and the shipped SD1 tokenizer. The token embeddings are drawn larger than the other weights so
+random weights and the shipped SD1 tokenizer; SD2.x (``SD2ClipModel``, clip_h), SDXL (clip_l and clip_g) and the
+SDXL refiner (clip_g) come from ``tiny_models``. The token embeddings are drawn larger than the other weights so
 that, as in a trained CLIP, token identity is visible in the residual stream. The SAE is built from that
 encoder's own residuals at the hooked layer, read through the normal ComfyUI encode path: one latent per token
 that occurs in a small prompt set (direction = the token's mean centred residual, firing threshold = half its
-mean activation), k = 1, plus latents that never fire. It is a valid TopK SAE with one feature per word, so the
+mean activation), k = 1, plus latents that never fire; one such SAE per encoder (``word_sae(clip, encoder=...)``). It is a valid TopK SAE with one feature per word, so the
 node's interpretation, calibration and gating can be checked exactly without training.
 """
 
@@ -17,6 +18,7 @@ import logging
 import re
 
 import pytest
+import tiny_models
 import torch
 
 from sae_core.config import SaeConfig
@@ -84,10 +86,18 @@ def sdxl_clip():
                   "clip_g_model_config": _config(32, 3, projection_dim=32)})
 
 
+def layers_of(clip, encoder: str = "clip_l"):
+    """The encoder layers of ``encoder`` (``clip_l``, ``clip_g``, ``clip_h``) of a ComfyUI CLIP."""
+    return getattr(clip.cond_stage_model, encoder).transformer.text_model.encoder.layers
+
+
 @torch.no_grad()
-def word_sae(clip, layer: int = LAYER, hookpoint: str | None = "default", extra: int = 8) -> SparseAutoencoder:
-    """A k=1 TopK SAE with one latent per token of VOCAB_PROMPTS, read at clip_l ``layer`` via the encode path."""
-    module = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[layer]
+def word_sae(clip, layer: int = LAYER, hookpoint: str | None = "default", extra: int = 8,
+             encoder: str = "clip_l") -> SparseAutoencoder:
+    """A k=1 TopK SAE with one latent per token of VOCAB_PROMPTS (padding included), read at ``encoder``'s
+    ``layer`` via the encode path."""
+    module = layers_of(clip, encoder)[layer]
+    width = int(module.layer_norm1.normalized_shape[0])
     rows, ids = [], []
     handle = module.register_forward_hook(lambda _m, _a, out: rows.append(out.detach().clone()))
     try:
@@ -95,15 +105,15 @@ def word_sae(clip, layer: int = LAYER, hookpoint: str | None = "default", extra:
             for prompt in VOCAB_PROMPTS:
                 tokens = clip.tokenize(prompt)
                 clip.encode_from_tokens(tokens)
-                ids.append(torch.tensor([t[0] for t in tokens["l"][0]]))
+                ids.append(torch.tensor([t[0] for t in tokens[encoder.split("_")[1]][0]]))
     finally:
         handle.remove()
-    h = torch.cat(rows).reshape(-1, WIDTH).float()
+    h = torch.cat(rows).reshape(-1, width).float()
     flat = torch.cat(ids)
     mu = h.mean(0)
     tokens = flat.unique().tolist()
     n = len(tokens) + extra
-    dirs = torch.randn(n, WIDTH, generator=torch.Generator().manual_seed(5))
+    dirs = torch.randn(n, width, generator=torch.Generator().manual_seed(5))
     bias = torch.full((n,), -1e3)  # latents without a token never fire
     for j, tok in enumerate(tokens):
         centred = h[flat == tok] - mu
@@ -112,7 +122,7 @@ def word_sae(clip, layer: int = LAYER, hookpoint: str | None = "default", extra:
         bias[j] = -0.5 * float((centred @ dirs[j]).mean())
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
     hook = f"text_model.encoder.layers.{layer}" if hookpoint == "default" else hookpoint
-    sae = SparseAutoencoder(SaeConfig(d_in=WIDTH, num_latents=n, k=1, hookpoint=hook))
+    sae = SparseAutoencoder(SaeConfig(d_in=width, num_latents=n, k=1, hookpoint=hook))
     sae.encoder.weight.copy_(dirs)
     sae.encoder.bias.copy_(bias)
     sae.W_dec.copy_(dirs)
@@ -134,10 +144,11 @@ def encode(clip, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return cond.clone(), pooled.clone()
 
 
-def the_patch(comfy, clip, layer: int = LAYER):
+def the_patch(comfy, clip, layer: int = LAYER, encoder: str = "clip_l"):
     itd = comfy.nodes_pkg.itd
-    patch = clip.patcher.object_patches[itd.layer_key(layer)]
-    assert isinstance(patch, itd.ItDClipPatch)
+    key = itd.layer_key(layer) if encoder == "clip_l" else f"{encoder}.transformer.text_model.encoder.layers.{layer}.forward"
+    patch = clip.patcher.object_patches[key]
+    assert isinstance(patch, itd.ItDClipPatch) and patch.encoder_name == encoder
     return patch
 
 
@@ -306,34 +317,36 @@ def test_clear_errors(comfy, tiny):
 
 
 def test_unsupported_encoders_are_refused(comfy):
-    import comfy.sd1_clip as sd1
     import comfy.sdxl_clip as sdxl
     import comfy.text_encoders.sa_t5 as sa_t5
-    import comfy.text_encoders.sd2_clip as sd2
-
-    class RefinerTokenizer(sd1.SD1Tokenizer):
-        """The SDXL refiner's tokenizer: clip_g alone."""
-
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data, clip_name="g",
-                             tokenizer=sdxl.SDXLClipGTokenizer)
 
     sae = SparseAutoencoder(SaeConfig(d_in=WIDTH, num_latents=128, k=4), generator=torch.Generator().manual_seed(0))
     cases = [
-        (_clip(sd2.SD2Tokenizer, sd2.SD2ClipModel, {"clip_h_model_config": _config(96, 3, projection_dim=96)}),
-         r"SD2ClipModel with clip_h \(width 96\)"),
-        (_clip(RefinerTokenizer, sdxl.SDXLRefinerClipModel,
+        (_clip(sdxl.StableCascadeTokenizer, sdxl.StableCascadeClipModel,
                {"clip_g_model_config": _config(WIDTH, 3, projection_dim=WIDTH)}),
-         r"SDXLRefinerClipModel with clip_g \(width 64\)"),
+         r"StableCascadeClipModel with clip_g \(width 64\)"),
         (_clip(sa_t5.SAT5Tokenizer, sa_t5.SAT5Model,
                {"t5base_model_config": {"d_model": WIDTH, "d_ff": 2 * WIDTH, "d_kv": 16, "num_heads": 2,
                                         "num_layers": 2}}),
          r"SAT5Model with t5base \(width 64\)"),
     ]
     for clip, message in cases:
-        with pytest.raises(ValueError, match=r"CLIP-L text encoder .*" + message + ", which is not supported"):
+        with pytest.raises(ValueError, match=r"SD1\.x \(clip_l\), SD2\.x \(clip_h\), SDXL \(clip_l, clip_g\), the "
+                                             r"SDXL refiner \(clip_g\) .*" + message + ", which is not supported"):
             run_node(comfy, clip, sae, layer=0)
         assert clip.patcher.object_patches == {}
+
+
+def test_encoder_choice_errors_name_the_encoders(comfy, tiny):
+    clip, sae = tiny
+    with pytest.raises(ValueError, match=r"encoder: this SD1 CLIP has no clip_g; its text encoder is clip_l"):
+        run_node(comfy, clip, sae, encoder="clip_g")
+    with pytest.raises(ValueError, match=r"encoder: expected one of auto, clip_l, clip_g, clip_h, got 'clip_t5'"):
+        run_node(comfy, clip, sae, encoder="clip_t5")
+    sd2 = tiny_models.tiny_sd2_clip(width=48, layers=4)
+    with pytest.raises(ValueError, match=r"this SD2 CLIP has no clip_l; its text encoder is clip_h"):
+        run_node(comfy, sd2, sae, encoder="clip_l")
+    assert clip.patcher.object_patches == {} and sd2.patcher.object_patches == {}
 
 
 def test_sdxl_edits_clip_l_only(comfy):
@@ -443,6 +456,47 @@ def test_workflow_wiring():
     assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
 
 
+def test_sdxl_workflows_chain_one_classifier_per_encoder():
+    """workflows/sdxl: the checkpoint's CLIP -> ItD on clip_l -> ItD on clip_g -> positive prompt only; each
+    classifier's SAE is the one of its encoder (the training template writes them); the gate gets the prompt text,
+    since SDXL's conditioning carries no decision."""
+    folder = Path(__file__).resolve().parents[2] / "workflows" / "sdxl"
+    for name in ("itd_prompt_classifier.json", "itd_train_text_sae.json"):
+        wf = json.loads((folder / name).read_text())
+        by_id = {n["id"]: n for n in wf["nodes"]}
+
+        def source_of(node, socket, wf=wf, by_id=by_id):
+            link = next(i["link"] for i in node["inputs"] if i["name"] == socket)
+            return next(by_id[src] for lid, src, *_ in wf["links"] if lid == link)
+
+        (sampler,) = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+        positive, negative = source_of(sampler, "positive"), source_of(sampler, "negative")
+        loader = source_of(negative, "clip")
+        assert loader["type"] == "CheckpointLoaderSimple" and "xl" in loader["widgets_values"][0]
+        g_node = source_of(positive, "clip")
+        l_node = source_of(g_node, "clip")
+        assert g_node["type"] == l_node["type"] == NODE_ID and source_of(l_node, "clip") is loader
+        assert (l_node["widgets_values"][-1], g_node["widgets_values"][-1]) == ("clip_l", "clip_g")
+        saes = {}
+        for node, encoder in ((l_node, "clip_l"), (g_node, "clip_g")):
+            src = source_of(node, "sae")
+            if src["type"] == "CE_LoadSAE":
+                saes[encoder] = src["widgets_values"][0].rsplit("/", 1)[0]
+            else:  # Train SAE on that encoder's store
+                assert src["type"] == "CE_TrainSAE"
+                assert source_of(src, "dataset_path")["widgets_values"][-1] == encoder
+                saes[encoder] = src["widgets_values"][8]
+        assert all(encoder in sae for encoder, sae in saes.items()), saes
+        if name == "itd_train_text_sae.json":
+            trained = saes
+            (gate_node,) = [n for n in wf["nodes"] if n["type"] == GATE_ID]
+            assert source_of(gate_node, "clip") is g_node and "conditioning" not in {i["name"] for i in gate_node["inputs"]}
+            assert gate_node["widgets_values"] == positive["widgets_values"]
+        else:
+            loaded = saes
+    assert loaded == trained
+
+
 # ---------------------------------------------------------------------------------------------
 # calibration templates and ItD Prompt Gate
 # ---------------------------------------------------------------------------------------------
@@ -499,3 +553,183 @@ def test_gate_errors_are_clear(comfy, tiny):
     (plain,) = comfy.nodes.CLIPTextEncode().encode(clip, "a cat")  # encoded without the classifier
     with pytest.raises(ValueError, match="carries no ItD decision"):
         gate(comfy, patched, "", plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD2.x (clip_h), SDXL (clip_l and clip_g) and the SDXL refiner (clip_g)
+# ---------------------------------------------------------------------------------------------
+
+FLAGGED = ("cat", "a painting of a dragon")
+FAMILY_PROMPTS = [*FLAGGED, "a photo of a boat", "house", "a cup"]
+
+
+@torch.no_grad()
+def itd_reference(sae, features, scale: float, hidden):
+    """ItD's edit written out: the SAE code (ReLU, top k), the concept features times ``scale`` at every position
+    but BOS, the full reconstruction."""
+    h = hidden.float()
+    pre = torch.relu((h - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+    values, indices = pre.topk(sae.cfg.k, dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, indices, values)
+    z[:, 1:, features] *= scale
+    return (z @ sae.W_dec + sae.b_dec).to(hidden.dtype)
+
+
+def encode_with_layer_edit(clip, prompt: str, encoder: str, layer: int, edit):
+    """``(cond, pooled)`` of the input ``clip`` (no ItD patch) with ``encoder``'s layer ``layer`` output replaced by
+    ``edit(output)``: the stock encoder running the rest of its stack on an edited residual."""
+    handle = layers_of(clip, encoder)[layer].register_forward_hook(lambda _m, _a, out: edit(out))
+    try:
+        return encode(clip, prompt)
+    finally:
+        handle.remove()
+
+
+def assert_edited_run(clip, patch, sae, prompt: str, cond, pooled, columns: slice) -> None:
+    """A flagged prompt's token states (``columns`` of the conditioning) and pooled output are those of the stock
+    encoder whose layer output is replaced by the independently computed ItD edit."""
+    features = patch.concepts.features
+    ref_cond, ref_pooled = encode_with_layer_edit(
+        clip, prompt, patch.encoder_name, patch.layer, lambda out: itd_reference(sae, features, -8.0, out))
+    torch.testing.assert_close(cond[..., columns], ref_cond[..., columns], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-4, atol=1e-5)
+
+
+def refiner_clip():
+    """The SDXL refiner's CLIP as ComfyUI builds it: SDXL's tokenizer, ``SDXLRefinerClipModel`` (clip_g alone)."""
+    import comfy.sdxl_clip as sdxl
+
+    return tiny_models.clip_object(sdxl.SDXLTokenizer, sdxl.SDXLRefinerClipModel,
+                                   {"clip_g_model_config": tiny_models.small_config(WIDTH, LAYERS, projection_dim=WIDTH)})
+
+
+@pytest.mark.parametrize("family", ["SD2", "SDXLRefiner"])
+def test_single_encoder_families(comfy, family):
+    """SD2.x's clip_h and the SDXL refiner's clip_g: the only encoder (``auto``), penultimate layer; flagged prompts
+    get token states and pooled output from the edited run, the others are bit-exact in both; the input CLIP is
+    unchanged; the decision travels in the conditioning (SD1ClipModel hands it on)."""
+    clip = tiny_models.tiny_sd2_clip(width=WIDTH, layers=LAYERS) if family == "SD2" else refiner_clip()
+    encoder = "clip_h" if family == "SD2" else "clip_g"
+    sae = word_sae(clip, encoder=encoder)
+    before = {p: encode(clip, p) for p in FAMILY_PROMPTS}
+    state = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    patched, report = run_node(comfy, clip, sae)
+    assert f"{family} {encoder} layer {LAYER}" in report
+    patch = the_patch(comfy, patched, encoder=encoder)
+    for p in FAMILY_PROMPTS:
+        (c0, p0), (c1, p1) = before[p], encode(patched, p)
+        assert c0.shape == c1.shape == (1, 77, WIDTH) and p0.shape == p1.shape == (1, WIDTH)
+        assert bool(patch.last.detected[0]) == (p in FLAGGED), p
+        if p in FLAGGED:
+            assert not torch.equal(c0, c1) and not torch.equal(p0, p1), p
+            assert_edited_run(clip, patch, sae, p, c1, p1, slice(None))
+        else:
+            assert torch.equal(c0, c1) and torch.equal(p0, p1), p  # bit-exact, token states and pooled
+    assert clip.patcher.object_patches == {}
+    for p in FAMILY_PROMPTS:
+        c0, p0 = encode(clip, p)
+        assert torch.equal(c0, before[p][0]) and torch.equal(p0, before[p][1]), p
+    assert all(torch.equal(v, state[k]) for k, v in clip.cond_stage_model.state_dict().items())
+    for prompt in ("a painting of a dragon", "a photo of a boat"):
+        (cond,) = comfy.nodes.CLIPTextEncode().encode(patched, prompt)
+        (flagged, score, tau), _ = gate(comfy, patched, "", cond)
+        assert flagged is (prompt in FLAGGED) is (score >= tau) and tau == pytest.approx(patch.tau)
+        assert cond[0][1]["itd_classifier"]["encoder"] == encoder
+    # the conditioning is read from the penultimate layer: the last one is refused
+    with pytest.raises(ValueError, match=rf"{encoder} layer 3 .*comes after layer 2.*only the pooled output"):
+        run_node(comfy, clip, word_sae(clip, layer=3, encoder=encoder), layer=3)
+
+
+def test_sdxl_clip_g_alone_and_both_encoders(comfy):
+    """SDXL: an ItD node on clip_g edits clip_g's token states and the pooled output (the ADM input) of flagged
+    prompts, clip_l stays bit-exact; chained after a clip_l node, both encoders are edited, each by its own SAE and
+    threshold; unflagged prompts stay bit-exact throughout; no node changes its input CLIP."""
+    g_width = 48
+    clip = tiny_models.tiny_sdxl_clip(clip_l=WIDTH, clip_g=g_width, layers=LAYERS)
+    sae_l, sae_g = word_sae(clip, encoder="clip_l"), word_sae(clip, encoder="clip_g")
+    before = {p: encode(clip, p) for p in FAMILY_PROMPTS}
+    l_cols, g_cols = slice(0, WIDTH), slice(WIDTH, WIDTH + g_width)
+
+    g_only, report = run_node(comfy, clip, sae_g, encoder="clip_g")
+    assert "SDXL clip_g layer 2" in report and "pooled output: from the edited clip_g run" in report
+    assert "clip_l: not edited; chain another ItD Prompt Classifier with encoder clip_l" in report
+    patch_g = the_patch(comfy, g_only, encoder="clip_g")
+    g_after = {}
+    for p in FAMILY_PROMPTS:
+        (c0, p0), (c1, p1) = before[p], encode(g_only, p)
+        g_after[p] = (c1, p1)
+        assert c0.shape == c1.shape == (1, 77, WIDTH + g_width) and p0.shape == p1.shape == (1, g_width)
+        assert torch.equal(c0[..., l_cols], c1[..., l_cols]), p  # clip_l untouched
+        assert bool(patch_g.last.detected[0]) == (p in FLAGGED), p
+        if p in FLAGGED:
+            assert not torch.equal(c0[..., g_cols], c1[..., g_cols]) and not torch.equal(p0, p1), p
+            assert_edited_run(clip, patch_g, sae_g, p, c1, p1, g_cols)
+        else:
+            assert torch.equal(c0, c1) and torch.equal(p0, p1), p
+
+    l_only, report = run_node(comfy, clip, sae_l)  # auto = clip_l, as before
+    assert "clip_g and the pooled output it gives the UNet: not edited" in report
+    l_after = {p: encode(l_only, p) for p in FAMILY_PROMPTS}
+    l_patches = dict(l_only.patcher.object_patches)
+    both, report = run_node(comfy, l_only, sae_g, encoder="clip_g")
+    assert "clip_l: classified by the ItD node upstream of this one" in report
+    assert l_only.patcher.object_patches == l_patches and len(both.patcher.object_patches) == 4
+    for p in FAMILY_PROMPTS:
+        (c0, p0), (cb, pb) = before[p], encode(both, p)
+        if p in FLAGGED:
+            assert torch.equal(cb[..., l_cols], l_after[p][0][..., l_cols]), p  # the clip_l node's edit
+            assert torch.equal(cb[..., g_cols], g_after[p][0][..., g_cols]) and torch.equal(pb, g_after[p][1]), p
+            assert not torch.equal(cb[..., l_cols], c0[..., l_cols]) and not torch.equal(pb, p0), p
+        else:
+            assert torch.equal(cb, c0) and torch.equal(pb, p0), p
+    for p in FAMILY_PROMPTS:  # the inputs of both nodes are unchanged
+        assert all(torch.equal(a, b) for a, b in zip(encode(l_only, p), l_after[p])), p
+        assert all(torch.equal(a, b) for a, b in zip(encode(clip, p), before[p])), p
+    assert clip.patcher.object_patches == {}
+
+    # ItD Prompt Gate asks both classifiers; SDXL's conditioning keeps no decision
+    (flagged, score, tau), shown = gate(comfy, both, "a painting of a dragon")
+    assert flagged and score >= tau and "clip_l: a painting of a dragon" in shown and "clip_g: a painting" in shown
+    (flagged, score, tau), shown = gate(comfy, both, "a photo of a boat")
+    assert not flagged and score < tau and shown.count("keep") == 2
+    (cond,) = comfy.nodes.CLIPTextEncode().encode(both, "cat")
+    with pytest.raises(ValueError, match="carries no ItD decision"):
+        gate(comfy, both, "", cond)
+    # a second node on an encoder that is already edited says so (auto is clip_l again)
+    _, report = run_node(comfy, l_only, sae_l)
+    assert "clip_l: already edited by an ItD node upstream" in report and "set encoder to clip_g" in report
+    # a clip_g SAE on auto (clip_l): the width error names the encoder that fits it
+    with pytest.raises(ValueError, match=r"width mismatch.*d_in=48.*This CLIP's clip_g is 48 wide: set encoder to "
+                                         r"clip_g"):
+        run_node(comfy, clip, sae_g)
+
+
+def test_sdxl_pooled_edit_reaches_the_unet(comfy):
+    """Stock CLIPTextEncode + KSampler on a tiny SDXL with both encoders classified: a flagged prompt samples
+    differently, also when only its pooled output (the ADM input ``y``) comes from the ItD CLIP; an unflagged prompt
+    samples bit-exactly as with the original CLIP."""
+    g_width = 48
+    model = tiny_models.tiny_sdxl(clip_l=WIDTH, clip_g=g_width)
+    clip = tiny_models.tiny_sdxl_clip(clip_l=WIDTH, clip_g=g_width, layers=LAYERS)
+    patched, _ = run_node(comfy, clip, word_sae(clip, encoder="clip_l"), encoder="clip_l")
+    patched, _ = run_node(comfy, patched, word_sae(clip, encoder="clip_g"), encoder="clip_g")
+    n = comfy.nodes
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def sample(positive):
+        with torch.inference_mode():
+            (negative,) = n.CLIPTextEncode().encode(clip, "")
+            (out,) = n.KSampler().sample(model, 0, 2, 5.0, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    with torch.inference_mode():
+        (flagged,) = n.CLIPTextEncode().encode(patched, "a painting of a dragon")
+        (original,) = n.CLIPTextEncode().encode(clip, "a painting of a dragon")
+        (boat_itd,) = n.CLIPTextEncode().encode(patched, "a photo of a boat")
+        (boat,) = n.CLIPTextEncode().encode(clip, "a photo of a boat")
+    assert the_patch(comfy, patched, encoder="clip_g").last.detected.tolist() == [False]  # the boat, last encoded
+    pooled_only = [[original[0][0], {**original[0][1], "pooled_output": flagged[0][1]["pooled_output"]}]]
+    reference = sample(original)
+    assert not torch.equal(sample(flagged), reference)
+    assert not torch.equal(sample(pooled_only), reference)  # the edited pooled output alone moves the sample
+    assert torch.equal(sample(boat_itd), sample(boat))
