@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json")) + sorted((REPO_ROOT / "workflows").glob("sdxl/*.json"))
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 """Input types the frontend shows as widgets (a list of strings is a combo too)."""
@@ -160,7 +160,7 @@ def check_workflow(wf: dict, classes: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[str(p.relative_to(REPO_ROOT / "workflows")) for p in WORKFLOWS])
 def test_workflow_matches_node_definitions(node_classes, path):
     wf = json.loads(path.read_text(encoding="utf-8"))
     assert wf.get("version") is not None and isinstance(wf.get("nodes"), list), f"{path.name}: not a UI-format workflow"
@@ -357,3 +357,44 @@ def test_minicanvas_erasure_workflow_erases_the_style(comfy, node_classes, name)
     erased = styles(by_prefix[f"minicanvas/{prefix}_erased"])
     assert original.count(target) == len(original), original
     assert erased.count(target) == 0, erased
+
+
+SDXL_WORKFLOWS = sorted(p.name for p in (REPO_ROOT / "workflows" / "sdxl").glob("*.json"))
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".txt", ".gz")
+
+
+def _names_a_file(value) -> bool:
+    return isinstance(value, str) and (value.lower().endswith(FILE_SUFFIXES) or "/" in value)
+
+
+@pytest.mark.parametrize("name", SDXL_WORKFLOWS)
+def test_sdxl_workflow_validates_in_comfyui(node_classes, monkeypatch, name):
+    """ComfyUI's own ``validate_prompt`` accepts each SDXL workflow, with the files it names (checkpoint, SAEs,
+    LoRAs) taken as present: those are the only combo values added to the node's lists; every other value (samplers,
+    blocks, modes) must be one the node offers."""
+    import execution
+
+    wf = json.loads((REPO_ROOT / "workflows" / "sdxl" / name).read_text(encoding="utf-8"))
+    assert any(n["type"] == "CheckpointLoaderSimple" for n in wf["nodes"]), "an SDXL workflow loads a checkpoint"
+    prompt = ui_to_api(wf, node_classes)
+    files: dict[str, dict[str, set]] = {}
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if _names_a_file(value):
+                files.setdefault(node["class_type"], {}).setdefault(key, set()).add(value)
+    for class_type, wanted in files.items():
+        cls = node_classes[class_type]
+        original = cls.INPUT_TYPES
+
+        def with_files(_cls, original=original, wanted=wanted):
+            spec = original()
+            for section in spec.values():
+                for key, entry in section.items() if isinstance(section, dict) else ():
+                    if key in wanted and isinstance(entry, tuple) and isinstance(entry[0], list):
+                        section[key] = (entry[0] + sorted(wanted[key] - set(entry[0])), *entry[1:])
+            return spec
+
+        monkeypatch.setattr(cls, "INPUT_TYPES", classmethod(with_files))
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(f"ce-sdxl-{name}", prompt, None))
+    assert valid, (error, node_errors)
+    assert outputs, "the workflow has an output node"
