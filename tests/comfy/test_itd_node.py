@@ -454,6 +454,12 @@ def test_workflow_wiring():
     edges = {(by_id[s]["type"], by_id[d]["type"]) for _, s, _, d, _, _ in wf["links"]}
     chain = ["KSampler", "VAEDecode", "SaveImage"]
     assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
+    # the report compares the checkpoint's CLIP with the ItD CLIP on the same UNet
+    report = next(n for n in wf["nodes"] if n["type"] == "CE_ErasureReport")
+    assert source_of(report, "erased_clip")["type"] == NODE_ID
+    assert source_of(report, "clip")["type"] == source_of(report, "model")["type"] == "CheckpointLoaderSimple"
+    assert source_of(report, "erased_model")["type"] == "CheckpointLoaderSimple"
+    assert ("CE_ErasureReport", "SaveImage") in edges
 
 
 def test_sdxl_workflows_chain_one_classifier_per_encoder():
