@@ -32,6 +32,7 @@ NODE_MODULES: list[str] = [
     "saeuron",
     "minicanvas",
     "report",
+    "probe",
 ]
 """Node modules of this package, in menu order."""
 

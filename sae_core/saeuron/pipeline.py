@@ -262,6 +262,10 @@ class ConceptBlockEdit:
             edited = self.hook.on_update(inputs[0], y, step, mask)
         else:
             edited = self.hook(y, step, mask)
+        if y.requires_grad and torch.is_grad_enabled():
+            # the edit is computed without gradients; a search through the model (a leak probe) sees it as a
+            # fixed offset of the block output, the straight-through gradient of attacks on such defences
+            edited = y + (edited - y).detach()
         return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
 
 

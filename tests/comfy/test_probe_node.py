@@ -1,0 +1,83 @@
+"""Concept Inversion Probe in a real ComfyUI on the MiniCanvas Checkpoint: the search lowers the erased model's
+denoising loss on images of the concept, leaves both models unchanged, runs through sampling-time edits (SAeUron's
+hook), and its conditioning feeds the Erasure Report's probe rows."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+PROBE_ID = "CE_ConceptInversionProbe"
+STYLE = "checkered"
+PROMPT = "an image of a star in checkered style"
+ARGS = {"samples": 2, "steps": 12, "lr": 0.05, "batch_size": 2, "seed": 0, "sample_steps": 10, "cfg": 7.0,
+        "sampler_name": "ddim", "scheduler": "simple", "width": 32, "height": 32}
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def _rece_erased(comfy, canvas):
+    from sae_core.minicanvas.methods import get_method
+
+    edited = get_method("rece")(canvas, "style", [STYLE], quiet=True)
+    with torch.inference_mode():
+        return comfy.nodes_pkg.minicanvas.build_model(edited)
+
+
+def test_probe_lowers_the_erased_models_loss_and_changes_nothing(comfy, mc, canvas):
+    erased = _rece_erased(comfy, canvas)
+    before_o, before_e = _weights(mc[0]), _weights(erased)
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[PROBE_ID]()
+    out = node.probe(mc[0], mc[1], erased, PROMPT, **ARGS)
+    probe, text = out["result"]
+    assert out["ui"]["text"] == [text]
+    with torch.inference_mode():
+        (concept,) = comfy.nodes.CLIPTextEncode().encode(mc[1], PROMPT)
+    assert probe[0][0].shape == concept[0][0].shape and not torch.equal(probe[0][0], concept[0][0].cpu())
+    start, end = (float(v) for v in text.rsplit(":", 1)[1].replace("from the prompt's conditioning,", "").split()[:2])
+    assert end < start, text
+    assert all(torch.equal(v, before_o[k]) for k, v in _weights(mc[0]).items())
+    assert all(torch.equal(v, before_e[k]) for k, v in _weights(erased).items())
+    # the report samples the probe on both models: one probe row per seed, counted by the judges
+    report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased, mc[2], [PROMPT], [], [0, 1], "style", STYLE,
+                                               10, 7.0, "ddim", "simple", probe=probe)
+    assert [r.group for r in report.rows].count("probe") == 2 and report.scores["probe"]["images"] == 2
+
+
+def _call(comfy, node_id: str, **kwargs):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]()
+    out = getattr(node, node.FUNCTION)(**kwargs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def test_probe_runs_through_the_saeuron_hook(comfy, mc, canvas):
+    """SAeUron edits at sampling time: the search calls the erased model with the sampling schedule, so the
+    hook (which needs the schedule to know its step) acts during the search and changes what it finds."""
+    from sae_core.minicanvas.plugins.saeuron import RECIPE
+
+    settings = RECIPE.style
+    (sae,) = _call(comfy, "CE_LoadSAE", sae_name="minicanvas/saeuron_style.safetensors", device="cpu",
+                   dtype="float32")[:1]
+    percentile = settings.get("percentile")
+    (erased,) = _call(comfy, "CE_SAeUronConceptBlock", model=mc[0], sae=sae, block=RECIPE.blocks["style"],
+                      concepts=STYLE, gamma=float(settings["gamma"]),
+                      selection="top_n" if percentile is None else "percentile", top_n=int(settings["top_n"]),
+                      percentile=99.999 if percentile is None else float(percentile),
+                      error_mode=str(settings.get("error_mode", "conventional")),
+                      cond_only=bool(settings.get("cond_only", False)),
+                      features_file="minicanvas/saeuron_style.safetensors")[:1]
+    args = {**ARGS, "steps": 3}
+    hooked, _ = _call(comfy, PROBE_ID, model=mc[0], clip=mc[1], erased_model=erased, concept_prompt=PROMPT, **args)
+    plain, _ = _call(comfy, PROBE_ID, model=mc[0], clip=mc[1], erased_model=mc[0], concept_prompt=PROMPT, **args)
+    assert not torch.equal(hooked[0][0], plain[0][0])  # same images and draws: only the hook differs
+
+
+def test_bad_inputs_are_refused(comfy, mc):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[PROBE_ID]()
+    with pytest.raises(ValueError, match="concept_prompt"):
+        node.probe(mc[0], mc[1], mc[0], "  ", **ARGS)
+    with pytest.raises(ValueError, match="lr"):
+        node.probe(mc[0], mc[1], mc[0], PROMPT, **{**ARGS, "lr": float("nan")})
