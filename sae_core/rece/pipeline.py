@@ -227,21 +227,25 @@ def _weight_norm_sq(w: Tensor) -> float:
     return float(torch.linalg.vector_norm(w.detach(), dtype=COMPUTE_DTYPE)) ** 2
 
 
+def _changes(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> tuple[dict[str, float], float]:
+    """``(layer_changes, relative_change)`` from one pass over the weights."""
+    per, num, den = {}, 0.0, 0.0
+    for k in deltas:
+        d, w = _norm_sq(deltas, k), _weight_norm_sq(weights[k])
+        per[k] = (d / w) ** 0.5 if w > 0 else 0.0
+        num, den = num + d, den + w
+    return per, ((num / den) ** 0.5 if den > 0 else 0.0)
+
+
 def relative_change(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> float:
     """``||dW||_F / ||W||_F`` over all weights (float64 sums; 0 for all-zero weights). Low-rank deltas
     (:class:`~sae_core.rece.closed_form.LowRankDeltas`) are measured from their factors."""
-    num = sum(_norm_sq(deltas, k) for k in deltas)
-    den = sum(_weight_norm_sq(weights[k]) for k in deltas)
-    return (num / den) ** 0.5 if den > 0 else 0.0
+    return _changes(deltas, weights)[1]
 
 
 def layer_changes(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> dict[str, float]:
     """``name -> ||dW||_F / ||W||_F`` of every edited weight, in ``deltas``' order (what each layer changed)."""
-    out = {}
-    for k in deltas:
-        den = _weight_norm_sq(weights[k])
-        out[k] = (_norm_sq(deltas, k) / den) ** 0.5 if den > 0 else 0.0
-    return out
+    return _changes(deltas, weights)[0]
 
 
 @torch.no_grad()
@@ -340,10 +344,10 @@ def run_rece(host: RECEHost, settings: RECESettings, *, progress: bool = False, 
     config = RECEConfig(epochs=settings.rece_epochs, lambda_reg=settings.lambda_reg, variant=settings.variant,
                         erase_scale=settings.erase_scale, preserve_scale=settings.preserve_scale, lam=settings.lam)
     result = rece_edit(weights, concepts, anchor, preserve_rows, config, start=start, progress=progress, probe=probe)
-    changes = layer_changes(result.deltas, weights)
+    changes, overall = _changes(result.deltas, weights)
     pooled, note = _pooled_edit(host, settings, concept_texts, preserve_texts, probe)
     return RECERun(result, concept_texts, settings.anchor, preserve_texts, s_p, config.epochs, ctx,
-                   relative_change(result.deltas, weights), changes, pooled, note, result.probe)
+                   overall, changes, pooled, note, result.probe)
 
 
 def _pooled_edit(host: RECEHost, settings: RECESettings, concept_texts: list[str], preserve_texts: list[str],
