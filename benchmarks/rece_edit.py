@@ -18,8 +18,8 @@ For each number of epochs (0 = UCE alone) it prints the median and best wall tim
 (``rece_edit``: the UCE start, the epochs and the exact low-rank factors of every delta) and the process CPU time
 (robust when other jobs share the cores); then, timed alone, the phases that touch every weight and the work that
 follows the edit in RECE Edit Model: the relative change per weight (from the factors), the leak probe of a UCE
-edit (its float64 sum of W^T W is also what the epochs cost beyond UCE), forming every dense delta (what ComfyUI's LoRA patches do when the model is loaded, not part of the edit),
-and SDXL's pooled edit.
+edit (its float64 sum of W^T W is also what the epochs cost beyond UCE), forming every dense delta (what ComfyUI's
+LoRA patches do when the model is loaded, not part of the edit), and SDXL's pooled edit.
 """
 
 from __future__ import annotations

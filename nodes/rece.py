@@ -28,9 +28,10 @@ embeddings]``. A cross-attention edit leaves that path alone, so the concept sti
 ``edit_pooled`` (default on) the node also edits the pooled columns of that layer with UCE's closed form
 (concept pooled vectors to the anchor's, preserve prompts' kept; ridge ``pooled_lambda`` relative to the vectors'
 scale). RECE's epochs act on the cross-attention only (:mod:`sae_core.rece.pooled` says why); the leak probe's
-``pooled_output`` is the adversarial pooled vector against the edited layer. The size columns never change. Which columns are pooled is checked through ComfyUI's own ``encode_adm``; a model
-whose ADM input is not the prompt's pooled vector (SD1.x and SD2.x have none; SD2.1 unCLIP's is an image
-embedding) has nothing to edit there, as the node's table says.
+``pooled_output`` is the adversarial pooled vector against the edited layer. The size columns never change. Which
+columns are pooled is checked through ComfyUI's own ``encode_adm``; a model whose ADM input is not the prompt's
+pooled vector (SD1.x and SD2.x have none; SD2.1 unCLIP's is an image embedding) has nothing to edit there, as the
+node's table says.
 
 Supported: SD1.x, SD2.x and SDXL UNets (every ``attn2`` layer; the context width is the CLIP's conditioning
 width: 768, 1024 or 2048) and MiniCanvas (the pack's built-in model: 128-wide context, 16-token prompts).
@@ -317,7 +318,8 @@ def compute_edit(model: Any, clip: Any, settings: RECESettings, device: torch.de
         "uce_lambda": settings.uce_lambda, "preserve_scale": settings.preserve_scale, "lam": settings.lam,
         "model_family": family, "context_dim": run.context_dim, "num_weights": len(factors),
         "relative_change": run.relative_change, "layer_changes": changes, "edit_pooled": settings.edit_pooled,
-        "pooled_lambda": settings.pooled_lambda, "pooled": pooled_meta, "pooled_note": run.pooled_note, "seconds": time.perf_counter() - t0,
+        "pooled_lambda": settings.pooled_lambda, "pooled": pooled_meta, "pooled_note": run.pooled_note,
+        "seconds": time.perf_counter() - t0,
     }
     return CEEdit(factors, metadata, frozenset(dense), probe_out)
 

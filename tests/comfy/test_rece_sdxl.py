@@ -209,6 +209,34 @@ def test_rece_epochs_leave_the_pooled_edit_at_uce_and_the_probe_carries_the_pool
     assert not model.patches
 
 
+def test_why_the_pooled_path_takes_no_rece_epochs(comfy, sdxl):
+    """RECE's epochs run on the pooled block alone (the same driver, settings and ridge) keep re-erasing an exact
+    preimage of the concept's old pooled output and drag every prompt's pooled output with them, the preserved ones
+    included; the UCE edit alone keeps those. Figures printed with -s."""
+    from sae_core.rece import RECEConfig, UCEStart, rece_edit
+
+    model, clip = sdxl
+    state = _loaded_weights(model)
+    _, edit = _edit(comfy, model, clip)
+    meta = edit.metadata
+    w0 = state[ADM_KEY][:, :P].double()
+    pc, pa = (_encode(clip, t)[1].double() for t in (CONCEPT, ""))
+    pp = torch.cat([_encode(clip, t)[1].double() for t in meta["preserve"]])
+    start = UCEStart(pc, pa, pp, 1.0, meta["uce_preserve_scale"], meta["pooled"]["ridge"])
+    moved = {}
+    for epochs in (0, 1, 3):
+        res = rece_edit({ADM_KEY: w0}, [pc], pa, pp, RECEConfig(epochs=epochs, lambda_reg=1e-3), start=start)
+        d = res.deltas[ADM_KEY]
+        if epochs == 0:  # the driver reproduces the node's pooled edit
+            torch.testing.assert_close(d, edit.deltas[ADM_KEY].double()[:, :P], rtol=1e-5, atol=1e-8)
+        moved[epochs] = {t: _n(d @ _encode(clip, t)[1][0].double()) / _n(w0 @ _encode(clip, t)[1][0].double())
+                         for t in ("a house", "a tree", "a red car")}
+        print(f"\npooled block, UCE + {epochs} epochs: pooled contribution moved by "
+              + ", ".join(f"{t!r} {v:.3f}" for t, v in moved[epochs].items()))
+    for t in ("a house", "a tree"):  # preserved
+        assert moved[3][t] > 3 * moved[0][t] and moved[0][t] < 0.05
+
+
 def test_saved_lora_carries_the_pooled_edit_and_stock_loaders_reproduce_it(comfy, sdxl, caplog):
     import comfy.lora as comfy_lora
     import safetensors.torch
