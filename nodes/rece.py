@@ -5,8 +5,8 @@
   ``methods/rece.md``); its inputs are the fields of :class:`sae_core.rece.RECESettings`. It reads every
   cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve
   prompts with the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of
-  the model with one ``("diff", (delta,))`` weight patch per projection, plus the edit itself (type ``CE_EDIT``:
-  dense deltas, their exact low-rank factors and a description).
+  the model with the edit as LoRA weight patches (the patches the saved LoRA file loads as), plus the edit itself
+  (type ``CE_EDIT``: the exact low-rank factors of every weight's delta and a description).
 * **Save Edit as LoRA** writes a ``CE_EDIT`` as a LoRA file into ``models/loras`` (the stock LoraLoader finds
   it there) and outputs it as ComfyUI's ``LORA_MODEL`` (for LoraModelLoader and Save LoRA Weights).
 
@@ -22,6 +22,17 @@ concept prompt against every position of the anchor. Preserve prompts (always in
 the unconditional branch of classifier-free guidance) contribute every position. Only the first chunk of
 each prompt is used: 77 tokens for CLIP, 16 for MiniCanvas (the length comes from the CLIP's tokenizer).
 
+SDXL's pooled text vector. SDXL also reads clip_g's pooled output, through the ADM input: the first layer of
+``label_emb`` (``diffusion_model.label_emb.0.0.weight``, ``[time_embed_dim, adm_in]``) takes ``[pooled, size
+embeddings]``. A cross-attention edit leaves that path alone, so the concept still reaches the UNet through it. With
+``edit_pooled`` (default on) the node also edits the pooled columns of that layer with UCE's closed form
+(concept pooled vectors to the anchor's, preserve prompts' kept; ridge ``pooled_lambda`` relative to the vectors'
+scale). RECE's epochs act on the cross-attention only (:mod:`sae_core.rece.pooled` says why); the leak probe's
+``pooled_output`` is the adversarial pooled vector against the edited layer. The size columns never change. Which
+columns are pooled is checked through ComfyUI's own ``encode_adm``; a model whose ADM input is not the prompt's
+pooled vector (SD1.x and SD2.x have none; SD2.1 unCLIP's is an image embedding) has nothing to edit there, as the
+node's table says.
+
 Supported: SD1.x, SD2.x and SDXL UNets (every ``attn2`` layer; the context width is the CLIP's conditioning
 width: 768, 1024 or 2048) and MiniCanvas (the pack's built-in model: 128-wide context, 16-token prompts).
 Other model families are refused with a message.
@@ -36,13 +47,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import folder_paths
 import torch
 from torch import Tensor
 
-import folder_paths
 from sae_core.amnesia.lora import save_lora
 from sae_core.prompts import parse_names
-from sae_core.rece import METHODS, RECESettings, layer_changes, leak_probe, run_rece
+from sae_core.rece import METHODS, LowRankDeltas, PooledInput, RECESettings, run_rece
 
 from .clip_text import encode_first_chunks
 from .common import Progress, category, comfy_device, inp, node_id, throw_if_interrupted
@@ -69,6 +80,9 @@ _REFUSED_SUBCLASSES = ("SD_X4Upscaler", "LotusD")
 
 _KV_RE = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
 
+ADM_KEY = "diffusion_model.label_emb.0.0.weight"
+"""The first layer of the ADM input (SDXL: ``[pooled text, size embeddings]`` -> time embedding)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # the edit object
@@ -79,42 +93,55 @@ _KV_RE = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
 class CEEdit:
     """A closed-form edit of a UNet's weights (the ``CE_EDIT`` socket type).
 
-    Keys are the model's state-dict keys (``diffusion_model.….attn2.to_k.weight``).
+    Keys are the model's state-dict keys (``diffusion_model.….attn2.to_k.weight``, and on SDXL
+    ``diffusion_model.label_emb.0.0.weight`` for the pooled text input).
     """
 
-    deltas: dict[str, Tensor]
-    """``key -> dW`` (float32, CPU): added to the weight."""
     factors: dict[str, tuple[Tensor, Tensor]]
-    """``key -> (up [out, r], down [r, in])`` (float32, CPU) with ``up @ down == dW`` up to float32 rounding."""
+    """``key -> (up [out, r], down [r, in])`` (float32, CPU): the delta is exactly ``up @ down``; a weight stored
+    whole is ``(dW, I)`` (see ``dense``)."""
     metadata: dict[str, Any] = field(default_factory=dict)
-    """What was erased and how (method, concepts, anchor, preserve prompts, settings, model family)."""
+    """What was erased and how (method, concepts, anchor, preserve prompts, settings, model family, pooled edit)."""
+    dense: frozenset = frozenset()
+    """Keys whose delta is stored whole (as ``(dW, I)``)."""
+    probe: Optional[dict[str, Any]] = field(default=None, repr=False)
+    """RECE's adversarial rows of each concept against the edit (``rows [k, L, ctx]``) and, when the pooled text
+    input was edited, its adversarial pooled vectors (``pooled [k, P]``): what one more epoch would erase."""
+
+    @property
+    def deltas(self) -> LowRankDeltas:
+        """``key -> dW``, each formed from its factors when read (float32)."""
+        return LowRankDeltas(self.factors, self.dense)
 
     def lora_state_dict(self) -> dict[str, Tensor]:
-        """The edit as a LoRA in ComfyUI's native naming, reproducing ``deltas`` exactly (float32).
+        """The edit as a LoRA in ComfyUI's native naming, reproducing the deltas exactly (float32).
 
         Per weight ``<module>.weight``: ``<module>.lora_up.weight`` = up, ``<module>.lora_down.weight`` = down
         and ``<module>.alpha`` = r (ComfyUI scales by ``alpha / r``, here exactly 1). When the factors would
         take at least as much space as the weight itself (rank ``r >= out * in / (out + in)``, e.g. many
         concepts or epochs) the delta is stored whole as ``<module>.diff``, which ComfyUI's LoRA loader
-        applies the same way.
+        applies the same way. SDXL's pooled text input is one more module, ``diffusion_model.label_emb.0.0``
+        (ComfyUI maps every ``diffusion_model.<module>`` of the UNet's state dict).
         """
         sd: dict[str, Tensor] = {}
+        deltas = self.deltas
         for key, (up, down) in self.factors.items():
             if not key.endswith(".weight"):
                 raise ValueError(f"CE_EDIT: key {key!r} is not a weight key")
             module = key[: -len(".weight")]
-            rank, (out, inp_) = int(down.shape[0]), tuple(self.deltas[key].shape)
-            if rank * (out + inp_) >= out * inp_:
-                sd[f"{module}.diff"] = self.deltas[key].detach().to("cpu", torch.float32).contiguous()
+            rank, out, inp_ = int(down.shape[0]), int(up.shape[0]), int(down.shape[1])
+            if key in self.dense or rank * (out + inp_) >= out * inp_:
+                sd[f"{module}.diff"] = deltas[key].detach().to("cpu", torch.float32).contiguous()
                 continue
             sd[f"{module}.lora_up.weight"] = up.detach().to("cpu", torch.float32).contiguous()
-            sd[f"{module}.lora_down.weight"] = down.detach().to("cpu", torch.float32).contiguous()
+            # the weights of one edit share one ``down``: a file holds a copy per module
+            sd[f"{module}.lora_down.weight"] = down.detach().to("cpu", torch.float32).clone()
             sd[f"{module}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
         return sd
 
     def __repr__(self) -> str:
         meta = self.metadata
-        return (f"CEEdit({meta.get('method', '?')}: {meta.get('concepts', [])}, {len(self.deltas)} weights, "
+        return (f"CEEdit({meta.get('method', '?')}: {meta.get('concepts', [])}, {len(self.factors)} weights, "
                 f"max rank {max((int(d.shape[0]) for _, d in self.factors.values()), default=0)})")
 
 
@@ -168,11 +195,13 @@ def effective_weights(model: Any, keys: list[str], device: torch.device) -> dict
 
 
 class ComfyRECEHost:
-    """A ComfyUI MODEL + CLIP as a :class:`sae_core.rece.RECEHost`.
+    """A ComfyUI MODEL + CLIP as a :class:`sae_core.rece.PooledRECEHost`.
 
     Texts go through the CLIP's normal encode path (first chunk, :mod:`.clip_text`); the weights are
     the MODEL's effective ``attn2.to_k`` / ``attn2.to_v`` weights on ``device`` (:func:`effective_weights`).
-    Honours ComfyUI's interrupt between steps and advances ``progress`` once the inputs are read.
+    The pooled text input is the ADM layer's pooled columns when ComfyUI's own ``encode_adm`` puts the CLIP's
+    pooled output there (SDXL, SDXL refiner; :func:`pooled_text_input`). Honours ComfyUI's interrupt between
+    steps and advances ``progress`` once the inputs are read.
     """
 
     def __init__(self, model: Any, clip: Any, keys: list[str], device: torch.device,
@@ -191,6 +220,57 @@ class ComfyRECEHost:
             self.progress.update(1)
         return weights
 
+    def encode_pooled(self, texts: list[str]) -> Tensor:
+        """The CLIP's pooled output ``[n, P]`` of each text (its first chunk's, the one ComfyUI conditions on)."""
+        return torch.stack([pooled_output(self.clip, text) for text in texts]).to(self.device)
+
+    def pooled_input(self) -> Optional[PooledInput]:
+        """The ADM layer and its pooled columns, or None when the model reads no pooled text vector."""
+        if ADM_KEY not in self.model.model.state_dict():
+            return None
+        return pooled_text_input(self.model, pooled_output(self.clip, ""), self.device)
+
+
+def pooled_output(clip: Any, text: str) -> Tensor:
+    """The pooled output ``[P]`` (float32, CPU) ``clip`` gives ``text``, as CLIPTextEncode conditions on it."""
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    pooled = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+    if not isinstance(pooled, Tensor):
+        raise ValueError(f"clip: encoding {text!r} gave no pooled output, but the model reads one; wire the text "
+                         "encoder of this checkpoint")
+    row = pooled.detach().reshape(pooled.shape[0], -1)[0].to("cpu", torch.float32)
+    if not torch.isfinite(row).all():
+        raise ValueError(f"clip: the pooled output of {text!r} contains NaN or Inf")
+    throw_if_interrupted()
+    return row
+
+
+def pooled_text_input(model: Any, pooled: Tensor, device: torch.device) -> Optional[PooledInput]:
+    """Where ``model`` reads the pooled text vector: ``PooledInput(ADM_KEY, W1, P)``, or None.
+
+    ``pooled [P]`` is one pooled output of the CLIP. The model's own ``encode_adm`` builds the ADM input from it;
+    the pooled columns are the first ``P`` when they hold that vector unchanged (SDXL's and the refiner's layout).
+    A model without ``label_emb``, or whose ADM input does not carry the vector (SD2.1 unCLIP's is an image
+    embedding), gives None. A CLIP whose pooled width does not fit the ADM input is an error.
+    """
+    if ADM_KEY not in model.model.state_dict():
+        return None
+    vec = pooled.reshape(1, -1).to("cpu", torch.float32)
+    with torch.no_grad():
+        adm = model.model.encode_adm(pooled_output=vec, device=torch.device("cpu"), width=1024, height=1024,
+                                     prompt_type="positive")
+    if not isinstance(adm, Tensor) or adm.dim() != 2:
+        return None
+    weight = effective_weights(model, [ADM_KEY], device)[ADM_KEY]
+    width = int(vec.shape[1])
+    if adm.shape[1] != weight.shape[1]:
+        raise ValueError(f"clip: its pooled output is {width} wide, which makes a {adm.shape[1]}-wide ADM input, "
+                         f"but the model's label_emb reads {weight.shape[1]}; use the text encoder that belongs to "
+                         "this model")
+    if not torch.allclose(adm[0, :width].float(), vec[0], rtol=1e-6, atol=1e-6):
+        return None
+    return PooledInput(ADM_KEY, weight, width)
+
 
 # ---------------------------------------------------------------------------------------------
 # the edit
@@ -198,42 +278,66 @@ class ComfyRECEHost:
 
 
 def compute_edit(model: Any, clip: Any, settings: RECESettings, device: torch.device,
-                 progress: Optional[Progress] = None) -> CEEdit:
-    """The closed-form edit of ``model``'s cross-attention for ``settings`` (not applied): :func:`run_rece`."""
+                 progress: Optional[Progress] = None, probe: bool = False) -> CEEdit:
+    """The closed-form edit of ``model``'s cross-attention (and, per ``settings.edit_pooled``, its pooled text
+    input) for ``settings``, not applied: :func:`run_rece`. ``probe``: also RECE's adversarial rows against the
+    edit (:attr:`CEEdit.probe`)."""
     if clip is None:
         raise ValueError("clip: no CLIP is wired (the checkpoint has no text encoder?); RECE needs it to encode "
                          "the concepts")
     family = model_family(model)
     keys = cross_attention_keys(model)
     t0 = time.perf_counter()
-    run = run_rece(ComfyRECEHost(model, clip, keys, device, progress), settings, progress=True)
+    run = run_rece(ComfyRECEHost(model, clip, keys, device, progress), settings, progress=True, probe=probe)
     throw_if_interrupted()
     if progress is not None:
         progress.update(1)
 
-    deltas = {k: d.detach().to("cpu", torch.float32) for k, d in run.result.deltas.items()}
-    factors = {k: (u.detach().to("cpu", torch.float32), d.detach().to("cpu", torch.float32))
-               for k, (u, d) in run.result.factors.items()}
+    def cpu(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", torch.float32)
+
+    factors = {k: (cpu(u), cpu(d)) for k, (u, d) in run.result.factors.items()}
+    dense = {k for k in factors if run.result.deltas.is_dense(k)}
+    changes = dict(run.changes)
+    pooled_meta = None
+    probe_out: Optional[dict[str, Any]] = None
+    if probe:
+        probe_out = {"rows": torch.stack([cpu(r) for r in run.probe]), "pooled": None}
+    if run.pooled is not None:
+        pooled = run.pooled
+        factors.update({k: (cpu(u), cpu(d)) for k, (u, d) in pooled.result.factors.items()})
+        changes[pooled.key] = pooled.relative_change
+        pooled_meta = {"key": pooled.key, "columns": pooled.columns, "relative_change": pooled.relative_change,
+                       "ridge": pooled.ridge}
+        if probe:
+            probe_out["pooled"] = torch.cat([cpu(r) for r in pooled.result.probe])
     metadata = {
         "method": settings.method, "concepts": run.concept_texts, "anchor": run.anchor,
         "preserve": run.preserve_texts, "epochs": run.epochs, "lambda_reg": settings.lambda_reg,
         "erase_scale": settings.erase_scale, "uce_preserve_scale": run.uce_preserve_scale,
         "uce_lambda": settings.uce_lambda, "preserve_scale": settings.preserve_scale, "lam": settings.lam,
-        "model_family": family, "context_dim": run.context_dim, "num_weights": len(deltas),
-        "relative_change": run.relative_change, "seconds": time.perf_counter() - t0,
+        "model_family": family, "context_dim": run.context_dim, "num_weights": len(factors),
+        "relative_change": run.relative_change, "layer_changes": changes, "edit_pooled": settings.edit_pooled,
+        "pooled_lambda": settings.pooled_lambda, "pooled": pooled_meta, "pooled_note": run.pooled_note,
+        "seconds": time.perf_counter() - t0,
     }
-    return CEEdit(deltas, factors, metadata)
+    return CEEdit(factors, metadata, frozenset(dense), probe_out)
 
 
 def apply_edit(model: Any, edit: CEEdit, strength: float = 1.0) -> Any:
-    """A clone of ``model`` with every delta of ``edit`` as a ``("diff", (delta,))`` patch.
+    """A clone of ``model`` with ``edit`` as weight patches: the patches ComfyUI's LoRA loader makes of
+    :meth:`CEEdit.lora_state_dict` (low-rank where the file is, ``diff`` where it stores the delta whole), so the
+    patched model and the saved LoRA loaded by LoraLoader compute the same weights.
 
     Raises ValueError if the model does not accept every key (ComfyUI drops unknown keys silently).
     """
+    import comfy.lora
+
     patched = model.clone()
-    patches = {k: ("diff", (d,)) for k, d in edit.deltas.items()}
+    modules = {k[: -len(".weight")]: k for k in edit.factors}
+    patches = comfy.lora.load_lora(edit.lora_state_dict(), modules)
     accepted = set(patched.add_patches(patches, strength))
-    missing = sorted(set(patches) - accepted)
+    missing = sorted(set(edit.factors) - accepted)
     if missing:
         raise ValueError(f"model: {len(missing)} edited weights were not accepted as patches, e.g. {missing[:3]}")
     return patched
@@ -252,14 +356,16 @@ class RECEEditModel:
         "cross-attention key/value weights are edited in closed form so the concept reads like the anchor "
         "prompt, while the preserve prompts keep their meaning (UCE), then RECE's epochs also erase the "
         "embeddings that would still bring the concept back. Returns a patched copy of the model (the input "
-        "is not changed) and the edit, which Save Edit as LoRA can write as a LoRA file. "
+        "is not changed) and the edit, which Save Edit as LoRA can write as a LoRA file. On SDXL the pooled text "
+        "vector (clip_g's, read through the ADM input) gets UCE's edit too unless edit_pooled is off. "
         "SD1.x, SD2.x, SDXL and MiniCanvas."
     )
     CATEGORY = category("rece")
     RETURN_TYPES = ("MODEL", EDIT_TYPE, "CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("model", "edit", "leak_probe", "concept_conditioning")
     OUTPUT_TOOLTIPS = (
-        "A copy of the model with the edit applied as weight patches on every cross-attention key/value layer.",
+        "A copy of the model with the edit applied as weight patches on every cross-attention key/value layer (and "
+        "on SDXL's pooled text input, label_emb.0.0).",
         "The edit (weight deltas and their exact low-rank factors); wire it to Save Edit as LoRA.",
         "Leak probe: RECE's adversarial embedding of the first concept against the edited weights (what one more "
         "epoch would erase): the text embedding that makes the edited model see what the original saw for the "
@@ -308,6 +414,18 @@ class RECEEditModel:
                                     "from.", default=0.1, min=0.0, max=100.0, step=0.01),
                 "device": inp(list(DEVICE_CHOICES), "Where to solve: auto = ComfyUI's device; cpu = system "
                                                     "memory (always float64).", default="auto"),
+                "edit_pooled": inp("BOOLEAN", "SDXL: also edit the pooled text vector (clip_g's), which reaches "
+                                              "the UNet through the ADM input (label_emb), not the cross-attention: "
+                                              "UCE's closed form on that layer's pooled columns maps the concepts' "
+                                              "pooled vectors to the anchor's and keeps the preserve prompts' (for "
+                                              "rece too: the epochs act on the cross-attention only). Models "
+                                              "without a pooled text input (SD1.x, SD2.x, MiniCanvas) have nothing "
+                                              "to edit there; the node's table says so.", default=True),
+                "pooled_lambda": inp("FLOAT", "Advanced, SDXL: ridge of the pooled edit, as a fraction of the "
+                                              "pooled vectors' mean squared norm. Smaller maps the concept's "
+                                              "pooled vector closer to the anchor's and moves other prompts' "
+                                              "more.", default=0.001, min=0.000001, max=100.0, step=0.0001,
+                                     round=False),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -315,65 +433,88 @@ class RECEEditModel:
     def edit(self, model: Any, clip: Any, concepts: str, anchor: str = "", preserve: str = "", method: str = "rece",
              epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, uce_preserve_scale: float = -1.0,
              uce_lambda: float = 0.5, preserve_scale: float = 0.1, lam: float = 0.1,
-             device: str = "auto", unique_id: Optional[str] = None) -> tuple[Any, CEEdit]:
+             device: str = "auto", edit_pooled: bool = True, pooled_lambda: float = 1e-3,
+             unique_id: Optional[str] = None, *, probe: bool = False) -> tuple[Any, CEEdit]:
+        """The patched clone and the edit; ``probe`` also computes :attr:`CEEdit.probe` (for :meth:`run`)."""
         settings = RECESettings(
             concepts=parse_names(concepts), anchor=(anchor or "").strip(), preserve=[""] + parse_names(preserve),
             method=method, epochs=int(epochs), lambda_reg=float(lambda_reg), erase_scale=float(erase_scale),
             uce_preserve_scale=float(uce_preserve_scale) if uce_preserve_scale >= 0 else None,
-            uce_lambda=float(uce_lambda), preserve_scale=float(preserve_scale), lam=float(lam))
+            uce_lambda=float(uce_lambda), preserve_scale=float(preserve_scale), lam=float(lam),
+            edit_pooled=bool(edit_pooled), pooled_lambda=float(pooled_lambda))
         with Progress(3, "RECE edit", node_id=unique_id) as bar:
-            edit = compute_edit(model, clip, settings, comfy_device(device), progress=bar)
+            edit = compute_edit(model, clip, settings, comfy_device(device), progress=bar, probe=probe)
             patched = apply_edit(model, edit)
             bar.update(1)
         meta = edit.metadata
-        log.info("RECE Edit Model: %s erased %s from %d %s weights in %.2fs (relative change %.3g)",
+        log.info("RECE Edit Model: %s erased %s from %d %s weights in %.2fs (relative change %.3g)%s",
                  meta["method"], meta["concepts"], meta["num_weights"], meta["model_family"], meta["seconds"],
-                 meta["relative_change"])
+                 meta["relative_change"], "" if meta["pooled"] is None else
+                 f"; pooled text input {meta['pooled']['relative_change']:.3g}")
         return (patched, edit)
 
     def run(self, model: Any, clip: Any, concepts: str, anchor: str = "", preserve: str = "", method: str = "rece",
             epochs: int = 1, lambda_reg: float = 1e-3, erase_scale: float = 1.0, uce_preserve_scale: float = -1.0,
             uce_lambda: float = 0.5, preserve_scale: float = 0.1, lam: float = 0.1,
-            device: str = "auto", unique_id: Optional[str] = None) -> dict:
+            device: str = "auto", edit_pooled: bool = True, pooled_lambda: float = 1e-3,
+            unique_id: Optional[str] = None) -> dict:
         """The node: :meth:`edit`, then the leak probe, the concept's conditioning and the per-layer table."""
         patched, edit = self.edit(model, clip, concepts, anchor, preserve, method, epochs, lambda_reg, erase_scale,
-                                  uce_preserve_scale, uce_lambda, preserve_scale, lam, device, unique_id)
-        probe, concept_cond, changes = leak_outputs(model, clip, edit, comfy_device(device))
-        table = change_table(edit, changes)
+                                  uce_preserve_scale, uce_lambda, preserve_scale, lam, device, edit_pooled,
+                                  pooled_lambda, unique_id, probe=True)
+        probe, concept_cond = leak_outputs(clip, edit)
+        table = change_table(edit)
         return {"ui": {"text": [table]}, "result": (patched, edit, probe, concept_cond)}
 
 
-def leak_outputs(model: Any, clip: Any, edit: CEEdit, device: torch.device) -> tuple[list, list, dict[str, float]]:
-    """``(leak probe CONDITIONING, concept CONDITIONING, per-weight relative change)`` of ``edit`` on ``model``.
+def leak_outputs(clip: Any, edit: CEEdit) -> tuple[list, list]:
+    """``(leak probe CONDITIONING, concept CONDITIONING)`` of an edit computed with ``probe=True``.
 
-    Both conditionings keep the concept encoding's extra keys (``pooled_output`` for SDXL); the probe replaces
-    the first chunk's token rows by :func:`sae_core.rece.leak_probe` of them (the rest of a longer prompt is
-    dropped, as RECE only reads the first chunk).
+    Both conditionings keep the concept encoding's extra keys. The probe replaces the first chunk's token rows by
+    RECE's adversarial rows of the first concept against the edit (:attr:`CEEdit.probe`, equal to
+    :func:`sae_core.rece.leak_probe` of them; the rest of a longer prompt is dropped, as RECE only reads the first
+    chunk) and, when the pooled text input was edited (SDXL), ``pooled_output`` by the adversarial pooled vector;
+    otherwise the concept's own pooled vector stays, which the edit did not change.
     """
-    meta = edit.metadata
-    weights = effective_weights(model, list(edit.deltas), device)
-    text = meta["concepts"][0]
+    if edit.probe is None:
+        raise ValueError("edit: computed without its probe (compute_edit(..., probe=True))")
+    text = edit.metadata["concepts"][0]
     concept_cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    enc, _ = encode_first_chunks(clip, [text], "RECE")
-    probe_rows = leak_probe(weights, edit.deltas, enc, float(meta["lambda_reg"]))
-    cond0, extra = concept_cond[0][0], concept_cond[0][1]
-    probe = [[probe_rows.to(cond0.device, cond0.dtype), dict(extra)]]
-    return probe, concept_cond, layer_changes(edit.deltas, weights)
+    cond0, extra = concept_cond[0][0], dict(concept_cond[0][1])
+    rows = edit.probe["rows"][:1]
+    pooled = edit.probe.get("pooled")
+    if pooled is not None:
+        old = extra.get("pooled_output")
+        extra["pooled_output"] = pooled[:1].to(old.device if isinstance(old, Tensor) else "cpu",
+                                               old.dtype if isinstance(old, Tensor) else torch.float32)
+    probe = [[rows.to(cond0.device, cond0.dtype), extra]]
+    return probe, concept_cond
 
 
-def change_table(edit: CEEdit, changes: dict[str, float]) -> str:
-    """The per-layer relative weight change ``||dW|| / ||W||`` of ``to_k`` and ``to_v`` as a text table."""
+def change_table(edit: CEEdit) -> str:
+    """The per-layer relative weight change ``||dW|| / ||W||`` of ``to_k`` and ``to_v`` as a text table, and of the
+    pooled text input's columns on SDXL (or why it was not edited)."""
     meta = edit.metadata
+    changes = dict(meta.get("layer_changes") or {})
+    pooled = meta.get("pooled")
     layers: dict[str, dict[str, float]] = {}
     for key, value in changes.items():
+        if pooled is not None and key == pooled["key"]:
+            continue
         layer, _, proj = key.removeprefix(UNET_PREFIX).rpartition(".to_")
         layers.setdefault(layer, {})[proj.split(".")[0]] = value
     width = max((len(k) for k in layers), default=5)
-    lines = [f"{meta['method']} erased {meta['concepts']}: {meta['num_weights']} weights, relative change "
-             f"{meta['relative_change']:.4g} overall",
-             f"{'layer':<{width}}  {'to_k':>9}  {'to_v':>9}"]
+    head = (f"{meta['method']} erased {meta['concepts']}: {meta['num_weights']} weights, relative change "
+            f"{meta['relative_change']:.4g} overall")
+    if pooled is None and meta.get("pooled_note"):
+        head += f"; pooled text input: {meta['pooled_note']}"
+    lines = [head, f"{'layer':<{width}}  {'to_k':>9}  {'to_v':>9}"]
     for layer, row in layers.items():
         lines.append(f"{layer:<{width}}  {row.get('k', float('nan')):9.4g}  {row.get('v', float('nan')):9.4g}")
+    if pooled is not None:
+        name = pooled["key"].removeprefix(UNET_PREFIX).removesuffix(".weight")
+        lines.append(f"pooled text input {name} (first {pooled['columns']} columns): relative change "
+                     f"{pooled['relative_change']:.4g}")
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ embedding of a concept encoding ``c`` is ``c' = argmin_x sum_l ||W'_l x - W_l c|
 all token rows at once as ``c' = c M^T (+ t N^T)``; see :data:`EMBEDDING_VARIANTS`.
 
 Everything is computed in float64 (Gram sums, Cholesky factorisations, triangular solves; no explicit
-inverse); results are cast back to the weights' dtype unless another dtype is asked for.
+inverse); results are cast back to the weights' dtype unless another dtype is asked for. An edit keeps its deltas
+as their exact low-rank factors; :class:`LowRankDeltas` forms a dense ``dW = up @ down`` only when it is read.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "EditResult",
     "EmbeddingPenalty",
     "EraseSystem",
+    "LowRankDeltas",
     "adversarial_map",
     "adversarial_map_from_grams",
     "adversarial_rows_from_grams",
@@ -60,11 +62,70 @@ COMPUTE_DTYPE = torch.float64
 """dtype of every Gram sum and solve in this module."""
 
 
-class EditResult(NamedTuple):
-    """A weight edit, as dense deltas and as an exact low-rank factorisation of the same deltas."""
+class LowRankDeltas(Mapping):
+    """``name -> dW [out, ctx]``: each delta formed from its factors ``(up, down)`` when it is read.
 
-    deltas: dict[str, Tensor]
-    """``name -> dW [out, ctx]`` to add to the weight (ComfyUI ``("diff", (dW,))`` patch)."""
+    A dense delta of every projection is as large as the weights themselves (SDXL: 341 M numbers), while the factors
+    of an edit of a few prompts are a small fraction of that; so the deltas are never stored. Reading one costs
+    one product ``up @ down``, computed in float32 or wider and returned in the factors' dtype; a weight whose
+    factorisation is ``(dW, I)`` (inner dimension = ``ctx``) returns its stored ``dW``. Hold what you read if you
+    need it more than once. :meth:`norm_sq` gives ``||dW||_F^2`` from the factors alone.
+    """
+
+    def __init__(self, factors: Mapping[str, tuple[Tensor, Tensor]], dense: Iterable[str] = ()) -> None:
+        self._factors = dict(factors)
+        self._dense = frozenset(dense)
+        unknown = self._dense - set(self._factors)
+        if unknown:
+            raise ValueError(f"dense: no factors for {sorted(unknown)}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        up, down = self._factors[name]
+        if name in self._dense:
+            return up
+        wide = torch.promote_types(torch.promote_types(up.dtype, down.dtype), torch.float32)
+        return (up.to(wide) @ down.to(wide)).to(up.dtype)
+
+    def __iter__(self):
+        return iter(self._factors)
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+    def factors_of(self, name: str) -> tuple[Tensor, Tensor]:
+        """The stored ``(up, down)`` of ``name`` (``(dW, I)`` when :meth:`is_dense`)."""
+        return self._factors[name]
+
+    def is_dense(self, name: str) -> bool:
+        """True when ``name`` is stored whole, as ``(dW, I)``."""
+        if name not in self._factors:
+            raise KeyError(name)
+        return name in self._dense
+
+    def norm_sq(self, name: str) -> float:
+        """``||dW||_F^2`` in float64, from the factors: ``sum((up^T up) * (down down^T))``."""
+        up, down = self._factors[name]
+        if name in self._dense:
+            return float(up.detach().to(COMPUTE_DTYPE).pow(2).sum())
+        u = up.detach().to(COMPUTE_DTYPE)
+        d = down.detach().to(COMPUTE_DTYPE)
+        return float(((u.T @ u) * (d @ d.T)).sum().clamp_min(0.0))
+
+    def __repr__(self) -> str:
+        return f"LowRankDeltas({len(self)} weights, {len(self._dense)} stored whole)"
+
+
+def _is_identity(m: Tensor) -> bool:
+    return m.dim() == 2 and m.shape[0] == m.shape[1] and torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype,
+                                                                                     device=m.device))
+
+
+class EditResult(NamedTuple):
+    """A weight edit: its exact low-rank factorisation, and the deltas those factors make."""
+
+    deltas: Mapping[str, Tensor]
+    """``name -> dW [out, ctx]`` to add to the weight (ComfyUI ``("diff", (dW,))`` patch); a
+    :class:`LowRankDeltas`, formed from ``factors`` when read."""
     factors: dict[str, tuple[Tensor, Tensor]]
     """``name -> (up [out, r], down [r, ctx])`` with ``up @ down == dW`` (a LoRA with alpha = r)."""
 
@@ -307,31 +368,38 @@ def edit_from_factors(
     dtypes: Mapping[str, torch.dtype],
     extra: Optional[EditResult] = None,
 ) -> EditResult:
-    """Assemble an :class:`EditResult` from float64 factors (``up [out, r]``, ``down [r, ctx]``).
+    """Assemble an :class:`EditResult` from factors (``up [out, r]``, ``down [r, ctx]``; ``down`` float64).
 
-    The dense delta is ``up @ down`` computed in float64, then each tensor is cast to ``dtypes[name]``.
-    ``extra`` (a prior edit of the same weights) is added: its deltas are summed and its factors concatenated.
-    When the combined inner dimension reaches ``ctx`` the factorisation is stored as ``(dW, I)`` instead
-    (still exact, and never wider than ``ctx``).
+    Each factor is cast to ``dtypes[name]``; the deltas are formed from them when read (:class:`LowRankDeltas`).
+    One ``down`` shared by every weight stays one tensor per dtype (the weights of one edit share their ``down``).
+    ``extra`` (a prior edit of the same weights) is added: its factors are concatenated with the new ones.
+    When the inner dimension reaches ``ctx`` the factorisation is stored as ``(dW, I)`` instead, ``dW``
+    computed in float64 (still exact, and never wider than ``ctx``).
     """
-    deltas: dict[str, Tensor] = {}
     factors: dict[str, tuple[Tensor, Tensor]] = {}
+    dense: list[str] = []
+    shared: dict[torch.dtype, Tensor] = {}
     for name, up in ups.items():
         dn = down[name] if isinstance(down, Mapping) else down
         dtype = dtypes[name]
-        delta64 = up @ dn
         if extra is not None:
             eu, ed = extra.factors[name]
-            delta64 = delta64 + extra.deltas[name].to(delta64)
             up = torch.cat([eu.to(up), up], dim=1)
             dn = torch.cat([ed.to(dn), dn], dim=0)
         ctx = dn.shape[1]
-        deltas[name] = delta64.to(dtype)
         if dn.shape[0] >= ctx:
-            factors[name] = (deltas[name], torch.eye(ctx, dtype=dtype, device=dn.device))
+            delta = up if _is_identity(dn) else up.to(COMPUTE_DTYPE) @ dn.to(COMPUTE_DTYPE)
+            factors[name] = (delta.to(dtype), torch.eye(ctx, dtype=dtype, device=dn.device))
+            dense.append(name)
+            continue
+        if extra is None and not isinstance(down, Mapping):
+            if dtype not in shared:
+                shared[dtype] = dn.to(dtype)
+            dn_cast = shared[dtype]
         else:
-            factors[name] = (up.to(dtype), dn.to(dtype))
-    return EditResult(deltas, factors)
+            dn_cast = dn.to(dtype)
+        factors[name] = (up.to(dtype), dn_cast)
+    return EditResult(LowRankDeltas(factors, dense), factors)
 
 
 @torch.no_grad()

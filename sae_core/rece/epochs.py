@@ -130,12 +130,16 @@ class UCEStart(NamedTuple):
 class RECEResult(NamedTuple):
     """Output of :func:`rece_edit`."""
 
-    deltas: dict[str, Tensor]
-    """``name -> W_final - W`` (the start edit and every epoch)."""
+    deltas: Mapping[str, Tensor]
+    """``name -> W_final - W`` (the start edit and every epoch), formed from ``factors`` when read
+    (:class:`~sae_core.rece.closed_form.LowRankDeltas`)."""
     factors: dict[str, tuple[Tensor, Tensor]]
     """``name -> (up, down)`` with ``up @ down == delta``; inner dimension = all erase rows used (or ``ctx``)."""
     adversarial: list[list[Tensor]]
     """``adversarial[epoch][concept]``: the adversarial rows ``c'`` ``[L, ctx]`` (float64) erased in that epoch."""
+    probe: Optional[list[Tensor]] = None
+    """With ``probe=True``: each concept's adversarial rows ``[L, ctx]`` (float64) against the final weights, what
+    one more epoch would erase (:func:`sae_core.rece.leak_probe` of the result, from the driver's own sums)."""
 
     def as_edit(self) -> EditResult:
         """The deltas and factors as an :class:`EditResult` (e.g. the ``start`` of a further run)."""
@@ -243,19 +247,18 @@ def uce_start(
 
 
 class _EditChain:
-    """Current weights ``W_cur_l = W'_l K`` with ``K = I + A B`` shared by all layers (float64)."""
+    """Current weights ``W_cur_l = W'_l K`` with ``K = I + A B`` shared by all layers (float64).
+
+    ``S = sum W'^T W'`` (and ``X = sum W'^T W`` after a prior edit) are computed on first use: a UCE edit alone
+    never reads them, and they are the one cost that grows with ``ctx^2`` times the number of weight rows.
+    """
 
     def __init__(self, weights: Mapping[str, Tensor], prior: Optional[EditResult], ctx: int, device: torch.device):
         self.weights = weights
         self.prior = prior
         self.ctx = ctx
-        names = list(weights)
-        if prior is None:
-            self.s = gram(weights[n] for n in names)  # sum W^T W
-            self.x: Optional[Tensor] = None  # sum W'^T W, here equal to s
-        else:
-            self.s = gram(self._start_weight(n) for n in names)
-            self.x = cross_gram((self._start_weight(n) for n in names), (weights[n] for n in names))
+        self._s: Optional[Tensor] = None
+        self._x: Optional[Tensor] = None  # sum W'^T W after a prior edit; without one it equals s
         self.a = torch.zeros(ctx, 0, dtype=COMPUTE_DTYPE, device=device)
         self.b = torch.zeros(0, ctx, dtype=COMPUTE_DTYPE, device=device)
 
@@ -265,21 +268,33 @@ class _EditChain:
             w = w + self.prior.deltas[name].to(w)
         return w
 
+    @property
+    def s(self) -> Tensor:
+        if self._s is None:
+            names = list(self.weights)
+            if self.prior is None:
+                self._s = gram(self.weights[n] for n in names)
+            else:
+                self._s = gram(self._start_weight(n) for n in names)
+                self._x = cross_gram((self._start_weight(n) for n in names), (self.weights[n] for n in names))
+        return self._s
+
     def grams(self) -> tuple[Tensor, Tensor]:
         """``(sum W_cur^T W_cur, sum W_cur^T W)`` = ``(K^T S K, K^T X)``."""
         s, a, b = self.s, self.a, self.b
+        x = self._x
         rank = a.shape[1]
         if rank == 0:
-            return s, (s if self.x is None else self.x)
+            return s, (s if x is None else x)
         if 2 * rank < self.ctx:  # low-rank products: 8 ctx^2 R flops instead of 4 ctx^3
             sk = torch.addmm(s, s @ a, b)
             ktsk = torch.addmm(sk, b.T, a.T @ sk)
-            ktx = sk.T if self.x is None else torch.addmm(self.x, b.T, a.T @ self.x)
+            ktx = sk.T if x is None else torch.addmm(x, b.T, a.T @ x)
         else:
             k = torch.addmm(torch.eye(self.ctx, dtype=s.dtype, device=s.device), a, b)
             sk = s @ k
             ktsk = k.T @ sk
-            ktx = sk.T if self.x is None else k.T @ self.x
+            ktx = sk.T if x is None else k.T @ x
         ktsk = (ktsk + ktsk.T).mul_(0.5)
         return ktsk, ktx
 
@@ -295,13 +310,27 @@ class _EditChain:
             self.a = self.a @ self.b
             self.b = torch.eye(self.ctx, dtype=COMPUTE_DTYPE, device=self.a.device)
 
+    def _up(self, name: str) -> Tensor:
+        """``W'_l A``: the one product with each weight, at the weight's precision (float32 at least).
+
+        ``A`` is a plain difference of prompt encodings (times ``s_e``, chained through earlier edits); the solves
+        that need float64 are all in ``B``. A prior edit enters through its factors: ``(W + U D) A = W A + U (D A)``.
+        """
+        w = self.weights[name].detach()
+        wide = torch.promote_types(w.dtype, torch.float32)
+        up = w.to(wide) @ self.a.to(wide)
+        if self.prior is not None:
+            pu, pd = self.prior.factors[name]
+            up = up.add_(pu.to(wide) @ (pd.to(COMPUTE_DTYPE) @ self.a).to(wide))
+        return up
+
     def result(self, dtypes: Mapping[str, torch.dtype]) -> EditResult:
         """``W_cur - W = prior + W' A B`` as an :class:`EditResult`."""
         if self.a.shape[1] == 0:
             ups = {n: torch.zeros(w.shape[0], 0, dtype=COMPUTE_DTYPE, device=self.a.device)
                    for n, w in self.weights.items()}
         else:
-            ups = {n: self._start_weight(n) @ self.a for n in self.weights}
+            ups = {n: self._up(n) for n in self.weights}
         return edit_from_factors(ups, self.b, dtypes, extra=self.prior)
 
 
@@ -364,6 +393,7 @@ def rece_edit(
     reference_rows: Optional[Rows] = None,
     dtype: Optional[torch.dtype] = None,
     progress: bool = False,
+    probe: bool = False,
     **overrides,
 ) -> RECEResult:
     """RECE: ``config.epochs`` closed-form epochs that erase each concept's adversarial embedding.
@@ -383,6 +413,7 @@ def rece_edit(
         reference_rows: the ``t`` rows of the ``"reference"`` variant (default: the anchor rows).
         dtype: dtype of the returned deltas and factors (default: each weight's dtype).
         progress: show a progress bar over the epochs.
+        probe: also compute :attr:`RECEResult.probe` (costs the ``sum W^T W`` of the weights when no epoch ran).
 
     Returns:
         :class:`RECEResult` with the total edit relative to ``weights`` (start included).
@@ -430,6 +461,10 @@ def rece_edit(
         adversarial.append(list(adv_all.split(sizes, dim=0)))
         chain.edit(adv_all, anchor_all, preserve_gram, cfg.erase_scale, s_p, cfg.lam)
 
+    probe_rows: Optional[list[Tensor]] = None
+    if probe:
+        rows = adversarial_rows_from_grams(*chain.grams(), concept_all, cfg.lambda_reg, cfg.variant, reference_all)
+        probe_rows = list(rows.split(sizes, dim=0))
     dtypes = {name: (dtype or w.dtype) for name, w in weights.items()}
     edit = chain.result(dtypes)
-    return RECEResult(edit.deltas, edit.factors, adversarial)
+    return RECEResult(edit.deltas, edit.factors, adversarial, probe_rows)

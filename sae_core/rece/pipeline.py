@@ -12,7 +12,12 @@ Order of work (method brief ``methods/rece.md`` sections 1.3-1.5):
 3. the UCE edit (:func:`~sae_core.rece.epochs.uce_start`: concept and anchor aligned from their last word
    token, preserve prompts at all positions, ``s_p = uce_preserve_scale``, ridge ``uce_lambda``);
 4. for ``rece``, ``epochs`` RECE epochs (:func:`~sae_core.rece.epochs.rece_edit`: adversarial embedding with
-   ``lambda_reg``, all positions, ``s_p = preserve_scale``, ridge ``lam``).
+   ``lambda_reg``, all positions, ``s_p = preserve_scale``, ridge ``lam``);
+5. with ``edit_pooled``, on a host whose model reads a pooled text vector (SDXL: clip_g's pooled output in the
+   ADM input), the UCE edit of the pooled columns of the ADM input's first layer (concepts' pooled vectors to the
+   anchor's, preserve prompts' kept, ``s_e``, the UCE edit's ``s_p``, ridge ``pooled_lambda`` relative to the
+   vectors' scale; no RECE epochs there, see :mod:`sae_core.rece.pooled`); on other models there is nothing to
+   edit and :attr:`RECERun.pooled_note` says so.
 """
 
 from __future__ import annotations
@@ -25,12 +30,29 @@ from typing import NamedTuple, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
-from .closed_form import EMBEDDING_VARIANTS, _check_scale, adversarial_map
-from .epochs import RECEResult, UCEStart, rece_edit, uce_preserve_scale, uce_start
+from .closed_form import (
+    COMPUTE_DTYPE,
+    EMBEDDING_VARIANTS,
+    LowRankDeltas,
+    _check_scale,
+    _symmetrize_from_upper,
+    _syrk_into,
+    adversarial_map_from_grams,
+)
+from .epochs import (
+    RECEConfig,
+    RECEResult,
+    UCEStart,
+    rece_edit,
+    uce_preserve_scale,
+    uce_start,
+)
+from .pooled import PooledEdit, PooledInput, edit_pooled_input
 
 __all__ = [
     "METHODS",
     "UCE_TOKENS",
+    "PooledRECEHost",
     "RECEHost",
     "RECERun",
     "RECESettings",
@@ -85,6 +107,14 @@ class RECESettings:
     """Token rows of the UCE edit, one of :data:`UCE_TOKENS`."""
     start_from_uce: bool = True
     """Run the UCE edit first (as RECE does); False runs the epochs on the unedited weights."""
+    edit_pooled: bool = True
+    """Also edit the pooled text input where the model has one (SDXL: clip_g's pooled vector, read by the first
+    layer of the ADM input ``label_emb``): the UCE edit of that layer's pooled columns, for ``uce`` and ``rece``
+    alike (RECE's epochs act on the cross-attention only; :mod:`sae_core.rece.pooled`). Models without one
+    (SD1.x, SD2.x, MiniCanvas) have nothing to edit there."""
+    pooled_lambda: float = 1e-3
+    """Ridge of the pooled edit as a fraction of the mean squared norm of the pooled vectors (scale-free; smaller
+    maps the concept's pooled vector closer to the anchor's and moves other prompts' more)."""
 
     def __post_init__(self) -> None:
         for name in ("concepts", "preserve"):
@@ -103,12 +133,17 @@ class RECESettings:
         if self.variant not in EMBEDDING_VARIANTS:
             raise ValueError(f"variant: unknown adversarial-embedding variant {self.variant!r}; "
                              f"choose one of {sorted(EMBEDDING_VARIANTS)}")
-        for name in ("lambda_reg", "erase_scale", "uce_lambda", "preserve_scale", "lam"):
+        for name in ("lambda_reg", "erase_scale", "uce_lambda", "preserve_scale", "lam", "pooled_lambda"):
             _check_scale(name, getattr(self, name))
         if self.uce_preserve_scale is not None:
             _check_scale("uce_preserve_scale", self.uce_preserve_scale)
         if self.uce_tokens not in UCE_TOKENS:
             raise ValueError(f"uce_tokens must be one of {UCE_TOKENS}, got {self.uce_tokens!r}")
+        if not self.pooled_lambda > 0:
+            raise ValueError(f"pooled_lambda must be > 0 (the pooled edit's ridge; one vector per prompt cannot span "
+                             f"the pooled width without it), got {self.pooled_lambda}")
+        if not isinstance(self.edit_pooled, bool):
+            raise ValueError(f"edit_pooled must be True or False, got {self.edit_pooled!r}")
         if self.method == "uce" and not self.start_from_uce:
             raise ValueError("start_from_uce=False leaves method 'uce' nothing to do; use method 'rece'")
 
@@ -146,6 +181,17 @@ class RECEHost(Protocol):
         """``name -> W [out, ctx]`` of every cross-attention ``to_k`` / ``to_v`` to edit (not modified)."""
 
 
+class PooledRECEHost(RECEHost, Protocol):
+    """A host whose model may also read a pooled text vector (SDXL). Both methods are optional: a host without
+    ``pooled_input`` has no pooled path."""
+
+    def pooled_input(self) -> Optional[PooledInput]:
+        """The ADM weight and its pooled columns, or ``None`` when this model reads no pooled text vector."""
+
+    def encode_pooled(self, texts: Sequence[str]) -> Tensor:
+        """The pooled text vectors ``[B, P]`` the model reads for ``texts`` (as for sampling)."""
+
+
 class RECERun(NamedTuple):
     """What :func:`run_rece` computed (nothing is applied to the host)."""
 
@@ -160,19 +206,46 @@ class RECERun(NamedTuple):
     """RECE epochs run."""
     context_dim: int
     relative_change: float
-    """``||dW||_F / ||W||_F`` over all edited weights."""
+    """``||dW||_F / ||W||_F`` over all edited cross-attention weights."""
+    changes: dict[str, float]
+    """``name -> ||dW||_F / ||W||_F`` of every edited cross-attention weight (:func:`layer_changes`)."""
+    pooled: Optional[PooledEdit] = None
+    """The edit of the pooled text input, when the settings ask for it and the model has one."""
+    pooled_note: str = ""
+    """Why the pooled text input was not edited (empty when it was)."""
+    probe: Optional[list[Tensor]] = None
+    """With ``probe=True``: :attr:`RECEResult.probe` (each concept's adversarial rows against the edit)."""
+
+
+def _norm_sq(deltas: Mapping[str, Tensor], key: str) -> float:
+    if isinstance(deltas, LowRankDeltas):
+        return deltas.norm_sq(key)
+    return float(deltas[key].detach().double().pow(2).sum())
+
+
+def _weight_norm_sq(w: Tensor) -> float:
+    return float(torch.linalg.vector_norm(w.detach(), dtype=COMPUTE_DTYPE)) ** 2
+
+
+def _changes(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> tuple[dict[str, float], float]:
+    """``(layer_changes, relative_change)`` from one pass over the weights."""
+    per, num, den = {}, 0.0, 0.0
+    for k in deltas:
+        d, w = _norm_sq(deltas, k), _weight_norm_sq(weights[k])
+        per[k] = (d / w) ** 0.5 if w > 0 else 0.0
+        num, den = num + d, den + w
+    return per, ((num / den) ** 0.5 if den > 0 else 0.0)
 
 
 def relative_change(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> float:
-    """``||dW||_F / ||W||_F`` over all weights (float64 sums; 0 for all-zero weights)."""
-    num = sum(float(d.double().pow(2).sum()) for d in deltas.values())
-    den = sum(float(weights[k].double().pow(2).sum()) for k in deltas)
-    return (num / den) ** 0.5 if den > 0 else 0.0
+    """``||dW||_F / ||W||_F`` over all weights (float64 sums; 0 for all-zero weights). Low-rank deltas
+    (:class:`~sae_core.rece.closed_form.LowRankDeltas`) are measured from their factors."""
+    return _changes(deltas, weights)[1]
 
 
 def layer_changes(deltas: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> dict[str, float]:
     """``name -> ||dW||_F / ||W||_F`` of every edited weight, in ``deltas``' order (what each layer changed)."""
-    return {k: relative_change({k: d}, weights) for k, d in deltas.items()}
+    return _changes(deltas, weights)[0]
 
 
 @torch.no_grad()
@@ -186,18 +259,64 @@ def leak_probe(weights: Mapping[str, Tensor], deltas: Mapping[str, Tensor], conc
     erase (for ``uce``, the first epoch's ``c'``), so sampling the edited model with it shows how much of the
     concept is still reachable. ``reference [B, L, ctx]`` (the anchor rows) only for the ``"reference"`` variant.
     Float64 on the weights' device.
+
+    The sums ``sum (W + dW)^T (W + dW)`` and ``sum (W + dW)^T W`` are built one weight at a time. Low-rank deltas
+    (``dW = U D``, :class:`~sae_core.rece.closed_form.LowRankDeltas`) add only ``W^T U`` and ``U^T U`` per weight
+    to ``sum W^T W``, and weights that share one ``D`` (every weight of one edit) are summed before ``D`` is
+    applied; other deltas are added densely.
     """
-    original = {k: weights[k].double() for k in deltas}
-    current = {k: original[k] + deltas[k].to(original[k].device, torch.float64) for k in deltas}
-    amap = adversarial_map(current, original, lambda_reg, variant)
+    if not deltas:
+        raise ValueError("leak_probe: no deltas given")
+    low_rank = isinstance(deltas, LowRankDeltas)
+    s_up: Optional[Tensor] = None  # upper triangle of sum W^T W over the low-rank weights
+    a_up: Optional[Tensor] = None  # upper triangle of sum (W+dW)^T (W+dW) over the dense ones
+    b_dense: Optional[Tensor] = None  # sum (W+dW)^T W over the dense ones
+    groups: dict[int, list] = {}  # id(D) -> [D, sum W^T U, sum U^T U]
+    for k in deltas:
+        w = weights[k].detach().to(COMPUTE_DTYPE)
+        if low_rank and not deltas.is_dense(k):
+            up, down = deltas.factors_of(k)
+            u = up.detach().to(w.device, COMPUTE_DTYPE)
+            s_up = _syrk_into(s_up, w)
+            group = groups.setdefault(id(down), [down, None, None])
+            wu, uu = w.T @ u, u.T @ u
+            group[1] = wu if group[1] is None else group[1].add_(wu)
+            group[2] = uu if group[2] is None else group[2].add_(uu)
+        else:
+            current = w + deltas[k].detach().to(w.device, COMPUTE_DTYPE)
+            a_up = _syrk_into(a_up, current)
+            prod = current.T @ w
+            b_dense = prod if b_dense is None else b_dense.add_(prod)
+    parts_a, parts_b = [], []
+    if s_up is not None:
+        s = _symmetrize_from_upper(s_up)
+        parts_a.append(s)
+        parts_b.append(s)
+    if a_up is not None:
+        parts_a.append(_symmetrize_from_upper(a_up))
+        parts_b.append(b_dense)
+    a = torch.stack(parts_a).sum(0) if len(parts_a) > 1 else parts_a[0].clone()
+    b = torch.stack(parts_b).sum(0) if len(parts_b) > 1 else parts_b[0].clone()
+    for down, wu, uu in groups.values():
+        d = down.detach().to(a.device, COMPUTE_DTYPE)
+        cross = wu @ d  # sum W^T U D
+        a.add_(cross).add_(cross.T).add_(d.T @ uu @ d)
+        b.add_(cross.T)
+    a = (a + a.T).mul_(0.5)
+    amap = adversarial_map_from_grams(a, b, lambda_reg, variant)
     rows = concepts.to(amap.matrix.device, torch.float64)
     ref = reference.to(rows).reshape(-1, rows.shape[-1]) if reference is not None else None
     return amap.apply(rows.reshape(-1, rows.shape[-1]), ref).reshape(rows.shape)
 
 
 @torch.no_grad()
-def run_rece(host: RECEHost, settings: RECESettings, *, progress: bool = False) -> RECERun:
-    """The UCE / RECE edit of ``host``'s cross-attention projections for ``settings`` (see the module doc)."""
+def run_rece(host: RECEHost, settings: RECESettings, *, progress: bool = False, probe: bool = False) -> RECERun:
+    """The UCE / RECE edit of ``host``'s cross-attention projections for ``settings`` (see the module doc), and of
+    its pooled text input when ``settings.edit_pooled`` and the host has one (:class:`PooledRECEHost`).
+
+    ``probe``: also compute each concept's adversarial rows against the edit (:attr:`RECERun.probe`, and the
+    pooled vectors' in :attr:`RECERun.pooled`), what one more epoch would erase.
+    """
     concept_texts = list(settings.concepts)
     preserve_texts = settings.preserve_texts
     c_enc, c_tokens = host.encode(concept_texts)
@@ -222,12 +341,35 @@ def run_rece(host: RECEHost, settings: RECESettings, *, progress: bool = False) 
     elif settings.start_from_uce:  # every position of each concept against every position of the anchor
         start = UCEStart(c_enc.reshape(-1, ctx).to(device), anchor.repeat(len(concepts), 1), preserve_rows,
                          settings.erase_scale, s_p, settings.uce_lambda)
-    epochs = settings.rece_epochs
-    result = rece_edit(weights, concepts, anchor, preserve_rows, start=start, epochs=epochs,
-                       lambda_reg=settings.lambda_reg, variant=settings.variant, erase_scale=settings.erase_scale,
-                       preserve_scale=settings.preserve_scale, lam=settings.lam, progress=progress)
-    return RECERun(result, concept_texts, settings.anchor, preserve_texts, s_p, epochs, ctx,
-                   relative_change(result.deltas, weights))
+    config = RECEConfig(epochs=settings.rece_epochs, lambda_reg=settings.lambda_reg, variant=settings.variant,
+                        erase_scale=settings.erase_scale, preserve_scale=settings.preserve_scale, lam=settings.lam)
+    result = rece_edit(weights, concepts, anchor, preserve_rows, config, start=start, progress=progress, probe=probe)
+    changes, overall = _changes(result.deltas, weights)
+    pooled, note = _pooled_edit(host, settings, concept_texts, preserve_texts, probe)
+    return RECERun(result, concept_texts, settings.anchor, preserve_texts, s_p, config.epochs, ctx,
+                   overall, changes, pooled, note, result.probe)
+
+
+def _pooled_edit(host: RECEHost, settings: RECESettings, concept_texts: list[str], preserve_texts: list[str],
+                 probe: bool) -> tuple[Optional[PooledEdit], str]:
+    """Step 5 of the module doc: the pooled text input's edit, or ``None`` and the reason there is none."""
+    if not settings.edit_pooled:
+        return None, "edit_pooled is off: the pooled text input (if the model has one) is not edited"
+    find = getattr(host, "pooled_input", None)
+    target = find() if find is not None else None
+    if target is None:
+        return None, "the model reads no pooled text vector: only the cross-attention is edited"
+    encode = getattr(host, "encode_pooled", None)
+    if encode is None:
+        raise ValueError(f"{type(host).__name__} names a pooled input but cannot encode pooled vectors "
+                         "(encode_pooled)")
+    pc = encode(concept_texts)
+    pa = encode([settings.anchor])
+    pp = encode(preserve_texts) if preserve_texts else None
+    edit = edit_pooled_input(target, pc, pa, pp, erase_scale=settings.erase_scale,
+                             preserve_scale=settings.resolved_uce_preserve_scale, pooled_lambda=settings.pooled_lambda,
+                             lambda_reg=settings.lambda_reg, variant=settings.variant, probe=probe)
+    return edit, ""
 
 
 def settings_fields() -> tuple[str, ...]:

@@ -1,17 +1,19 @@
 """RECE Edit Model and Save Edit as LoRA in a real ComfyUI, on tiny models built with ComfyUI's own classes.
 
-The UNets are SD1.x / SD2.x / SDXL-structured (``comfy.supported_models`` configs with tiny channel counts and
-a 32-wide context) with random weights; the text encoders are ComfyUI's CLIP classes with small configs and
-the shipped tokenizers. Models are built inside ``torch.inference_mode()`` as a checkpoint loader builds them.
+The UNets are SD1.x / SD2.x / SDXL-structured (``comfy.supported_models`` configs with tiny channel counts; the
+shared builders of ``tiny_models``) with random weights; the text encoders are ComfyUI's CLIP classes with small
+configs and the shipped tokenizers. Models are built inside ``torch.inference_mode()`` as a checkpoint loader
+builds them. SDXL's pooled text input and SD2.x's v-prediction have their own tests in ``test_rece_sdxl.py``.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import logging
+from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 
 EDIT_ID = "CE_RECEEditModel"
@@ -26,92 +28,32 @@ low-rank LoRA factors rather than as a whole weight difference."""
 
 torch.set_num_threads(1)
 
-_BASE_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": CTX, "transformer_depth_output": [1, 1, 1, 1],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-
-
-def _init_(params, seed: int) -> None:
-    """Random weights (comfy.ops layers skip initialisation)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in params:
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02
-                        + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-
-
-def _patcher(cfg, seed: int = 0, device: str = "cpu"):
-    import comfy.model_patcher
-
-    cfg.unet_config["num_heads"] = 2
-    cfg.unet_config["num_head_channels"] = -1
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, device=device)
-    if device != "meta":
-        _init_(model.named_parameters(), seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
 
 def tiny_sd15(seed: int = 0):
-    import comfy.supported_models
-
-    return _patcher(comfy.supported_models.SD15({**_BASE_UNET, "model_channels": 128, "context_dim": WIDE}), seed)
-
-
-def tiny_sd20(seed: int = 0):
-    import comfy.supported_models
-
-    return _patcher(comfy.supported_models.SD20({**_BASE_UNET, "use_linear_in_transformer": True}), seed)
-
-
-def tiny_sdxl(seed: int = 0):
-    import comfy.supported_models
-
-    unet = {**_BASE_UNET, "adm_in_channels": 64, "num_classes": "sequential", "num_res_blocks": [1],
-            "transformer_depth": [1], "channel_mult": [1], "transformer_depth_output": [1, 1],
-            "use_linear_in_transformer": True}
-    return _patcher(comfy.supported_models.SDXL(unet), seed)
-
-
-def _clip(tokenizer, model, options: dict, seed: int = 1):
-    import comfy.sd
-    import comfy.supported_models_base
-
-    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model), model_options=options)
-    _init_(clip.cond_stage_model.named_parameters(), seed)
-    return clip
-
-
-def _small(width: int, layers: int = 1, **extra) -> dict:
-    return {"hidden_size": width, "num_hidden_layers": layers, "intermediate_size": 2 * width,
-            "num_attention_heads": 2, **extra}
+    """SD1.5's UNet class at 128 channels, reading the WIDE context."""
+    return tiny_models.tiny_sd15(seed, context=WIDE, channels=128)
 
 
 def tiny_sd1_clip(width: int = WIDE):
-    import comfy.sd1_clip
+    return tiny_models.tiny_sd1_clip(width)
 
-    return _clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": _small(width)})
+
+def tiny_sd20(seed: int = 0):
+    """SD2.x's UNet class (linear transformer projections, v-prediction) reading the CTX context."""
+    return tiny_models.tiny_sd20(seed, context=CTX)
 
 
 def tiny_sd2_clip():
-    import comfy.text_encoders.sd2_clip as sd2
+    return tiny_models.tiny_sd2_clip(CTX)
 
-    return _clip(sd2.SD2Tokenizer, sd2.SD2ClipModel, {"clip_h_model_config": _small(CTX, 3, projection_dim=CTX)})
+
+def tiny_sdxl(seed: int = 0):
+    """SDXL's UNet class: context clip_l + clip_g = CTX, ADM input = clip_g's pooled width + the size embeddings."""
+    return tiny_models.tiny_sdxl(seed, clip_l=CTX // 2, clip_g=CTX // 2)
 
 
 def tiny_sdxl_clip():
-    import comfy.sdxl_clip
-
-    half = CTX // 2
-    return _clip(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
-                 {"clip_l_model_config": _small(half, 3), "clip_g_model_config": _small(half, 3, projection_dim=half)})
+    return tiny_models.tiny_sdxl_clip(CTX // 2, CTX // 2)
 
 
 def _probe(model, seed: int = 3, width: int = WIDE) -> torch.Tensor:
@@ -175,11 +117,13 @@ def test_edit_patches_a_clone_and_leaves_the_input_alone(comfy, tiny):
     assert all(torch.equal(v, state[k]) for k, v in model.model.state_dict().items())
     assert torch.equal(_probe(model), before)
 
-    # the clone carries one diff patch per attn2 to_k/to_v (7 attention blocks here), nothing else
+    # the clone carries one patch per attn2 to_k/to_v (7 attention blocks here), nothing else: the patches
+    # ComfyUI's LoRA loader makes of the edit's LoRA (304 erase rows >= the 256-wide context: whole differences)
     keys = _kv_keys(model)
     assert len(keys) == 14 and set(patched.patches) == set(keys) == set(edit.deltas)
     assert all(len(p) == 1 and p[0][1][0] == "diff" for p in patched.patches.values())
     assert all(edit.deltas[k].abs().max() > 0 for k in keys)
+    assert edit.metadata["pooled"] is None and "no pooled text vector" in edit.metadata["pooled_note"]
 
     # its effective weights are base + delta, and it samples differently
     loaded = _loaded_weights(patched)
@@ -252,6 +196,7 @@ def test_saved_lora_loads_everywhere_and_reproduces_the_edit(comfy, tiny, caplog
     model, clip = tiny
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
     patched, edit = _run(comfy, model, clip, concepts=concepts, method=method)
+    node_weights = _loaded_weights(patched)
     out = _save(comfy, edit)
     lora, name = out["result"]
     assert name.startswith("rece_test/erased_") and name.endswith(".safetensors")
@@ -274,6 +219,8 @@ def test_saved_lora_loads_everywhere_and_reproduces_the_edit(comfy, tiny, caplog
         weights = _loaded_weights(loaded_model)
         for k in keys:
             assert _rel(weights[k] - state[k], edit.deltas[k]) <= 1e-4, (label, k)
+            # RECE Edit Model patches its clone with what the LoRA loads as: the same weights, bit for bit
+            assert torch.equal(weights[k], node_weights[k]), (label, k)
 
     # ComfyUI's loader matches every key (no "lora key not loaded") and reproduces the deltas
     key_map = comfy_lora.model_lora_keys_unet(model.model, {})
@@ -312,10 +259,12 @@ def test_sd2_and_sdxl_every_attn2_layer(comfy, family):
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
     patched, edit = _run(comfy, model, clip, concepts="a castle")
     keys = _kv_keys(model)
-    assert keys and set(patched.patches) == set(keys) == set(edit.deltas)
+    # SDXL: every attn2 to_k/to_v and the pooled text input's layer (label_emb.0.0, test_rece_sdxl.py)
+    edited = set(keys) | ({"diffusion_model.label_emb.0.0.weight"} if family == "SDXL" else set())
+    assert keys and set(patched.patches) == edited == set(edit.deltas)
     assert edit.metadata["model_family"] == family and edit.metadata["context_dim"] == CTX
     loaded = _loaded_weights(patched)
-    for k in keys:
+    for k in edited:
         torch.testing.assert_close(loaded[k], state[k] + edit.deltas[k], rtol=1e-6, atol=1e-7)
     assert not model.patches
 
@@ -333,7 +282,7 @@ def test_clear_errors(comfy, tiny):
         _run(comfy, model, narrow)
     with pytest.raises(ValueError, match="no CLIP"):
         _run(comfy, model, None)
-    cfg = comfy_supported_models.Stable_Zero123({**_BASE_UNET, "in_channels": 8, "context_dim": WIDE})
+    cfg = comfy_supported_models.Stable_Zero123({**tiny_models.BASE_UNET, "in_channels": 8, "context_dim": WIDE})
     cfg.unet_config["num_heads"] = 2
     with torch.no_grad():
         base = cfg.get_model({"cc_projection.weight": torch.zeros(WIDE, WIDE + 4), "cc_projection.bias": torch.zeros(WIDE)},
@@ -396,12 +345,15 @@ def test_node_and_plugin_reach_the_same_pipeline(comfy, monkeypatch):
     assert edit.metadata["uce_preserve_scale"] == run.uce_preserve_scale == 0.25 and not model.patches
 
 
-def test_workflow_wiring():
-    """The example workflow edits the checkpoint's model, samples with it and saves the edit
+@pytest.mark.parametrize("name,checkpoint", [("rece_erase.json", "v1-5"), ("sdxl/rece_erase.json", "sd_xl")])
+def test_workflow_wiring(name, checkpoint):
+    """The example workflows (SD1.5, SDXL) edit the checkpoint's model, sample with it and save the edit
     (tests/comfy/test_workflows.py checks every workflow against the node definitions)."""
-    wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "rece_erase.json").read_text())
+    wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / name).read_text())
     by_id = {n["id"]: n for n in wf["nodes"]}
     edges = {(by_id[s]["type"], by_id[d]["type"]) for _, s, _, d, _, _ in wf["links"]}
     chain = ["CheckpointLoaderSimple", EDIT_ID, "KSampler", "VAEDecode", "SaveImage"]
     assert all((a, b) in edges for a, b in zip(chain, chain[1:])), edges
     assert (EDIT_ID, SAVE_ID) in edges
+    (loader,) = [n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert loader["widgets_values"][0].startswith(checkpoint)
