@@ -398,3 +398,28 @@ def test_sdxl_workflow_validates_in_comfyui(node_classes, monkeypatch, name):
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(f"ce-sdxl-{name}", prompt, None))
     assert valid, (error, node_errors)
     assert outputs, "the workflow has an output node"
+
+
+REPORT_WORKFLOWS = {"rece_erase.json": ("CE_RECEEditModel", "erased_model"),
+                    "itd_prompt_classifier.json": ("CE_ItDPromptClassifier", "erased_clip")}
+"""SD workflows that end in an Erasure Report: the method node whose output the report compares."""
+
+
+@pytest.mark.parametrize("name", sorted(REPORT_WORKFLOWS))
+def test_method_workflows_end_in_an_erasure_report(name):
+    wf = json.loads((REPO_ROOT / "workflows" / name).read_text(encoding="utf-8"))
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    links = {lid: (src, slot) for lid, src, slot, *_ in wf["links"]}
+
+    def source(node, socket):
+        link = next((i.get("link") for i in node["inputs"] if i["name"] == socket), None)
+        return None if link is None else by_id[links[link][0]]["type"]
+
+    method, socket = REPORT_WORKFLOWS[name]
+    (report,) = [n for n in wf["nodes"] if n["type"] == "CE_ErasureReport"]
+    assert source(report, "model") == source(report, "clip") == source(report, "vae") == "CheckpointLoaderSimple"
+    assert source(report, socket) == method
+    if method == "CE_RECEEditModel":  # RECE's adversarial embedding is the report's leak probe
+        assert source(report, "probe") == method
+    saves = [n for n in wf["nodes"] if n["type"] == "SaveImage" and source(n, "images") == "CE_ErasureReport"]
+    assert saves, "the report's grid is saved"
