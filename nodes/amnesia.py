@@ -9,9 +9,11 @@ the field it sets carry the same name), wraps the wired MODEL and CLIP in
   of prompts and estimates the diagonal Fisher information of the base weights of the LoRA
   targets (:func:`sae_core.amnesia.pipeline.estimate_fisher`) with the model's own noise
   schedule. Written to ``models/sae_fisher/<name>.safetensors``; the node returns the file's path.
-* **Selective Amnesia LoRA Train** generates surrogate samples (surrogate prompt) and replay
-  samples (remember prompts) with the wired model, then trains a LoRA with the Selective
-  Amnesia objective (:func:`sae_core.amnesia.pipeline.train_forgetting_lora`): surrogate eps-MSE
+* **Selective Amnesia LoRA Train** generates surrogate samples (surrogate prompts, one per line,
+  each paired with the line of forget prompts it stands in for) and replay samples (remember
+  prompts) with the wired model -- or takes them from a sample bank (``sample_bank``: a sample set
+  in ``models/sae_samples``, Compute Fisher's samples, or the bank shipped for MiniCanvas) --
+  then trains a LoRA with the Selective Amnesia objective (:func:`sae_core.amnesia.pipeline.train_forgetting_lora`): surrogate eps-MSE
   under the forget prompts + gamma * replay MSE + lambda * EWC, where the replay term regresses
   onto the wired model's own prediction (``replay_target`` ``base``, the default) or onto the
   drawn noise (``noise``, the reference). It returns the model with the LoRA applied through
@@ -27,8 +29,14 @@ cached in ``output/selective_amnesia/<run>/`` and the LoRA trainer checkpoints t
 file holds its running estimate and continues where it stopped. A Fisher file made with other
 settings is computed again.
 
+The Fisher comes from the ``fisher_path`` socket (Compute Fisher's output) or the ``fisher_file``
+list (``models/sae_fisher``); the lists of both files include the ones shipped for MiniCanvas
+(``minicanvas/...``, as Load SAE lists its SAEs), so the MiniCanvas Checkpoint's model trains on the
+data of ``python -m sae_core bench --method amnesia``.
+
 Supported: SD1.x/SD2.x-style UNets with a discrete eps or v schedule and no extra conditioning
-(SDXL's pooled-text vector, inpainting channels, ...); anything else is refused with a message.
+(SDXL's pooled-text vector, inpainting channels, ...), and the MiniCanvas family (32x32 pixel
+space); anything else is refused with a message.
 """
 
 from __future__ import annotations
