@@ -87,6 +87,9 @@ log = logging.getLogger("concept_erasure")
 RUN_FOLDER = "selective_amnesia"
 """Sub-folder of ComfyUI's output folder for sample caches and training checkpoints."""
 
+FISHER_SAMPLES = "fisher_samples"
+"""Run folder of Compute Fisher's samples (``output/selective_amnesia/fisher_samples``); a sample bank folder too."""
+
 METHOD = "Selective Amnesia"
 
 _FISHER_SETTINGS_KEY = "comfy_settings"
@@ -97,17 +100,22 @@ _FISHER_SETTINGS_KEY = "comfy_settings"
 # ---------------------------------------------------------------------------------------------
 
 
+def _register_folder(folder: str, defaults: list[str]) -> list[str]:
+    """Register model folder ``folder`` (``.safetensors`` files) with ``folder_paths``: its known paths plus
+    ``defaults``; idempotent (ComfyUI's cached file list is kept while nothing changes)."""
+    table = folder_paths.folder_names_and_paths
+    paths, exts = table.get(folder, ([], set()))
+    new_paths = list(paths) + [p for p in defaults if p not in paths]
+    new_exts = set(exts) | {".safetensors"}
+    if folder not in table or new_paths != list(paths) or new_exts != set(exts):
+        table[folder] = (new_paths, new_exts)
+        forget_file_list(folder)
+    return new_paths
+
+
 def register_fisher_folder() -> list[str]:
     """Register ``models/sae_fisher`` (``.safetensors`` files) with ``folder_paths``; idempotent."""
-    default = os.path.join(folder_paths.models_dir, FISHER_FOLDER)
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(FISHER_FOLDER, ([], set()))
-    new_paths = list(paths) + ([default] if default not in paths else [])
-    new_exts = set(exts) | {".safetensors"}
-    if FISHER_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[FISHER_FOLDER] = (new_paths, new_exts)
-        forget_file_list(FISHER_FOLDER)
-    return new_paths
+    return _register_folder(FISHER_FOLDER, [os.path.join(folder_paths.models_dir, FISHER_FOLDER)])
 
 
 def fisher_filenames() -> list[str]:
@@ -121,15 +129,8 @@ def fisher_filenames() -> list[str]:
 def register_samples_folder() -> list[str]:
     """Register ``models/sae_samples`` and Compute Fisher's sample folder (``.safetensors``) with ``folder_paths``;
     idempotent."""
-    defaults = [os.path.join(folder_paths.models_dir, SAMPLES_FOLDER), str(run_dir("fisher_samples"))]
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(SAMPLES_FOLDER, ([], set()))
-    new_paths = list(paths) + [p for p in defaults if p not in paths]
-    new_exts = set(exts) | {".safetensors"}
-    if SAMPLES_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[SAMPLES_FOLDER] = (new_paths, new_exts)
-        forget_file_list(SAMPLES_FOLDER)
-    return new_paths
+    return _register_folder(SAMPLES_FOLDER, [os.path.join(folder_paths.models_dir, SAMPLES_FOLDER),
+                                             str(run_dir(FISHER_SAMPLES))])
 
 
 def sample_bank_filenames() -> list[str]:
@@ -361,7 +362,7 @@ class SAComputeFisher:
                     "sample_steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler,
                     "width": int(width), "height": int(height), "targets": targets, "precision": precision,
                     "timestep_batch": int(timestep_batch)}
-        cache = run_dir("fisher_samples") / f"{safe_name(filename, 'filename').replace('/', '_')}.safetensors"
+        cache = run_dir(FISHER_SAMPLES) / f"{safe_name(filename, 'filename').replace('/', '_')}.safetensors"
         progress = Progress(2 * int(samples), desc="Fisher", node_id=unique_id)
 
         def data() -> SampleSet:

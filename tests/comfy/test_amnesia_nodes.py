@@ -272,6 +272,36 @@ def test_node_and_plugin_reach_one_pipeline_with_equal_settings(comfy, tiny, fis
     assert all(torch.equal(redo[k].detach().float(), lora[k]) for k in lora)
 
 
+def test_compute_fishers_samples_are_a_sample_bank(comfy, tiny, fisher_file, monkeypatch):
+    """The samples Compute Fisher made are listed as a sample bank; LoRA Train takes the first samples of its surrogate
+    and remember prompts from them (as the reference replays its Fisher data) and samples nothing."""
+    from sae_core.amnesia import pipeline
+    from sae_core.amnesia.samples import load_samples
+
+    amnesia = comfy.nodes_pkg.amnesia
+    model, clip = tiny
+    assert "t_fisher.safetensors" in amnesia.sample_bank_filenames()
+    bank, _ = load_samples(amnesia.run_dir(amnesia.FISHER_SAMPLES) / "t_fisher.safetensors")
+    assert bank.prompts == ["a photo of a cat", "a photo of a dog", "a photo of a cat"]
+    seen = []
+    real = pipeline.train_forgetting_lora
+    monkeypatch.setattr(pipeline, "train_forgetting_lora",
+                        lambda host, cfg, surrogate, replay, *a, **k: seen.append((surrogate, replay)) or
+                        real(host, cfg, surrogate, replay, *a, **k))
+    monkeypatch.setattr(amnesia.ComfyAmnesiaHost, "sample", lambda *a: pytest.fail("a bank run sampled"))
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
+    with torch.inference_mode():
+        node.train(model, clip, "a cat", "a photo of a dog", "a photo of a cat", 10.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 1, 2,
+                   2, 4.0, "euler", "normal", 64, 64, "fp32", "bank", fisher_path=fisher_file,
+                   sample_bank="t_fisher.safetensors")
+    (surrogate, replay), = seen
+    assert surrogate.prompts == ["a photo of a dog"] and torch.equal(surrogate.samples, bank.samples[1:2])
+    assert replay.prompts == ["a photo of a cat"] * 2 and torch.equal(replay.samples, bank.samples[[0, 2]])
+    with torch.inference_mode(), pytest.raises(ValueError, match="remember_prompts: the sample bank has 0 sample"):
+        node.train(model, clip, "a cat", "a photo of a dog", "a house", 10.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 1, 1, 2, 4.0,
+                   "euler", "normal", 64, 64, "fp32", "bank2", fisher_path=fisher_file, sample_bank="t_fisher.safetensors")
+
+
 def test_training_twice_survives_the_weight_moves_of_a_gpu(comfy, monkeypatch):
     """On a GPU ComfyUI moves a model's weights (``nn.Module.to``) when it loads the model and when it unloads it. A
     weight made under inference mode (by a loader node) and moved outside inference mode is left with neither the

@@ -127,3 +127,21 @@ def test_lists_and_errors(comfy, bench_module, mc):
             node.train(mc[0], mc[1], **bad)
         with pytest.raises(ValueError, match="forget_prompts: with 8 surrogate prompts"):
             node.train(mc[0], mc[1], **{**inputs, "forget_prompts": "a\nb"})
+
+
+def test_compute_fisher_on_minicanvas_covers_the_shipped_fishers_weights(comfy, mc):
+    """Compute Fisher runs on the MiniCanvas Checkpoint at 32x32 (two samples, two timesteps: a smoke-sized estimate)
+    and covers the weights of the shipped Fisher, shape for shape."""
+    from sae_core.amnesia.fisher import load_fisher
+
+    amnesia = comfy.nodes_pkg.amnesia
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_SAComputeFisher"]()
+    with torch.inference_mode():
+        (path,) = node.compute(mc[0], mc[1], "an image of a star in dotted style\nan image of a ring", 2, 2, 2, "xattn", 0,
+                               4, 7.0, "ddim", "simple", 32, 32, "fp32", "mc/fisher_smoke")
+    made = load_fisher(path).fisher
+    shipped = load_fisher(amnesia.resolve_fisher("minicanvas/amnesia_fisher_xattn.safetensors")).fisher
+    assert {k: tuple(v.shape) for k, v in made.items()} == {k: tuple(v.shape) for k, v in shipped.items()}
+    assert all(torch.isfinite(v).all() and (v >= 0).all() for v in made.values())
+    assert sum(float(v.sum()) for v in made.values()) > 0
+    assert not mc[0].patches and not mc[0].weight_wrapper_patches
