@@ -25,6 +25,13 @@ bench runs:
   (:func:`itd_inputs`): the concept's MiniCanvas prompts as concepts (each its own calibration prompt: the
   features and threshold of the plug-in's one concept with all of them), every other MiniCanvas prompt and the
   empty prompt retained, layer 2, ``top_n`` 32, positions ``all``, strength -8 for styles and -1 for objects.
+* ``amnesia``: Selective Amnesia LoRA Train on the MODEL and CLIP (:func:`amnesia_inputs`) with the plug-in's
+  recipe (rank 4, lr 1e-2, no weight decay, 100 steps of 8 + 8 examples, replay onto the base model, lambda 0.03
+  for styles and 0.3 for objects), the shipped Fisher (``fisher_file``) and the shipped sample bank
+  (``sample_bank``): the surrogate prompts are the bank's images of the concept's partner (for a style, every
+  object in the next style; for an object, the next object in every style and unstyled), each paired with the
+  forget prompt it stands in for, and every prompt without the concept is replayed -- the data the plug-in takes
+  from the same bank.
 
 **Sampling fidelity** (no ``--method``): generates the 72 prompts twice, through ComfyUI's stock nodes on the
 MiniCanvas Checkpoint and with MiniCanvas' own DDIM sampler, and prints the judged object and style accuracy of
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
@@ -256,6 +264,84 @@ def itd_inputs(kind: str, concepts: Sequence[str], **options: Any) -> dict[str, 
     }
 
 
+AMNESIA_FISHER = "minicanvas/amnesia_fisher_xattn.safetensors"
+"""LoRA Train's ``fisher_file`` choice of the Fisher shipped with MiniCanvas (the plug-in's, for ``xattn``)."""
+
+AMNESIA_BANK = "minicanvas/amnesia_bank.safetensors"
+"""LoRA Train's ``sample_bank`` choice of the sample bank shipped with MiniCanvas (the plug-in's)."""
+
+_AMNESIA_NODE_FIELDS = ("lam", "gamma", "rank", "steps", "lr", "batch_size", "seed", "targets", "replay_target",
+                        "weight_decay")
+"""AmnesiaConfig fields that LoRA Train takes under the same name (besides the prompts and counts)."""
+
+
+def _per_prompt(samples: Any, what: str) -> tuple[list[str], int]:
+    """``(prompts in order of appearance, samples per prompt)`` of a sample set drawn prompt-major from a bank."""
+    prompts = list(dict.fromkeys(samples.prompts))
+    per = len(samples.prompts) // max(len(prompts), 1)
+    if samples.prompts != [p for p in prompts for _ in range(per)]:
+        raise ValueError(f"amnesia: the plug-in's {what} set is not the same number of samples of each prompt, "
+                         "prompt after prompt; LoRA Train cannot express it")
+    return prompts, per
+
+
+def amnesia_inputs(kind: str, concepts: Sequence[str], **options: Any) -> dict[str, Any]:
+    """The Selective Amnesia LoRA Train inputs (without ``model`` / ``clip``) of the MiniCanvas plug-in's ``amnesia``
+    erasure: its recipe's settings, the shipped Fisher and sample bank, and the plug-in's surrogate, forget and
+    replay prompts as node text (one surrogate prompt per line, its forget prompts on the same line of
+    ``forget_prompts``)."""
+    from sae_core.amnesia.config import AmnesiaConfig
+    from sae_core.minicanvas.methods import validate_concepts
+    from sae_core.minicanvas.plugins import amnesia as plugin
+
+    concepts = validate_concepts(_canvas_names(), kind, list(concepts))
+    options = dict(options)
+    options.pop("quiet", None)
+    recipe = plugin.kind_recipe(kind, **options)
+    settings, canvas_options = recipe
+    shipped = plugin.RECIPE.canvas
+    if (canvas_options.bank_seeds, canvas_options.bank_steps) != (shipped.bank_seeds, shipped.bank_steps):
+        raise ValueError("amnesia: bank_seeds / bank_steps other than the shipped bank's are no node inputs")
+    if canvas_options.surrogate == "noise":
+        raise ValueError("amnesia: the 'noise' surrogate is no LoRA Train input (its surrogates are samples)")
+    defaults = AmnesiaConfig()
+    fixed = [f for f in ("alpha", "grad_clip") if getattr(settings, f) != getattr(defaults, f)]
+    if fixed:
+        raise ValueError(f"amnesia: option(s) {fixed} are not inputs of LoRA Train")
+    canvas = _amnesia_canvas()
+    bank = plugin.data_bank(canvas, recipe, progress=False)
+    surrogate, forget, replay = plugin.erasure_data(canvas, kind, concepts, bank, recipe)
+    surrogate_prompts, per_surrogate = _per_prompt(surrogate, "surrogate")
+    replay_prompts, per_replay = _per_prompt(replay, "replay")
+    texts = [t for t in surrogate_prompts + replay_prompts + [f for v in forget.values() for f in v] if "," in t]
+    if texts:
+        raise ValueError(f"amnesia: prompts with commas cannot be node text: {texts[:3]}")
+    inputs = {
+        "forget_prompts": _lines([", ".join(forget[p]) for p in surrogate_prompts]),
+        "surrogate_prompt": _lines(surrogate_prompts),
+        "remember_prompts": _lines(replay_prompts),
+        "surrogate_samples": per_surrogate,
+        "replay_per_prompt": per_replay,
+        # unused with a sample bank; the bank's own sampling, for the record
+        "sample_steps": int(canvas.default_steps), "cfg": float(canvas.default_cfg), "sampler_name": "ddim",
+        "scheduler": "simple", "width": 32, "height": 32,
+        "precision": "fp32",
+        "run_name": f"minicanvas_{kind}_{'_'.join(concepts)}",
+        "fisher_file": AMNESIA_FISHER if settings.lam > 0 else "none",
+        "sample_bank": AMNESIA_BANK,
+    }
+    inputs.update({f: getattr(settings, f) for f in _AMNESIA_NODE_FIELDS})
+    return inputs
+
+
+@functools.lru_cache(maxsize=1)
+def _amnesia_canvas() -> Any:
+    """The shipped MiniCanvas (no judges): the plug-in finds its bank and Fisher by the model's fingerprint."""
+    from sae_core.minicanvas import MiniCanvas
+
+    return MiniCanvas.load(judges=False)
+
+
 def _rece_graph(method: str, graph: Graph, kind: str, concepts: Sequence[str], model: Ref, clip: Ref,
                 **options: Any) -> tuple[Ref, Ref]:
     edit = graph.add("CE_RECEEditModel", model=model, clip=clip, **rece_inputs(kind, concepts, method, **options))
@@ -283,11 +369,20 @@ def itd_nodes(graph: Graph, kind: str, concepts: Sequence[str], model: Ref, clip
     return model, graph.out(itd, 0)
 
 
+def amnesia_nodes(graph: Graph, kind: str, concepts: Sequence[str], model: Ref, clip: Ref,
+                  **options: Any) -> tuple[Ref, Ref]:
+    """Selective Amnesia LoRA Train with the bench's ``amnesia`` settings and data; returns ``(model with the LoRA,
+    clip)``."""
+    train = graph.add("CE_SALoRATrain", model=model, clip=clip, **amnesia_inputs(kind, concepts, **options))
+    return graph.out(train, 0), clip
+
+
 METHODS: dict[str, MethodNodes] = {
     "saeuron": saeuron_nodes,
     "uce": uce_nodes,
     "rece": rece_nodes,
     "itd": itd_nodes,
+    "amnesia": amnesia_nodes,
 }
 """Method name (as in ``python -m sae_core bench --method``) -> the function that inserts its nodes."""
 

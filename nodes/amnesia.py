@@ -9,9 +9,11 @@ the field it sets carry the same name), wraps the wired MODEL and CLIP in
   of prompts and estimates the diagonal Fisher information of the base weights of the LoRA
   targets (:func:`sae_core.amnesia.pipeline.estimate_fisher`) with the model's own noise
   schedule. Written to ``models/sae_fisher/<name>.safetensors``; the node returns the file's path.
-* **Selective Amnesia LoRA Train** generates surrogate samples (surrogate prompt) and replay
-  samples (remember prompts) with the wired model, then trains a LoRA with the Selective
-  Amnesia objective (:func:`sae_core.amnesia.pipeline.train_forgetting_lora`): surrogate eps-MSE
+* **Selective Amnesia LoRA Train** generates surrogate samples (surrogate prompts, one per line,
+  each paired with the line of forget prompts it stands in for) and replay samples (remember
+  prompts) with the wired model -- or takes them from a sample bank (``sample_bank``: a sample set
+  in ``models/sae_samples``, Compute Fisher's samples, or the bank shipped for MiniCanvas) --
+  then trains a LoRA with the Selective Amnesia objective (:func:`sae_core.amnesia.pipeline.train_forgetting_lora`): surrogate eps-MSE
   under the forget prompts + gamma * replay MSE + lambda * EWC, where the replay term regresses
   onto the wired model's own prediction (``replay_target`` ``base``, the default) or onto the
   drawn noise (``noise``, the reference). It returns the model with the LoRA applied through
@@ -27,8 +29,14 @@ cached in ``output/selective_amnesia/<run>/`` and the LoRA trainer checkpoints t
 file holds its running estimate and continues where it stopped. A Fisher file made with other
 settings is computed again.
 
+The Fisher comes from the ``fisher_path`` socket (Compute Fisher's output) or the ``fisher_file``
+list (``models/sae_fisher``); the lists of both files include the ones shipped for MiniCanvas
+(``minicanvas/...``, as Load SAE lists its SAEs), so the MiniCanvas Checkpoint's model trains on the
+data of ``python -m sae_core bench --method amnesia``.
+
 Supported: SD1.x/SD2.x-style UNets with a discrete eps or v schedule and no extra conditioning
-(SDXL's pooled-text vector, inpainting channels, ...); anything else is refused with a message.
+(SDXL's pooled-text vector, inpainting channels, ...), and the MiniCanvas family (32x32 pixel
+space); anything else is refused with a message.
 """
 
 from __future__ import annotations
@@ -51,24 +59,36 @@ from sae_core.amnesia.config import PRECISIONS, REPLAY_TARGETS, AmnesiaConfig
 from sae_core.amnesia.fisher import load_fisher
 from sae_core.amnesia.lora import TARGET_PRESETS, lora_state_dict
 from sae_core.amnesia.pipeline import FisherTraining, LoRATraining
-from sae_core.amnesia.samples import SampleSet
+from sae_core.amnesia.samples import SampleSet, load_samples
 from sae_core.amnesia.trainer import loss_curve_image
 from sae_core.artefacts import save_json
 from sae_core.prompts import parse_prompts
 
 from .clip_text import encode_prompts
-from .common import Progress, category, inp, interrupt_requested, node_id, sampler_choices, throw_if_interrupted
-from .folders import forget_file_list, safe_name
+from .common import (
+    FISHER_FOLDER,
+    SAMPLES_FOLDER,
+    Progress,
+    category,
+    inp,
+    interrupt_requested,
+    node_id,
+    sampler_choices,
+    shipped_names,
+    shipped_path,
+    throw_if_interrupted,
+)
+from .folders import NO_FILE, forget_file_list, safe_name
 from .sampling import alphas_cumprod, comfy_sampler, discrete_eps_sampling, eps_denoiser
 from .training import ComfyLoRA, GradientProbe, TrainingClone, target_modules
 
 log = logging.getLogger("concept_erasure")
 
-FISHER_FOLDER = "sae_fisher"
-"""Model folder of Fisher files: ``ComfyUI/models/sae_fisher``."""
-
 RUN_FOLDER = "selective_amnesia"
 """Sub-folder of ComfyUI's output folder for sample caches and training checkpoints."""
+
+FISHER_SAMPLES = "fisher_samples"
+"""Run folder of Compute Fisher's samples (``output/selective_amnesia/fisher_samples``); a sample bank folder too."""
 
 METHOD = "Selective Amnesia"
 
@@ -80,17 +100,68 @@ _FISHER_SETTINGS_KEY = "comfy_settings"
 # ---------------------------------------------------------------------------------------------
 
 
+def _register_folder(folder: str, defaults: list[str]) -> list[str]:
+    """Register model folder ``folder`` (``.safetensors`` files) with ``folder_paths``: its known paths plus
+    ``defaults``; idempotent (ComfyUI's cached file list is kept while nothing changes)."""
+    table = folder_paths.folder_names_and_paths
+    paths, exts = table.get(folder, ([], set()))
+    new_paths = list(paths) + [p for p in defaults if p not in paths]
+    new_exts = set(exts) | {".safetensors"}
+    if folder not in table or new_paths != list(paths) or new_exts != set(exts):
+        table[folder] = (new_paths, new_exts)
+        forget_file_list(folder)
+    return new_paths
+
+
 def register_fisher_folder() -> list[str]:
     """Register ``models/sae_fisher`` (``.safetensors`` files) with ``folder_paths``; idempotent."""
-    default = os.path.join(folder_paths.models_dir, FISHER_FOLDER)
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(FISHER_FOLDER, ([], set()))
-    new_paths = list(paths) + ([default] if default not in paths else [])
-    new_exts = set(exts) | {".safetensors"}
-    if FISHER_FOLDER not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[FISHER_FOLDER] = (new_paths, new_exts)
-        forget_file_list(FISHER_FOLDER)
-    return new_paths
+    return _register_folder(FISHER_FOLDER, [os.path.join(folder_paths.models_dir, FISHER_FOLDER)])
+
+
+def fisher_filenames() -> list[str]:
+    """``none``, the Fisher shipped with MiniCanvas (``minicanvas/amnesia_fisher_xattn.safetensors``) and the files of
+    the ``sae_fisher`` folders: the choices of LoRA Train's ``fisher_file``."""
+    register_fisher_folder()
+    shipped = shipped_names(FISHER_FOLDER)
+    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(FISHER_FOLDER) if n not in shipped]
+
+
+def register_samples_folder() -> list[str]:
+    """Register ``models/sae_samples`` and Compute Fisher's sample folder (``.safetensors``) with ``folder_paths``;
+    idempotent."""
+    return _register_folder(SAMPLES_FOLDER, [os.path.join(folder_paths.models_dir, SAMPLES_FOLDER),
+                                             str(run_dir(FISHER_SAMPLES))])
+
+
+def sample_bank_filenames() -> list[str]:
+    """``none``, the sample bank shipped with MiniCanvas (``minicanvas/amnesia_bank.safetensors``) and the sample sets
+    of the ``sae_samples`` folders (Compute Fisher's samples among them): the choices of LoRA Train's ``sample_bank``."""
+    register_samples_folder()
+    shipped = shipped_names(SAMPLES_FOLDER)
+    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(SAMPLES_FOLDER) if n not in shipped]
+
+
+def load_sample_bank(name: str, model: Any) -> SampleSet:
+    """The sample set ``name`` from :func:`sample_bank_filenames`, checked against the MODEL's latent channels.
+
+    Raises FileNotFoundError naming the folders searched, ValueError (naming ``sample_bank``) for a file that is
+    not a sample set or whose samples do not fit the model.
+    """
+    register_samples_folder()
+    path = shipped_path(SAMPLES_FOLDER, name) or folder_paths.get_full_path(SAMPLES_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"sample_bank: {name!r} was not found in "
+                                f"{', '.join(folder_paths.get_folder_paths(SAMPLES_FOLDER))}")
+    try:
+        with torch.inference_mode(False):  # the samples enter autograd: no inference tensors
+            bank, _meta = load_samples(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"sample_bank: {err}") from err
+    channels = model.get_model_object("latent_format").latent_channels
+    if bank.samples.dim() != 4 or bank.samples.shape[1] != channels:
+        raise ValueError(f"sample_bank: {name} holds samples of shape {tuple(bank.samples.shape[1:])}; this model's "
+                         f"latents have {channels} channels (a bank holds samples of the model it trains, made by it)")
+    return bank
 
 
 def fisher_path_for(name: str) -> Path:
@@ -100,10 +171,15 @@ def fisher_path_for(name: str) -> Path:
 
 
 def resolve_fisher(path_or_name: str) -> Path:
-    """An absolute Fisher path, or a name in the ``sae_fisher`` folders; FileNotFoundError otherwise."""
+    """An absolute Fisher path, a shipped name (``minicanvas/...``) or a name in the ``sae_fisher`` folders;
+    FileNotFoundError otherwise."""
     text = (path_or_name or "").strip()
     if not text:
-        raise FileNotFoundError("fisher_path is empty: wire the Compute Fisher node's output (or set lam to 0)")
+        raise FileNotFoundError("fisher_path is empty: wire the Compute Fisher node's output or pick a fisher_file "
+                                "(or set lam to 0)")
+    shipped = shipped_path(FISHER_FOLDER, text)
+    if shipped is not None:
+        return Path(shipped)
     p = Path(text)
     if p.is_absolute():
         if p.is_file():
@@ -174,25 +250,30 @@ class ComfyAmnesiaHost:
         return out.clone()
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        if self._sampler is None:
-            self._sampler = comfy_sampler(self.model, self.clip, **self.sampling)
-        with torch.inference_mode():
+        with torch.inference_mode():  # the sampler encodes its negative prompt when it is made
+            if self._sampler is None:
+                self._sampler = comfy_sampler(self.model, self.clip, **self.sampling)
             out = self._sampler(prompts, seeds)
         return out.clone()
 
+    # The training contexts run outside inference mode whatever their caller does: the trainable tensors are made
+    # there, and ComfyUI's loads and unloads happen under inference mode inside TrainingClone (nodes/training.py).
     @contextmanager
     def lora_training(self, config: AmnesiaConfig, generator: torch.Generator) -> Iterator[LoRATraining]:
-        adapters = {n: ComfyLoRA(tuple(m.weight.shape), config.rank, config.alpha, device=self.device, generator=generator)
-                    for n, m in target_modules(self.model, config.targets).items()}
-        with TrainingClone(self.model, adapters, config.precision) as patcher:
-            yield LoRATraining(eps_denoiser(patcher, self.ms), adapters)
+        with torch.inference_mode(False):
+            adapters = {n: ComfyLoRA(tuple(m.weight.shape), config.rank, config.alpha, device=self.device,
+                                     generator=generator)
+                        for n, m in target_modules(self.model, config.targets).items()}
+            with TrainingClone(self.model, adapters, config.precision) as patcher:
+                yield LoRATraining(eps_denoiser(patcher, self.ms), adapters)
 
     @contextmanager
     def fisher_training(self, config: AmnesiaConfig) -> Iterator[FisherTraining]:
-        modules = target_modules(self.model, config.targets)
-        probes = {n: GradientProbe(tuple(m.weight.shape), self.device) for n, m in modules.items()}
-        with TrainingClone(self.model, probes, config.precision) as patcher:
-            yield FisherTraining(eps_denoiser(patcher, self.ms), {f"{n}.weight": probes[n].delta for n in modules})
+        with torch.inference_mode(False):
+            modules = target_modules(self.model, config.targets)
+            probes = {n: GradientProbe(tuple(m.weight.shape), self.device) for n, m in modules.items()}
+            with TrainingClone(self.model, probes, config.precision) as patcher:
+                yield FisherTraining(eps_denoiser(patcher, self.ms), {f"{n}.weight": probes[n].delta for n in modules})
 
 
 def _sampling(sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int, height: int) -> dict[str, Any]:
@@ -213,8 +294,10 @@ def _sampler_inputs() -> dict[str, tuple]:
                    default=7.5, min=0.0, max=30.0, step=0.1, round=0.01),
         "sampler_name": inp(samplers, "Sampler used to generate the training samples.", default="euler"),
         "scheduler": inp(schedulers, "Scheduler used to generate the training samples.", default="normal"),
-        "width": inp("INT", "Width of the generated samples in pixels.", default=512, min=64, max=4096, step=8),
-        "height": inp("INT", "Height of the generated samples in pixels.", default=512, min=64, max=4096, step=8),
+        "width": inp("INT", "Width of the generated samples in pixels (SD1.x: 512, MiniCanvas: 32).", default=512, min=8,
+                     max=4096, step=8),
+        "height": inp("INT", "Height of the generated samples in pixels (SD1.x: 512, MiniCanvas: 32).", default=512, min=8,
+                      max=4096, step=8),
     }
 
 
@@ -279,7 +362,7 @@ class SAComputeFisher:
                     "sample_steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler,
                     "width": int(width), "height": int(height), "targets": targets, "precision": precision,
                     "timestep_batch": int(timestep_batch)}
-        cache = run_dir("fisher_samples") / f"{safe_name(filename, 'filename').replace('/', '_')}.safetensors"
+        cache = run_dir(FISHER_SAMPLES) / f"{safe_name(filename, 'filename').replace('/', '_')}.safetensors"
         progress = Progress(2 * int(samples), desc="Fisher", node_id=unique_id)
 
         def data() -> SampleSet:
@@ -332,9 +415,13 @@ class SALoRATrain:
             "required": {
                 "model": inp("MODEL", "The base model (the one the Fisher was computed for)."),
                 "clip": inp("CLIP", "Text encoder for the prompts."),
-                "forget_prompts": inp("STRING", "What to forget. Comma-separated prompts or keywords; one is drawn per training example.",
+                "forget_prompts": inp("STRING", "What to forget. Comma-separated prompts or keywords; one is drawn per training "
+                                      "example. With several surrogate prompts, one line per surrogate prompt: line i is "
+                                      "what surrogate prompt i stands in for (a single line is shared by all).",
                                       multiline=True, default="brad pitt"),
-                "surrogate_prompt": inp("STRING", "What the forget prompts should produce instead (e.g. 'a middle aged man').",
+                "surrogate_prompt": inp("STRING", "What the forget prompts should produce instead (e.g. 'a middle aged man'); "
+                                        "several prompts, one per line, pair with the lines of forget_prompts (e.g. 'a star "
+                                        "in dotted style' standing in for 'a star in striped style').",
                                         multiline=True, default="a middle aged man"),
                 "remember_prompts": inp("STRING", "Prompts to keep intact, one per line (generative replay).", multiline=True,
                                         default="a photo of a dog\na landscape painting\na portrait of a woman\na city street at night"),
@@ -348,8 +435,10 @@ class SALoRATrain:
                 "batch_size": inp("INT", "Surrogate examples per step (as many replay examples are added).", default=2, min=1, max=64),
                 "seed": inp("INT", "Seed of the LoRA initialisation, the sample noise and the training draws.", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
                 "targets": inp(list(TARGET_PRESETS), "Weights the LoRA adapts; the Fisher must cover them (same preset as Compute Fisher).", default="xattn"),
-                "surrogate_samples": inp("INT", "Surrogate images to generate.", default=32, min=1, max=10000),
-                "replay_per_prompt": inp("INT", "Replay images to generate per remember prompt.", default=8, min=1, max=1000),
+                "surrogate_samples": inp("INT", "Surrogate images to generate (or take from the sample bank) per surrogate prompt.",
+                                         default=32, min=1, max=10000),
+                "replay_per_prompt": inp("INT", "Replay images to generate (or take from the sample bank) per remember prompt.",
+                                         default=8, min=1, max=1000),
                 **_sampler_inputs(),
                 "precision": inp(list(PRECISIONS), "Compute precision of the UNet while training (bf16 saves memory).", default="bf16"),
                 "run_name": inp("STRING", "Folder in output/selective_amnesia for the sample cache and checkpoints (resume).",
@@ -357,10 +446,23 @@ class SALoRATrain:
             },
             "optional": {
                 "fisher_path": inp("STRING", "Fisher file from Selective Amnesia Compute Fisher (path or name in models/sae_fisher). "
-                                   "Needed when lam > 0.", forceInput=True),
+                                   "Needed when lam > 0, unless fisher_file names one.", forceInput=True),
                 "replay_target": inp(list(REPLAY_TARGETS), "What the replay term regresses onto: 'base' = the base model's own "
                                      "prediction for the same noisy replay image (tighter retention, one extra forward pass per "
                                      "step); 'noise' = the drawn noise, as the reference does.", default="base"),
+                "weight_decay": inp("FLOAT", "AdamW weight decay of the LoRA factors (pulls the LoRA towards zero, i.e. the "
+                                    "model towards the base; the reference's AdamW has 0.01).", default=0.01, min=0.0, max=10.0,
+                                    step=0.001, round=1e-6),
+                "fisher_file": inp(fisher_filenames(), "Fisher file to use instead of wiring fisher_path: a file in "
+                                   "models/sae_fisher, or the one shipped for MiniCanvas (minicanvas/amnesia_fisher_xattn: "
+                                   "its cross-attention, as the bench computes it). 'none': the fisher_path input.",
+                                   default=NO_FILE),
+                "sample_bank": inp(sample_bank_filenames(), "Take the surrogate and replay images from a bank of the model's own "
+                                   "samples instead of generating them (every prompt must be in it): the bank shipped for "
+                                   "MiniCanvas (minicanvas/amnesia_bank: every MiniCanvas prompt, seeds 1000-1001, the bench's "
+                                   "data), a sample set in models/sae_samples, or the samples Compute Fisher made (the "
+                                   "reference replays its Fisher data). 'none': generate them with the sampler settings.",
+                                   default=NO_FILE),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -369,23 +471,28 @@ class SALoRATrain:
               gamma: float, rank: int, steps: int, lr: float, batch_size: int, seed: int, targets: str, surrogate_samples: int,
               replay_per_prompt: int, sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int,
               height: int, precision: str, run_name: str, fisher_path: Optional[str] = None,
-              replay_target: str = "base", unique_id: Optional[str] = None) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+              replay_target: str = "base", weight_decay: float = 0.01, fisher_file: str = NO_FILE,
+              sample_bank: str = NO_FILE, unique_id: Optional[str] = None) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
         host = ComfyAmnesiaHost(model, clip, _sampling(sample_steps, cfg, sampler_name, scheduler, width, height))
         # every setting is checked here, before minutes of sampling
         settings = AmnesiaConfig(
             forget_prompts=forget_prompts, surrogate_prompt=surrogate_prompt, remember_prompts=remember_prompts,
             surrogate_samples=int(surrogate_samples), replay_per_prompt=int(replay_per_prompt), targets=targets,
             rank=int(rank), steps=int(steps), lr=float(lr), batch_size=int(batch_size), lam=float(lam), gamma=float(gamma),
-            seed=int(seed), replay_target=replay_target, precision=precision, checkpoint_every=max(10, int(steps) // 20))
-        fisher = _load_fisher(fisher_path) if settings.lam > 0 else None
+            weight_decay=float(weight_decay), seed=int(seed), replay_target=replay_target, precision=precision,
+            checkpoint_every=max(10, int(steps) // 20))
+        fisher = _load_fisher(_fisher_choice(fisher_path, fisher_file)) if settings.lam > 0 else None
+        bank = load_sample_bank(sample_bank, model) if (sample_bank or NO_FILE) != NO_FILE else None
         folder = run_dir(run_name)
         sampling = {"model": model_fingerprint(model), "steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name,
                     "scheduler": scheduler, "width": int(width), "height": int(height)}
-        n_gen = settings.surrogate_samples + (len(settings.remember_prompts) * settings.replay_per_prompt if settings.gamma > 0 else 0)
+        n_gen = 0 if bank is not None else len(settings.surrogate_prompts) * settings.surrogate_samples + (
+            len(settings.remember_prompts) * settings.replay_per_prompt if settings.gamma > 0 else 0)
         progress = Progress(n_gen + settings.steps, desc="Selective Amnesia", node_id=unique_id)
+        forget = forget_prompt_list(settings.forget_prompts)
         try:
             with torch.inference_mode(False):
-                data = pipeline.training_samples(host, settings, folder, sampling, should_stop=interrupt_requested,
+                data = pipeline.training_samples(host, settings, folder, sampling, bank=bank, should_stop=interrupt_requested,
                                                  callback=lambda c, n: progress.update_absolute(c))
                 progress.update_absolute(n_gen)
                 run = pipeline.train_forgetting_lora(
@@ -396,16 +503,32 @@ class SALoRATrain:
                     raise RuntimeError("training stopped before the end; queue the node again to resume from the checkpoint")
                 lora = {k: v.detach().to("cpu", torch.float32).clone() for k, v in lora_state_dict(run.adapters).items()}
                 patched = apply_lora(model, lora)
-                curve = loss_curve_image(run.result.history, title=f"Selective Amnesia: {', '.join(settings.forget_prompts)[:60]}")
+                curve = loss_curve_image(run.result.history, title=f"Selective Amnesia: {', '.join(forget)[:60]}")
                 image = torch.from_numpy(curve.astype(np.float32) / 255.0)[None]
         except InterruptedError:
             throw_if_interrupted()
             raise
         finally:
             progress.close()
-        _write_summary(folder, run.result.history, list(settings.forget_prompts), settings.surrogate_prompt,
-                       list(settings.remember_prompts))
+        _write_summary(folder, run.result.history, forget, settings.surrogate_prompt, list(settings.remember_prompts))
         return (patched, lora, image)
+
+
+def forget_prompt_list(forget: Any) -> list[str]:
+    """Every forget prompt of a config's ``forget_prompts`` (a tuple, or a mapping from surrogate prompts), in order."""
+    if isinstance(forget, dict):
+        return list(dict.fromkeys(p for group in forget.values() for p in group))
+    return list(forget)
+
+
+def _fisher_choice(fisher_path: Optional[str], fisher_file: Optional[str]) -> str:
+    """The Fisher named by the ``fisher_path`` socket or the ``fisher_file`` choice (not both)."""
+    wired = (fisher_path or "").strip()
+    chosen = fisher_file if fisher_file and fisher_file != NO_FILE else ""
+    if wired and chosen:
+        raise ValueError(f"fisher_path is wired and fisher_file is {chosen!r}: give the Fisher one way (set fisher_file "
+                         "to 'none' to use the wired path)")
+    return wired or chosen
 
 
 def _load_fisher(fisher_path: Optional[str]) -> dict[str, torch.Tensor]:
@@ -440,6 +563,7 @@ def _write_summary(folder: Path, history: list[dict[str, float]], forget: list[s
 
 
 register_fisher_folder()
+register_samples_folder()
 
 NODE_CLASS_MAPPINGS = {
     node_id("SAComputeFisher"): SAComputeFisher,

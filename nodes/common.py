@@ -22,6 +22,8 @@ __all__ = [
     "CATEGORY_ROOT",
     "SAE_FOLDER",
     "FEATURES_FOLDER",
+    "FISHER_FOLDER",
+    "SAMPLES_FOLDER",
     "SHIPPED_PREFIX",
     "shipped_names",
     "shipped_path",
@@ -84,6 +86,13 @@ ITD_CONFIG = "config.json"
 FEATURES_FOLDER = "sae_features"
 """Model folder of SAeUron concept feature tables: ``ComfyUI/models/sae_features`` (and ``output/sae_features``)."""
 
+FISHER_FOLDER = "sae_fisher"
+"""Model folder of Selective Amnesia Fisher files: ``ComfyUI/models/sae_fisher``."""
+
+SAMPLES_FOLDER = "sae_samples"
+"""Model folder of Selective Amnesia sample banks (a model's samples with their prompts): ``ComfyUI/models/sae_samples``
+(and the samples Compute Fisher made, ``output/selective_amnesia/fisher_samples``)."""
+
 
 # -- files that ship with the pack (MiniCanvas) ---------------------------------------------------
 
@@ -101,11 +110,18 @@ SHIPPED_FILES: dict[str, dict[str, str]] = {
         "saeuron_style.safetensors": "saeuron_stats_style.safetensors",
         "saeuron_object.safetensors": "saeuron_stats_object.safetensors",
     },
+    FISHER_FOLDER: {
+        "amnesia_fisher_xattn.safetensors": "amnesia_fisher_xattn_k16_308b8c7d875facf2.safetensors",
+    },
+    SAMPLES_FOLDER: {
+        "amnesia_bank.safetensors": "amnesia_bank_1000-1001_20.safetensors",
+    },
 }
 """Per model folder: dropdown name (after :data:`SHIPPED_PREFIX`) -> file in the MiniCanvas weights folder.
 The SAeUron style SAE (``output_blocks.3.1``) and object SAE (``output_blocks.2.1``) with their concept
-statistics, and ItD's text-encoder SAE; the other shipped files (model, judges, Selective Amnesia data) are
-not SAEs and are not listed."""
+statistics, ItD's text-encoder SAE, and the data of ``python -m sae_core bench --method amnesia``: the Fisher of
+the cross-attention weights and the sample bank (every MiniCanvas prompt, seeds 1000 and 1001, 20 DDIM steps,
+cfg 7), the files its plug-in finds for the shipped model. The model and the judges are not listed."""
 
 
 def _shipped_dir() -> str:

@@ -8,6 +8,13 @@ whose chosen weights go through trainable weight wrappers (``add_weight_wrapper`
 ComfyUI hands each layer a fresh copy of its weight (weights loaded by a node are inference tensors,
 which autograd cannot save for backward). Use it under ``torch.inference_mode(False)``; the
 wrappers are removed and the clone unloaded on exit, so the input MODEL is never modified.
+
+Loading and unloading happen under inference mode, as everywhere else in ComfyUI. On a GPU they move
+the weights (``nn.Module.to``), and a parameter made under inference mode -- every weight a loader node
+made -- that is moved outside inference mode is left with neither the inference flag nor a version
+counter: every later use of it fails ("Inference tensors do not track version counter"), in training,
+in sampling, in any other branch of the graph. The trainable tensors (LoRA factors, probes) are the
+opposite: they are made and moved outside inference mode, whoever calls.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ class GradientProbe(torch.nn.Module):
         return weight + self.delta.to(weight.dtype)
 
     def move_to(self, device: Any = None) -> int:
-        self.to(device=device)
+        with torch.inference_mode(False):  # ComfyUI calls this while loading, under inference mode
+            self.to(device=device)
         return self.delta.numel() * self.delta.element_size()
 
 
@@ -51,7 +59,8 @@ class ComfyLoRA(LoRADelta):
     """A :class:`LoRADelta` with the memory hooks ComfyUI calls on weight functions."""
 
     def move_to(self, device: Any = None) -> int:
-        self.to(device=device)
+        with torch.inference_mode(False):  # ComfyUI calls this while loading, under inference mode
+            self.to(device=device)
         return self.passive_memory_usage()
 
     def passive_memory_usage(self) -> int:
@@ -91,7 +100,8 @@ class TrainingClone:
         self._flags = [(p, p.requires_grad) for p in self.patcher.model.parameters()]
         for p, _ in self._flags:
             p.requires_grad_(False)
-        mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
+        with torch.inference_mode():  # see the module docstring: weights move under inference mode only
+            mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
         return self.patcher
 
     def __exit__(self, *exc: Any) -> None:
@@ -107,7 +117,8 @@ class TrainingClone:
             loaded = mm.current_loaded_models
             for i in range(len(loaded) - 1, -1, -1):
                 if loaded[i].model is self.patcher:
-                    loaded[i].model_unload()
+                    with torch.inference_mode():  # unloading moves the weights back to the offload device
+                        loaded[i].model_unload()
                     loaded.pop(i)
         except Exception as err:  # noqa: BLE001 - unloading is best effort; the wrappers are gone already
             log.warning("concept_erasure: could not unload the training clone cleanly: %s", err)

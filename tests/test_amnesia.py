@@ -570,3 +570,63 @@ def test_config_is_validated_once_and_parses_prompt_lists():
             AmnesiaConfig(**bad)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lam = 1.0  # type: ignore[misc]
+
+
+def test_several_surrogate_prompts_pair_with_one_forget_line_each():
+    cfg = AmnesiaConfig(surrogate_prompt="a star in dotted style\n# comment\n\na heart in dotted style",
+                        forget_prompts="a star in striped style, striped star\na heart in striped style")
+    assert cfg.surrogate_prompts == ("a star in dotted style", "a heart in dotted style")
+    assert cfg.forget_prompts == {"a star in dotted style": ("a star in striped style", "striped star"),
+                                  "a heart in dotted style": ("a heart in striped style",)}
+    assert replace(cfg, lam=0.0).forget_prompts == cfg.forget_prompts
+    # one line of forget prompts is shared by every surrogate prompt, as with a single surrogate prompt
+    shared = AmnesiaConfig(surrogate_prompt="a\nb", forget_prompts="x, y")
+    assert shared.forget_prompts == ("x", "y")
+    # a single surrogate prompt keeps every line of forget prompts as alternatives (unchanged)
+    assert AmnesiaConfig(surrogate_prompt="a", forget_prompts="x\ny").forget_prompts == ("x", "y")
+    assert AmnesiaConfig().surrogate_prompts == ()
+    with pytest.raises(ValueError, match="forget_prompts: with 2 surrogate prompts.*got 3 lines"):
+        AmnesiaConfig(surrogate_prompt="a\nb", forget_prompts="x\ny\nz")
+    with pytest.raises(ValueError, match="surrogate_prompt: 'a' is given more than once"):
+        AmnesiaConfig(surrogate_prompt="a\nb\na", forget_prompts="x")
+    with pytest.raises(ValueError, match="no forget prompt for the surrogate prompt"):
+        AmnesiaConfig(surrogate_prompt="a\nb", forget_prompts={"a": "x"})
+
+
+class _CountingHost:
+    """A host whose sampler returns each row's seed and prompt length, and counts its calls."""
+
+    device = torch.device("cpu")
+    alphas_cumprod = torch.linspace(0.99, 0.01, 10)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def sample(self, prompts, seeds):
+        self.calls += 1
+        return torch.tensor([[float(s), float(len(p))] for p, s in zip(prompts, seeds)])
+
+
+def test_training_samples_of_several_surrogate_prompts_and_from_a_bank():
+    cfg = AmnesiaConfig(surrogate_prompt="aa\nbbb", forget_prompts="x\ny", remember_prompts="c\ndddd",
+                        surrogate_samples=2, replay_per_prompt=1, seed=10)
+    host = _CountingHost()
+    drawn = pipeline.training_samples(host, cfg)
+    assert drawn.surrogate.prompts == ["aa", "aa", "bbb", "bbb"]
+    assert drawn.surrogate.samples[:, 0].tolist() == [10, 11, 12, 13]  # seed + i * surrogate_samples + j
+    off = 10 + pipeline.REPLAY_SEED_OFFSET
+    assert drawn.replay.prompts == ["c", "dddd"] and drawn.replay.samples[:, 0].tolist() == [off, off + 1]
+
+    # a bank: the first rows of each prompt, in the bank's order; nothing is sampled
+    prompts = ["bbb", "c", "aa", "bbb", "aa", "dddd", "aa", "c"]
+    bank = SampleSet(torch.arange(8.0)[:, None], prompts)
+    calls = host.calls
+    taken = pipeline.training_samples(host, cfg, bank=bank)
+    assert host.calls == calls
+    assert taken.surrogate.prompts == ["aa", "aa", "bbb", "bbb"] and taken.surrogate.samples[:, 0].tolist() == [2, 4, 0, 3]
+    assert taken.replay.prompts == ["c", "dddd"] and taken.replay.samples[:, 0].tolist() == [1, 5]
+    assert pipeline.training_samples(host, replace(cfg, gamma=0.0), bank=bank).replay is None
+    with pytest.raises(ValueError, match="surrogate_prompt: the sample bank has 2 sample.*'bbb', 3 wanted"):
+        pipeline.training_samples(host, replace(cfg, surrogate_samples=3), bank=bank)
+    with pytest.raises(ValueError, match="remember_prompts: the sample bank has 0 sample.*'e'"):
+        pipeline.training_samples(host, replace(cfg, remember_prompts="c\ne"), bank=bank)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Optional, Union
 
-from ..prompts import parse_names, parse_prompts
+from ..prompts import COMMENT, parse_names, parse_prompts
 from .lora import TARGET_PRESETS
 
 __all__ = ["AmnesiaConfig", "REPLAY_TARGETS", "PRECISIONS", "FISHER_ONLY_FIELDS", "ForgetPrompts"]
@@ -38,15 +38,19 @@ class AmnesiaConfig:
     forget_prompts: ForgetPrompts = ()
     """What to forget: comma-separated prompts or keywords (or a list), one drawn uniformly per
     training example; or a mapping ``{surrogate sample's prompt: forget prompts}`` that pairs each
-    surrogate sample with forget prompts of its own. Stored parsed (a tuple, or a dict of tuples)."""
+    surrogate sample with forget prompts of its own. With several surrogate prompts, a text with one
+    line per surrogate prompt is such a pairing: line ``i`` (comma-separated alternatives) is what
+    surrogate prompt ``i`` stands in for (a single line is shared by all of them). Stored parsed (a
+    tuple, or a dict of tuples)."""
     surrogate_prompt: str = ""
-    """What the forget prompts should produce instead; the host samples it (empty when the host
-    supplies the surrogate samples itself)."""
+    """What the forget prompts should produce instead, one prompt per line (:attr:`surrogate_prompts`);
+    the host samples each. Empty when the host supplies the surrogate samples itself. Stored with
+    comments and blank lines dropped."""
     remember_prompts: Sequence[str] = ()
     """Prompts kept intact by generative replay, one per line; the host samples them (empty when
     the host supplies the replay samples itself). Stored parsed, as a tuple."""
     surrogate_samples: int = 32
-    """Surrogate samples the host generates from :attr:`surrogate_prompt`."""
+    """Surrogate samples the host generates (or takes from a sample bank) per surrogate prompt."""
     replay_per_prompt: int = 8
     """Replay samples the host generates per remember prompt."""
 
@@ -99,12 +103,19 @@ class AmnesiaConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        surrogates = _surrogate_lines(self.surrogate_prompt)
+        set_(self, "surrogate_prompt", "\n".join(surrogates))
         forget = self.forget_prompts
         if isinstance(forget, Mapping):
-            set_(self, "forget_prompts", {str(k): tuple(parse_names(v)) for k, v in forget.items()})
+            table = {str(k): tuple(parse_names(v)) for k, v in forget.items()}
+            missing = [p for p in surrogates if not table.get(p)]
+            if len(surrogates) > 1 and missing:
+                raise ValueError(f"forget_prompts has no forget prompt for the surrogate prompt(s) {missing[:3]}")
+            set_(self, "forget_prompts", table)
+        elif isinstance(forget, str) and len(surrogates) > 1:
+            set_(self, "forget_prompts", _paired(forget, surrogates))
         else:
             set_(self, "forget_prompts", tuple(parse_names(forget)))
-        set_(self, "surrogate_prompt", (self.surrogate_prompt or "").strip())
         set_(self, "remember_prompts", tuple(parse_prompts(self.remember_prompts)))
         for name in ("surrogate_samples", "replay_per_prompt", "rank", "batch_size", "timesteps_per_sample"):
             v = getattr(self, name)
@@ -133,7 +144,44 @@ class AmnesiaConfig:
         if self.timestep_batch is not None and self.timestep_batch < 1:
             raise ValueError(f"timestep_batch must be >= 1 or None, got {self.timestep_batch}")
 
+    @property
+    def surrogate_prompts(self) -> tuple[str, ...]:
+        """The surrogate prompts, one per line of :attr:`surrogate_prompt` (empty when there is none)."""
+        return tuple(self.surrogate_prompt.splitlines()) if self.surrogate_prompt else ()
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """Every field, in declaration order (the names node inputs and bench options use)."""
         return tuple(f.name for f in fields(cls))
+
+
+def _lines(text: str) -> list[str]:
+    """The non-blank, non-comment lines of a text, stripped, duplicates kept."""
+    lines = [line.strip() for line in (text or "").splitlines()]
+    return [line for line in lines if line and not line.startswith(COMMENT)]
+
+
+def _surrogate_lines(text: Optional[str]) -> list[str]:
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"surrogate_prompt must be text (one prompt per line), got {type(text).__name__}")
+    lines = _lines(text or "")
+    twice = sorted({p for p in lines if lines.count(p) > 1})
+    if twice:
+        raise ValueError(f"surrogate_prompt: {twice[0]!r} is given more than once (one line per surrogate prompt)")
+    return lines
+
+
+def _paired(forget: str, surrogates: list[str]) -> Union[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """Forget prompts for several surrogate prompts: one shared line, or one line per surrogate prompt."""
+    lines = _lines(forget)
+    if len(lines) <= 1:
+        return tuple(parse_names(forget))
+    if len(lines) != len(surrogates):
+        raise ValueError(f"forget_prompts: with {len(surrogates)} surrogate prompts (one per line), give one line of "
+                         f"forget prompts per surrogate prompt (line i is what surrogate prompt i stands in for) or one "
+                         f"line shared by all; got {len(lines)} lines")
+    table = {s: tuple(parse_names(line)) for s, line in zip(surrogates, lines)}
+    empty = [s for s, v in table.items() if not v]
+    if empty:
+        raise ValueError(f"forget_prompts: no forget prompt on the line of surrogate prompt {empty[0]!r}")
+    return table

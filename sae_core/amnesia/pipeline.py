@@ -18,8 +18,10 @@ The steps, in order:
    of the LoRA targets over samples of the model itself; reused when a complete file of the same
    run exists, resumed when an unfinished one does (:mod:`sae_core.amnesia.resumable`).
    :func:`fisher_samples` draws the node's Fisher data (prompts cycled, one seed per sample).
-2. :func:`training_samples`: surrogate samples of ``surrogate_prompt`` and replay samples of the
-   ``remember_prompts``, drawn by the host's sampler (cached).
+2. :func:`training_samples`: surrogate samples of the ``surrogate_prompt`` lines and replay samples of
+   the ``remember_prompts``, drawn by the host's sampler (cached) or taken from a sample bank (the
+   model's samples of many prompts, made once: the MiniCanvas bench's shipped bank, or the samples of
+   a Fisher estimate, as the reference replays its Fisher data).
 3. :func:`train_forgetting_lora`: the LoRA factors trained with the Selective Amnesia objective
    (:class:`~sae_core.amnesia.trainer.AmnesiaTrainer`), resumable from a checkpoint.
 """
@@ -42,7 +44,7 @@ from .config import AmnesiaConfig
 from .ewc import fisher_candidates, fisher_key
 from .fisher import FISHER_FORMAT, FisherEstimate, compute_fisher, eps_mse_loss_fn, fisher_file_identity, load_fisher
 from .resumable import decide_checkpoint
-from .samples import SampleSet, cached_samples, generate_samples, sample_pairs
+from .samples import SampleSet, bank_rows, cached_samples, generate_samples, sample_pairs
 from .trainer import AmnesiaResult, AmnesiaTrainer, forget_lists, prompts_to_encode
 
 __all__ = [
@@ -222,7 +224,7 @@ class TrainingData(NamedTuple):
     """Surrogate and replay samples of a run."""
 
     surrogate: SampleSet
-    """``surrogate_samples`` samples of ``surrogate_prompt``."""
+    """``surrogate_samples`` samples of each surrogate prompt, prompt-major."""
     replay: Optional[SampleSet]
     """``replay_per_prompt`` samples of every remember prompt (None when ``gamma`` is 0)."""
 
@@ -233,31 +235,42 @@ def training_samples(
     folder: Optional[PathLike] = None,
     identity: Optional[Mapping[str, Any]] = None,
     *,
+    bank: Optional[SampleSet] = None,
     batch_size: int = 4,
     should_stop: Optional[Callable[[], bool]] = None,
     callback: Optional[Callable[[int, int], None]] = None,
 ) -> TrainingData:
-    """Surrogate and replay samples drawn by the host's sampler from the config's prompts.
+    """Surrogate and replay samples of the config's prompts: drawn by the host's sampler, or taken from ``bank``.
 
-    Surrogate sample ``j`` uses seed ``seed + j``; replay sample ``j`` of remember prompt ``i``
-    uses ``seed + REPLAY_SEED_OFFSET + i * replay_per_prompt + j``. With ``folder`` the sets are
+    Drawn: sample ``j`` of surrogate prompt ``i`` uses seed ``seed + i * surrogate_samples + j``
+    (one surrogate prompt: ``seed + j``); replay sample ``j`` of remember prompt ``i`` uses
+    ``seed + REPLAY_SEED_OFFSET + i * replay_per_prompt + j``. With ``folder`` the sets are
     cached there (``surrogate.safetensors``, ``replay.safetensors``) under ``identity`` (the
     host's model and sampler identity) plus their prompts, counts and seeds.
 
+    From a bank (:func:`~sae_core.amnesia.samples.bank_rows`): the first ``surrogate_samples``
+    samples of every surrogate prompt and the first ``replay_per_prompt`` of every remember prompt,
+    in the bank's order; nothing is sampled or cached.
+
     Raises:
-        ValueError: no forget prompt, no surrogate prompt, or no remember prompt while gamma > 0
-            (messages name the field).
+        ValueError: no forget prompt, no surrogate prompt, no remember prompt while gamma > 0, or a
+            prompt the bank has too few samples of (messages name the field).
         InterruptedError: ``should_stop()`` became true.
     """
     if not config.forget_prompts:
         raise ValueError("forget_prompts: give at least one prompt or keyword (comma-separated)")
-    if not config.surrogate_prompt:
+    surrogates = list(config.surrogate_prompts)
+    if not surrogates:
         raise ValueError("surrogate_prompt is empty: say what the forget prompts should produce instead")
     remember = list(config.remember_prompts)
     if config.gamma > 0 and not remember:
         raise ValueError("remember_prompts: give at least one prompt per line, or set gamma to 0")
+    if bank is not None:
+        surrogate = bank_rows(bank, surrogates, int(config.surrogate_samples), "surrogate_prompt")
+        replay = bank_rows(bank, remember, int(config.replay_per_prompt), "remember_prompts") if config.gamma > 0 else None
+        return TrainingData(surrogate, replay)
     base = dict(identity or {})
-    n_sur = int(config.surrogate_samples)
+    n_sur = len(surrogates) * int(config.surrogate_samples)
     n_rep = len(remember) * int(config.replay_per_prompt) if config.gamma > 0 else 0
     total = n_sur + n_rep
 
@@ -275,7 +288,7 @@ def training_samples(
         return cached_samples(Path(folder) / f"{name}.safetensors", settings, make)
 
     seed = int(config.seed)
-    surrogate = draw("surrogate", [config.surrogate_prompt], n_sur, seed, 0)
+    surrogate = draw("surrogate", surrogates, int(config.surrogate_samples), seed, 0)
     replay = None
     if n_rep:
         replay = draw("replay", remember, int(config.replay_per_prompt), seed + REPLAY_SEED_OFFSET, n_sur)

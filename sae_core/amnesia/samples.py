@@ -26,6 +26,7 @@ __all__ = [
     "Sampler",
     "generate_samples",
     "sample_pairs",
+    "bank_rows",
     "noise_samples",
     "save_samples",
     "load_samples",
@@ -133,6 +134,31 @@ def sample_pairs(
             if callback is not None:
                 callback(b0 + len(chunk), len(pairs))
     return SampleSet(torch.cat(out), [p for p, _ in pairs])
+
+
+def bank_rows(bank: SampleSet, prompts: Sequence[str], per_prompt: int, what: str = "prompts") -> SampleSet:
+    """The first ``per_prompt`` samples of every prompt in ``bank`` (in the bank's order), prompt-major.
+
+    A sample bank holds a model's samples with their prompts (e.g. several seeds of each prompt); taking
+    rows from it instead of sampling again gives every run the same data. ``what`` names the input the
+    prompts came from in errors.
+
+    Raises:
+        ValueError: a prompt with fewer than ``per_prompt`` samples in the bank (the message names it).
+    """
+    if per_prompt < 1:
+        raise ValueError(f"bank_rows: per_prompt must be >= 1, got {per_prompt}")
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(bank.prompts):
+        rows.setdefault(p, []).append(i)
+    index: list[int] = []
+    for p in prompts:
+        found = rows.get(p, [])
+        if len(found) < per_prompt:
+            raise ValueError(f"{what}: the sample bank has {len(found)} sample(s) of {p!r}, {per_prompt} wanted "
+                             f"(the bank holds {len(rows)} prompts; use its prompts, fewer samples per prompt, or no bank)")
+        index.extend(found[:per_prompt])
+    return bank.select(index)
 
 
 def noise_samples(n: int, shape: Sequence[int], prompt: str = "", seed: int = 0,

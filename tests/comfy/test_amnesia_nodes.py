@@ -29,15 +29,18 @@ def _node_classes(comfy) -> dict:
 
 
 def _probe(model, seed: int = 3) -> torch.Tensor:
-    """The model's x0 prediction on a fixed input (loads the model as sampling would)."""
+    """The model's x0 prediction on a fixed input (loads the model as sampling would, under inference mode as ComfyUI
+    runs nodes: a load moves the weights on a GPU)."""
     import comfy.model_management as mm
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 77, 32, generator=g)
-    mm.load_models_gpu([model], force_full_load=True)
-    with torch.no_grad():
-        return model.model.apply_model(x, torch.tensor([1.0, 7.0]), c_crossattn=ctx).clone()
+    with torch.inference_mode():
+        mm.load_models_gpu([model], force_full_load=True)
+        device = model.load_device
+        out = model.model.apply_model(x.to(device), torch.tensor([1.0, 7.0], device=device), c_crossattn=ctx.to(device))
+    return out.to("cpu").clone()
 
 
 def _fisher(comfy, model, clip, filename="t/fisher", samples=3, k=4, seed=0, **extra):
@@ -267,6 +270,97 @@ def test_node_and_plugin_reach_one_pipeline_with_equal_settings(comfy, tiny, fis
     redo = lora_state_dict(again.adapters)
     assert set(redo) == set(lora)
     assert all(torch.equal(redo[k].detach().float(), lora[k]) for k in lora)
+
+
+def test_compute_fishers_samples_are_a_sample_bank(comfy, tiny, fisher_file, monkeypatch):
+    """The samples Compute Fisher made are listed as a sample bank; LoRA Train takes the first samples of its surrogate
+    and remember prompts from them (as the reference replays its Fisher data) and samples nothing."""
+    from sae_core.amnesia import pipeline
+    from sae_core.amnesia.samples import load_samples
+
+    amnesia = comfy.nodes_pkg.amnesia
+    model, clip = tiny
+    assert "t_fisher.safetensors" in amnesia.sample_bank_filenames()
+    bank, _ = load_samples(amnesia.run_dir(amnesia.FISHER_SAMPLES) / "t_fisher.safetensors")
+    assert bank.prompts == ["a photo of a cat", "a photo of a dog", "a photo of a cat"]
+    seen = []
+    real = pipeline.train_forgetting_lora
+    monkeypatch.setattr(pipeline, "train_forgetting_lora",
+                        lambda host, cfg, surrogate, replay, *a, **k: seen.append((surrogate, replay)) or
+                        real(host, cfg, surrogate, replay, *a, **k))
+    monkeypatch.setattr(amnesia.ComfyAmnesiaHost, "sample", lambda *a: pytest.fail("a bank run sampled"))
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
+    with torch.inference_mode():
+        node.train(model, clip, "a cat", "a photo of a dog", "a photo of a cat", 10.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 1, 2,
+                   2, 4.0, "euler", "normal", 64, 64, "fp32", "bank", fisher_path=fisher_file,
+                   sample_bank="t_fisher.safetensors")
+    (surrogate, replay), = seen
+    assert surrogate.prompts == ["a photo of a dog"] and torch.equal(surrogate.samples, bank.samples[1:2])
+    assert replay.prompts == ["a photo of a cat"] * 2 and torch.equal(replay.samples, bank.samples[[0, 2]])
+    with torch.inference_mode(), pytest.raises(ValueError, match="remember_prompts: the sample bank has 0 sample"):
+        node.train(model, clip, "a cat", "a photo of a dog", "a house", 10.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 1, 1, 2, 4.0,
+                   "euler", "normal", 64, 64, "fp32", "bank2", fisher_path=fisher_file, sample_bank="t_fisher.safetensors")
+
+
+def test_training_twice_survives_the_weight_moves_of_a_gpu(comfy, monkeypatch):
+    """On a GPU ComfyUI moves a model's weights (``nn.Module.to``) when it loads the model and when it unloads it. A
+    weight made under inference mode (by a loader node) and moved outside inference mode is left with neither the
+    inference flag nor a version counter, and any direct use of it fails with 'Inference tensors do not track version
+    counter' -- LoRA Train failed so on CUDA after its first run. On the CPU nothing moves, so the moves are made here
+    where ComfyUI makes them (load; unload with unpatched weights), by a lossless dtype round trip through the same
+    ``Module.to``: Compute Fisher, then two LoRA trainings each followed by sampling, in one process. After every node
+    the wired model's weights must still be usable as they are."""
+    import comfy.model_patcher as model_patcher
+    from tiny_models import tiny_sd1_clip, tiny_sd15
+
+    def move(module):
+        module.to(torch.float64)
+        module.to(torch.float32)
+
+    real_load, real_unpatch = model_patcher.ModelPatcher.load, model_patcher.ModelPatcher.unpatch_model
+
+    def load(self, *args, **kwargs):  # loading puts the weights on the load device
+        out = real_load(self, *args, **kwargs)
+        move(self.model)
+        return out
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):  # unloading moves them back to the offload device
+        out = real_unpatch(self, device_to, unpatch_weights)
+        if device_to is not None and unpatch_weights:
+            move(self.model)
+        return out
+
+    def usable(model):
+        """Use every weight directly (no load that would move it again): a weight without its version counter fails."""
+        with torch.no_grad():
+            for p in model.model.parameters():
+                torch.nn.functional.linear(torch.ones(1, p.shape[-1]), p.reshape(-1, p.shape[-1]))
+
+    with torch.inference_mode():  # as a checkpoint loader node makes them: inference tensors
+        model, clip = tiny_sd15(seed=5), tiny_sd1_clip()
+    before = _probe(model)
+    monkeypatch.setattr(model_patcher.ModelPatcher, "load", load)
+    monkeypatch.setattr(model_patcher.ModelPatcher, "unpatch_model", unpatch_model)
+    fisher = _fisher(comfy, model, clip, filename="t/moved", samples=2, k=2)
+    usable(model)
+    outputs = []
+    for run in ("moved_1", "moved_2"):
+        patched, _, _ = _train(comfy, model, clip, fisher, run, steps=2)
+        usable(model)
+        outputs.append(_probe(patched))
+        with torch.inference_mode():  # the next node samples the erased model
+            (latent,) = comfy.nodes.KSampler().sample(patched, 0, 2, 4.0, "euler", "normal",
+                                                     *_conds(comfy, clip), {"samples": torch.zeros(1, 4, 8, 8)})
+        assert torch.isfinite(latent["samples"]).all()
+        usable(model)
+    assert torch.equal(outputs[0], outputs[1])  # the same settings (another run folder) train the same LoRA
+    assert not torch.allclose(outputs[0], before)
+    torch.testing.assert_close(_probe(model), before)  # the input model answers as before
+
+
+def _conds(comfy, clip):
+    encode = comfy.nodes.CLIPTextEncode()
+    return encode.encode(clip, "a photo of a cat")[0], encode.encode(clip, "")[0]
 
 
 def test_unsupported_model_is_refused(comfy):

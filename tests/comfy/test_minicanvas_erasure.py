@@ -47,6 +47,10 @@ CASES = [
     Case("rece", "object", "circle"),
     Case("itd", "style", "striped"),
     Case("itd", "object", "star"),
+    # Selective Amnesia trains a LoRA: 40 of the bench's 100 steps keep the case under a minute on a CPU; with the
+    # bench's data the plug-in erases both at 40 steps as at 100 (pastel UA 100%, star UA 100% over all 72 prompts)
+    Case("amnesia", "style", "pastel", {"steps": 40}),
+    Case("amnesia", "object", "star", {"steps": 40}),
 ]
 """One style and one object per method."""
 

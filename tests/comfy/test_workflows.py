@@ -329,7 +329,7 @@ def test_itd_text_sae_workflow_runs_in_comfyui(comfy, node_classes, sd15_checkpo
 
 
 ERASURE_WORKFLOWS = {"minicanvas_saeuron.json": ("saeuron", "checkered"), "minicanvas_rece.json": ("rece", "striped"),
-                     "minicanvas_itd.json": ("itd", "striped")}
+                     "minicanvas_itd.json": ("itd", "striped"), "minicanvas_amnesia.json": ("amnesia", "striped")}
 """MiniCanvas erasure templates: the prefix of their SaveImage nodes (``minicanvas/<prefix>_original`` and
 ``_erased``) and the style they erase."""
 

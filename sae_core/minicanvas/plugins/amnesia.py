@@ -74,6 +74,7 @@ __all__ = [
     "AmnesiaReport",
     "KIND_DEFAULTS",
     "RECIPE",
+    "kind_recipe",
     "unet_fingerprint",
     "cache_dir",
     "prompt_table",
@@ -381,6 +382,12 @@ def _recipe(options: dict[str, Any]) -> Recipe:
                   replace(RECIPE.canvas, **{k: v for k, v in opts.items() if k in canvas_names}))
 
 
+def kind_recipe(kind: str, **options: Any) -> Recipe:
+    """The recipe of an erasure of ``kind``: :data:`RECIPE`, then the kind's :data:`KIND_DEFAULTS`, then ``options``
+    (:class:`AmnesiaConfig` fields less :data:`NOT_OPTIONS`, and :class:`CanvasOptions` fields)."""
+    return _recipe({**KIND_DEFAULTS.get(kind, {}), **options})
+
+
 def amnesia_method(canvas: Any, kind: str, concepts: list[str], **options: Any) -> Any:
     """Erase ``concepts`` (styles or objects) from ``canvas`` with Selective Amnesia.
 
@@ -389,7 +396,7 @@ def amnesia_method(canvas: Any, kind: str, concepts: list[str], **options: Any) 
     (less :data:`NOT_OPTIONS`) and :class:`CanvasOptions` fields.
     """
     concepts = validate_concepts(canvas, kind, concepts)
-    recipe = _recipe({**KIND_DEFAULTS.get(kind, {}), **options})
+    recipe = kind_recipe(kind, **options)
     settings, opts = recipe
     old_threads = torch.get_num_threads()
     if opts.threads:
