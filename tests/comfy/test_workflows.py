@@ -401,7 +401,8 @@ def test_sdxl_workflow_validates_in_comfyui(node_classes, monkeypatch, name):
 
 
 REPORT_WORKFLOWS = {"rece_erase.json": ("CE_RECEEditModel", "erased_model"),
-                    "itd_prompt_classifier.json": ("CE_ItDPromptClassifier", "erased_clip")}
+                    "itd_prompt_classifier.json": ("CE_ItDPromptClassifier", "erased_clip"),
+                    "selective_amnesia.json": ("CE_SALoRATrain", "erased_model")}
 """SD workflows that end in an Erasure Report: the method node whose output the report compares."""
 
 
