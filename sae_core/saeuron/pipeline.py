@@ -46,6 +46,7 @@ __all__ = [
     "check_sae_width",
     "collect_activations",
     "features_step",
+    "resolve_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,20 @@ def check_sae_width(sae: Any, block: str, width: int) -> None:
         trained = f" (it was trained on {sae.cfg.hookpoint})" if getattr(sae.cfg, "hookpoint", None) else ""
         raise ValueError(f"sae: the SAE reads {d_in}-wide activations{trained} but block '{block}' outputs "
                          f"{width} channels; pick the block the SAE was trained on or an SAE for this block")
+
+
+def resolve_source(sae: Any, source: Optional[str] = None) -> str:
+    """What an SAE is applied to: ``source`` when given, else what the SAE records (``cfg.extra["source"]``:
+    ``"diff"`` for SAEs of block updates such as the published sdxl-unbox ones), ``"output"`` when it records
+    nothing. A ValueError names an unknown value."""
+    if source is not None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        return source
+    recorded = str(getattr(sae.cfg, "extra", {}).get("source", "output"))
+    if recorded not in SOURCES:
+        raise ValueError(f"sae: the SAE records source {recorded!r}; expected one of {', '.join(SOURCES)}")
+    return recorded
 
 
 def warn_hookpoint(host: SAeUronHost, sae: Any, block: str) -> None:
@@ -324,9 +339,7 @@ def build_concept_edit(host: SAeUronHost, sae: Any, stats: ConceptStats,
                              f"'{ref.name}'; use the same block (or gather features at '{ref.name}')")
     warn_hookpoint(host, sae, ref.name)
     names = _concepts(stats, settings.concepts)
-    source = settings.source or str(getattr(sae.cfg, "extra", {}).get("source", "output"))
-    if source not in SOURCES:
-        raise ValueError(f"sae: the SAE records source {source!r}; expected one of {', '.join(SOURCES)}")
+    source = resolve_source(sae, settings.source)
     measured_on = stats.attrs.get("source")
     if measured_on is not None and measured_on != source:
         raise ValueError(f"source: the features were measured on the block's {_SOURCE_WORDS.get(measured_on, measured_on)} "
