@@ -788,3 +788,12 @@ def test_minicanvas_plugin_builds_its_edit_through_the_pipeline(monkeypatch):
     want = node_edit((y,), y, method.CanvasPosition(ctx))
     assert torch.equal(got, want) and edit.last_step == node_edit.last_step
     assert torch.equal(got[:2], y[:2]) and not torch.equal(got[2:], y[2:])  # cond_only: only the cond half
+
+    # per-concept parameters reach the pipeline as the node's concept_params input does
+    seen.clear()
+    method.saeuron_factory(canvas, "style", ["striped", "dotted"], concept_params="striped: -3, top_n=3\nneon: -9")
+    ((_, _, settings, edit),) = seen
+    node_settings = ConceptBlockSettings(block=assets.block, concepts=("striped", "dotted"), gamma=-2.0, top_n=2,
+                                         concept_params="striped: -3, top_n=3\nneon: -9", source=assets.source)
+    assert settings == node_settings
+    assert settings.rules(["striped", "dotted"]) == ({"striped": -3.0, "dotted": -2.0}, {"striped": 3, "dotted": 2}, {})

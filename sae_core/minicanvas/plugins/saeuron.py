@@ -23,7 +23,8 @@ Rebuild the shipped files, or screen intervention settings::
     python -m sae_core.minicanvas.plugins.saeuron sweep --kind style --gamma=-1,-2 --top-n 1,2 --fast
 
 Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
-``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``.
+``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``, ``concept_params``
+(per-concept gamma and rule, the Concept Block node's input of that name).
 
 This module only adapts MiniCanvas to the SAeUron pipeline (:mod:`sae_core.saeuron.pipeline`):
 :class:`CanvasHost` and :class:`CanvasPosition` are its host and sampler position, the factory turns
@@ -362,12 +363,15 @@ def canvas_block_hook(edit: ConceptBlockEdit) -> Any:
 def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float | None = None,
                     top_n: int | None = None, percentile: float | None = None,
                     error_mode: str = "conventional", cond_only: bool = False,
-                    assets_dir: str | None = None) -> Any:
+                    concept_params: Any = None, assets_dir: str | None = None) -> Any:
     """Erase ``concepts`` (styles or objects) from ``canvas`` with SAeUron.
 
     Returns a copy of the canvas with a hook on the kind's SAE block; the hook maps the sampler's
     timestep to the statistics' nearest step, so any ``--steps`` works. Defaults for ``gamma``
     and ``top_n`` come from :data:`RECIPE` (``percentile`` replaces ``top_n`` when given).
+    ``concept_params`` gives concepts their own gamma and rule, as the Concept Block node's input of that
+    name (text lines ``concept: gamma, top_n=N`` or a mapping; lines of concepts not erased are ignored),
+    e.g. ``--option concept_params="star: -4, top_n=4"`` on the bench.
     """
     concepts = validate_concepts(canvas, kind, concepts)
     assets = load_assets(canvas, kind, assets_dir)
@@ -377,7 +381,8 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
                                     selection="top_n" if percentile is None else "percentile",
                                     top_n=int(defaults["top_n"] if top_n is None else top_n),
                                     percentile=99.999 if percentile is None else float(percentile),
-                                    error_mode=error_mode, cond_only=bool(cond_only), source=assets.source)
+                                    error_mode=error_mode, cond_only=bool(cond_only), source=assets.source,
+                                    concept_params=concept_params or ())
     edit = build_concept_edit(CanvasHost(canvas), assets.sae, assets.stats, settings)
     edited = canvas.with_hook(edit.block, canvas_block_hook(edit))
     edited.saeuron_hook = edit.hook  # for inspection (fired-token counters)
