@@ -21,6 +21,11 @@ Rebuild the shipped files, or screen intervention settings::
 
     python -m sae_core.minicanvas.plugins.saeuron build            # writes into the package weights
     python -m sae_core.minicanvas.plugins.saeuron sweep --kind style --gamma=-1,-2 --top-n 1,2 --fast
+    python -m sae_core.minicanvas.plugins.saeuron sweep --kind object --gamma=-1,-4 --top-n 1,4 --per-concept --fast
+
+``--per-concept`` is the reference's per-class selection: for each concept the grid point with the best
+``(UA + IRA) / 2`` on the selection seeds (``--select-seeds``, default 1,2), printed as ``concept_params``; that
+table is then evaluated on all 72 prompts at ``--seeds`` (default 0, the bench's).
 
 Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
 ``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``, ``concept_params``
@@ -416,6 +421,51 @@ def _screen_specs(specs: list[Any], kind: str, target: int, n: int) -> list[Any]
     return keep
 
 
+def _per_concept_sweep(a: Any, canvas: Any, assets: SAeUronAssets, names: list[str], concepts: list[str],
+                       specs: list[Any], steps: int) -> int:
+    """The reference's per-class selection: each concept's best (gamma, top_n) by (UA + IRA) / 2 on the selection
+    seeds, then the resulting ``concept_params`` table evaluated on every prompt at the evaluation seeds."""
+    from ...saeuron import format_concept_params, parse_concept_params
+    from ..metrics import erasure_metrics, mean_metrics
+
+    overlap = sorted(set(a.select_seeds) & set(a.seeds))
+    if overlap:
+        raise SystemExit(f"--select-seeds and --seeds share {overlap}; select on other seeds than you evaluate on")
+    chosen: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    for c in concepts:
+        target = names.index(c)
+        run_specs = _screen_specs(specs, a.kind, target, len(names)) if a.fast else specs
+        best = None
+        for g in a.gamma:
+            for n in a.top_n:
+                edited = saeuron_factory(canvas, a.kind, [c], gamma=g, top_n=n, error_mode=a.error_mode,
+                                         assets_dir=str(assets.folder))
+                table, _ = edited.evaluate(run_specs, a.select_seeds, steps)
+                m = erasure_metrics(table, a.kind, [target])
+                score = (m.ua + m.ira) / 2
+                if best is None or score > best[0]:
+                    best = (score, g, n, m)
+        score, g, n, m = best
+        chosen[c] = {"gamma": g, "top_n": n}
+        print(f"select {c}: gamma={g} top_n={n} (UA+IRA)/2={100 * score:.1f} UA={100 * m.ua:.1f} "
+              f"IRA={100 * m.ira:.1f} CRA={100 * m.cra:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    text = format_concept_params(parse_concept_params(chosen))
+    print("concept_params:\n" + text, flush=True)
+    results = []
+    for c in concepts:
+        edited = saeuron_factory(canvas, a.kind, [c], concept_params=text, error_mode=a.error_mode,
+                                 assets_dir=str(assets.folder))
+        table, _ = edited.evaluate(specs, a.seeds, steps)
+        results.append(erasure_metrics(table, a.kind, [names.index(c)]))
+        r = results[-1]
+        print(f"evaluate {c}: UA={100 * r.ua:.1f} IRA={100 * r.ira:.1f} CRA={100 * r.cra:.1f}", flush=True)
+    m = mean_metrics(results)
+    print(f"{a.kind} block={assets.block} per-concept UA={100 * m.ua:.1f} IRA={100 * m.ira:.1f} CRA={100 * m.cra:.1f} "
+          f"mean={100 * (m.ua + m.ira + m.cra) / 3:.1f} (seeds {a.seeds}, {time.perf_counter() - t0:.0f}s)", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..canvas import MiniCanvas, evaluation_prompts
     from ..metrics import erasure_metrics, mean_metrics
@@ -443,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fast", action="store_true",
                    help="screen on 24-25 prompts per run (the target's prompts, one per other concept, "
                         "the unstyled ones) instead of all 72")
+    s.add_argument("--per-concept", action="store_true",
+                   help="SAeUron's per-class selection: for each concept the grid point with the best (UA + IRA) / 2 "
+                        "on --select-seeds, printed as concept_params, then that table evaluated on all 72 prompts "
+                        "at --seeds")
+    s.add_argument("--select-seeds", type=_ints, default=[1, 2],
+                   help="seeds of the per-concept selection (disjoint from the evaluation --seeds)")
     for p in (b, s):
         p.add_argument("--seeds", type=_ints, default=[0])
         p.add_argument("--steps", type=int, default=None)
@@ -462,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     concepts = names if a.concepts is None else a.concepts.split(",")
     specs = evaluation_prompts()
     steps = a.steps or canvas.default_steps
+    if a.per_concept:
+        return _per_concept_sweep(a, canvas, assets, names, concepts, specs, steps)
     for g in a.gamma:
         for n in a.top_n:
             results = []
