@@ -301,7 +301,7 @@ class SAeUronConceptBlock:
         return {
             "required": {
                 "model": inp("MODEL", "The diffusion model (not modified)."),
-                "sae": inp(SAE_TYPE, "The SAE trained on the block's output."),
+                "sae": inp(SAE_TYPE, "The SAE trained on the block's output (or update, see source)."),
                 "block": inp("STRING", "SpatialTransformer block to edit; must be the block the SAE and the "
                                        "features belong to (SD1.x: output_blocks.4.1 objects, output_blocks.5.1 "
                                        "styles; SDXL: e.g. output_blocks.1.1 = up.0.1). Empty = the block recorded "
@@ -342,7 +342,6 @@ class SAeUronConceptBlock:
     def patch(self, model: Any, sae: Any, block: str, concepts: str, gamma: float, selection: str, top_n: int,
               percentile: float, error_mode: str, cond_only: bool, features: Any = None,
               features_file: str = NO_FILE, source: str = "auto", concept_params: str = "") -> tuple[Any]:
-        check_sae(sae)
         settings = ConceptBlockSettings(block=block, concepts=tuple(parse_names(concepts)), gamma=gamma,
                                         selection=selection, top_n=top_n, percentile=percentile,
                                         error_mode=error_mode, cond_only=cond_only,
