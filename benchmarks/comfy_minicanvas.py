@@ -169,7 +169,7 @@ def saeuron_nodes(graph: Graph, kind: str, concepts: Sequence[str], model: Ref, 
     ``top_n``; ``error_mode``, ``cond_only``), as ``python -m sae_core bench --method saeuron`` applies them."""
     from sae_core.minicanvas.plugins.saeuron import RECIPE
 
-    known = {"gamma", "top_n", "percentile", "error_mode", "cond_only"}
+    known = {"gamma", "top_n", "percentile", "error_mode", "cond_only", "concept_params"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"saeuron: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -182,7 +182,8 @@ def saeuron_nodes(graph: Graph, kind: str, concepts: Sequence[str], model: Ref, 
         selection="top_n" if percentile is None else "percentile", top_n=int(settings["top_n"]),
         percentile=99.999 if percentile is None else float(percentile),
         error_mode=str(settings.get("error_mode", "conventional")), cond_only=bool(settings.get("cond_only", False)),
-        features_file=f"minicanvas/saeuron_{kind}.safetensors")
+        features_file=f"minicanvas/saeuron_{kind}.safetensors",
+        concept_params=_concept_params_text(settings.get("concept_params")))
     return graph.out(block), clip
 
 
@@ -192,6 +193,13 @@ ITD_SAE = "minicanvas/itd_text.safetensors"
 _RECE_NODE_FIELDS = ("method", "epochs", "lambda_reg", "erase_scale", "uce_lambda", "preserve_scale", "lam")
 """RECESettings fields the RECE Edit Model node takes under the same name (besides the texts and
 ``uce_preserve_scale``, whose "default" is -1 on the node)."""
+
+
+def _concept_params_text(params: Any) -> str:
+    """The Concept Block's ``concept_params`` text of a plug-in option (text lines or a mapping)."""
+    from sae_core.saeuron import format_concept_params, parse_concept_params
+
+    return format_concept_params(parse_concept_params(params)) if params else ""
 
 
 def _canvas_names() -> Any:

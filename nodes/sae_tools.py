@@ -33,7 +33,7 @@ from sae_core.config import TrainConfig
 from sae_core.formats import save_sae
 from sae_core.hub import download_sae
 from sae_core.prompts import parse_prompts
-from sae_core.saeuron import BRANCHES, collect_activations
+from sae_core.saeuron import BRANCHES, SOURCES, collect_activations
 from sae_core.store import ActivationReader, ActivationWriter
 from sae_core.store_training import train_sae_on_store
 
@@ -110,7 +110,8 @@ class CollectSAEActivations:
     """Sample prompts and store one block's output tokens as SAE training data."""
 
     DESCRIPTION = (
-        "Samples the model on each prompt and records the output of one SpatialTransformer block at every step "
+        "Samples the model on each prompt and records the output (or, with source diff, the update: output minus "
+        "input) of one SpatialTransformer block at every step "
         "(every spatial position is one row) into an activation store in output/sae_activations/<name>, the "
         "training data of Train SAE. Each row records the step index, timestep, sigma, cond/uncond and prompt "
         "index. The input model is not modified. A complete store with the same settings is reused."
@@ -131,8 +132,10 @@ class CollectSAEActivations:
                                          "prompts: the SAE learns only what it sees here.", multiline=True,
                                default="a photo of a dog\na painting of a house\na portrait of a woman"),
                 "block": inp("STRING", "SpatialTransformer block to record: output_blocks.4.1 (SAeUron's object "
-                                       "block), output_blocks.5.1 (style block) or any other; diffusers names "
-                                       "like unet.up_blocks.1.attentions.1 work too.", default=DEFAULT_BLOCK),
+                                       "block on SD1.x), output_blocks.5.1 (style block) or any other; on SDXL the "
+                                       "published SAEs use input_blocks.8.1, middle_block.1, output_blocks.0.1 and "
+                                       "output_blocks.1.1. Diffusers names (unet.up_blocks.1.attentions.1) and short "
+                                       "names (up.1.1, mid.0) work too.", default=DEFAULT_BLOCK),
                 **sampler_inputs(),
                 "branch": inp(list(BRANCHES), "Which guidance rows to record: cond = the prompted half only (as "
                                               "SAeUron), both = the unconditional half too.", default="cond"),
@@ -143,18 +146,25 @@ class CollectSAEActivations:
                 "overwrite": inp("BOOLEAN", "Replace an existing complete store of this name that was collected "
                                             "with other settings (otherwise that is an error).", default=False),
             },
+            "optional": {
+                "source": inp(list(SOURCES), "What is recorded: output = the block's output (SAeUron); diff = its "
+                                             "update, output minus input (the SDXL SAEs of sdxl-unbox). An SAE "
+                                             "trained on the store remembers it.", default="output"),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def collect(self, model: Any, clip: Any, prompts: str, block: str, steps: int, cfg: float, seed: int,
                 sampler_name: str, scheduler: str, width: int, height: int, branch: str = "cond",
                 dataset_name: str = "saeuron/activations", store_dtype: str = "float16", overwrite: bool = False,
-                unique_id: Optional[str] = None) -> tuple[str]:
+                source: str = "output", unique_id: Optional[str] = None) -> tuple[str]:
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
             raise ValueError("prompts: give at least one prompt (one per line)")
         if branch not in BRANCHES:
             raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         ref = find_block(model, block)
         folder = dataset_folder(dataset_name)
         sampling = ComfySampling(model, clip, steps, cfg, sampler_name, scheduler, width, height, seed)
@@ -163,9 +173,10 @@ class CollectSAEActivations:
         settings = {"prompts": prompt_list, "block": ref.name, "steps": int(steps), "cfg": float(cfg),
                     "seed": int(seed), "sampler": sampler_name, "scheduler": scheduler, "width": int(width),
                     "height": int(height), "branch": branch, "store_dtype": store_dtype, "model_family": family,
-                    "sigmas": _rounded(sigmas)}
+                    "sigmas": _rounded(sigmas), "source": source}
 
-        def normalise(found: dict) -> dict:  # stores written before the sigmas were rounded
+        def normalise(found: dict) -> dict:  # stores written before the sigmas were rounded or the source recorded
+            found = {"source": "output", **found}
             return {**found, "sigmas": _rounded(found["sigmas"])} if isinstance(found.get("sigmas"), list) else found
 
         decision = decide_store("Collect SAE Activations", folder, settings, overwrite, normalise)
@@ -175,7 +186,7 @@ class CollectSAEActivations:
         log.info("Collect SAE Activations: %s", "replacing the store at %s (overwrite is on)" % folder
                  if decision.action is Action.REDO else "collecting into %s" % folder)
         attrs = {"hookpoint": ref.name, "d": ref.width, "model_family": family, "settings": settings,
-                 "prompts": prompt_list, "sigmas": sigmas, "timesteps": timesteps,
+                 "prompts": prompt_list, "sigmas": sigmas, "timesteps": timesteps, "source": source,
                  "origin": node_id("CollectSAEActivations")}
         with Progress(len(prompt_list) * int(steps), desc="collect activations", node_id=unique_id) as bar:
             sampling.on_step = bar.update_absolute
@@ -183,9 +194,11 @@ class CollectSAEActivations:
             with ActivationWriter(folder, d=ref.width, dtype=store_dtype, shard_tokens=tokens_per_shard,
                                   metadata_columns=_COLLECT_COLUMNS, attrs=attrs, overwrite=True) as writer:
                 rows = collect_activations(ComfyHost(model, sampling), ref.name, prompt_list, int(steps),
-                                           _WithSigma(writer, sampling.state), branch=branch, batch_size=1)
-        log.info("Collect SAE Activations: %d rows of %s (%d wide) from %d prompts x %d steps -> %s",
-                 rows, ref.name, ref.width, len(prompt_list), steps, folder)
+                                           _WithSigma(writer, sampling.state), branch=branch, source=source,
+                                           batch_size=1)
+        log.info("Collect SAE Activations: %d rows of %s %s (%d wide) from %d prompts x %d steps -> %s",
+                 rows, ref.name, "updates" if source == "diff" else "outputs", ref.width, len(prompt_list), steps,
+                 folder)
         return (str(folder),)
 
 
@@ -312,6 +325,8 @@ class TrainSAE:
             raise RuntimeError(f"SAE training stopped at step {trainer.step}; the checkpoint in {ckpt} continues "
                                "when the node is queued again")
         sae.requires_grad_(False)
+        if reader.attrs.get("source") is not None:  # a UNet block's store: what the SAE reads (output or update)
+            sae.cfg.extra["source"] = str(reader.attrs["source"])
         save_sae(sae, out, layout="folder")
         register_sae_folder()
         forget_file_list(SAE_FOLDER)

@@ -36,13 +36,14 @@ from sae_core.saeuron import (
     ERROR_MODES,
     OTHER_CONCEPT,
     SELECTION_RULES,
+    SOURCES,
     ConceptBlockEdit,
     ConceptBlockSettings,
     ConceptStats,
     build_concept_edit,
     gather_concept_stats,
 )
-from sae_core.saeuron.pipeline import check_sae, check_sae_width, warn_hookpoint
+from sae_core.saeuron.pipeline import check_sae, check_sae_width, resolve_source, warn_hookpoint
 
 from .common import SAE_TYPE, Progress, category, inp, node_id
 from .families import model_family
@@ -66,6 +67,20 @@ FEATURES_TYPE = "SAEURON_FEATURES"
 
 WRAPPER_KEY = "concept_erasure.saeuron"
 """Key of the Concept Block's DIFFUSION_MODEL wrapper on a ModelPatcher."""
+
+SOURCE_CHOICES = ("auto",) + tuple(SOURCES)
+"""``source`` input of Features and Concept Block: ``auto`` = what the SAE records, else one of SOURCES."""
+
+SOURCE_TOOLTIP = ("What the SAE reads of the block: output (SAeUron) or diff = the block's update, output minus input "
+                  "(the SDXL SAEs of sdxl-unbox). auto = what the SAE records (an SAE made by Train SAE remembers "
+                  "its store; a published sdxl-unbox SAE reads updates; otherwise output).")
+
+
+def source_input(source: str) -> Optional[str]:
+    """The library's ``source`` of the node input: None for ``auto`` (what the SAE records)."""
+    if source not in SOURCE_CHOICES:
+        raise ValueError(f"source must be one of {', '.join(SOURCE_CHOICES)}, got {source!r}")
+    return None if source == "auto" else source
 
 
 _CONCEPT_LINE = re.compile(r"^([^:()\[\]{}]+?)\s*:\s+(.+)$")
@@ -116,9 +131,10 @@ class SAeUronConceptFeatures:
             "required": {
                 "model": inp("MODEL", "The diffusion model (not modified)."),
                 "clip": inp("CLIP", "Text encoder of the same checkpoint."),
-                "sae": inp(SAE_TYPE, "The SAE trained on the block's output."),
-                "block": inp("STRING", "SpatialTransformer block the SAE reads (output_blocks.4.1 for objects, "
-                                       "output_blocks.5.1 for styles, or any other).", default=DEFAULT_BLOCK),
+                "sae": inp(SAE_TYPE, "The SAE trained on the block's output (or update, see source)."),
+                "block": inp("STRING", "SpatialTransformer block the SAE reads (SD1.x: output_blocks.4.1 for "
+                                       "objects, output_blocks.5.1 for styles; SDXL: the block of the SAE, e.g. "
+                                       "output_blocks.1.1 = up.0.1), or any other.", default=DEFAULT_BLOCK),
                 "concept_prompts": inp("STRING", "One 'concept: prompt' per line; several lines per concept and "
                                                  "several concepts allowed (e.g. 'Van Gogh: a house in Van Gogh "
                                                  "style'). A line without 'name: ' is its own concept.",
@@ -138,6 +154,7 @@ class SAeUronConceptFeatures:
                 "overwrite": inp("BOOLEAN", "Replace a table of that name that already exists (it stays until the "
                                             "new one is complete). Off: an existing table is kept and the node stops.",
                                  default=False),
+                "source": inp(list(SOURCE_CHOICES), SOURCE_TOOLTIP, default="auto"),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -145,8 +162,9 @@ class SAeUronConceptFeatures:
     def gather(self, model: Any, clip: Any, sae: Any, block: str, concept_prompts: str, other_prompts: str,
                steps: int, cfg: float, seed: int, sampler_name: str, scheduler: str, width: int, height: int,
                branch: str = "cond", filename: str = "saeuron/features", overwrite: bool = False,
-               unique_id: Optional[str] = None) -> tuple[ConceptStats, str]:
+               source: str = "auto", unique_id: Optional[str] = None) -> tuple[ConceptStats, str]:
         check_sae(sae)
+        which = resolve_source(sae, source_input(source))
         concepts = parse_concepts(concept_prompts)
         others = parse_prompts(other_prompts)
         if OTHER_CONCEPT in concepts:
@@ -180,7 +198,7 @@ class SAeUronConceptFeatures:
             step = min(s.step_index(), int(steps) - 1)
             return {"step_index": step, "timestep": float(s.schedule_timesteps()[step]), "cond_mask": s.cond_mask()}
 
-        attrs = {"concept_prompts": concepts, "block": name, "steps": int(steps), "cfg": float(cfg),
+        attrs = {"concept_prompts": concepts, "block": name, "steps": int(steps), "cfg": float(cfg), "source": which,
                  "seed": int(seed), "sampler": sampler_name, "scheduler": scheduler, "width": int(width),
                  "height": int(height), "branch": branch, "model_family": model_family(model), "sigmas": sigmas,
                  "origin": node_id("SAeUronConceptFeatures")}
@@ -188,11 +206,12 @@ class SAeUronConceptFeatures:
             sampling.on_step = bar.update_absolute
             stats = gather_concept_stats(sampling.sample_in_order, unet_of(sampling.patcher), name, sae, concepts, int(steps),
                                          state=state, schedule_kind="timestep", cond_only=branch == "cond",
-                                         batch_size=1, progress=False, attrs=attrs)
+                                         batch_size=1, progress=False, attrs=attrs, which=which)
         stats.save(out_path)
         register_features_folder()
         forget_file_list(FEATURES_FOLDER)
-        log.info("SAeUron Concept Features: %s at %s (%d steps) -> %s", list(concepts), name, steps, out_path)
+        log.info("SAeUron Concept Features: %s at %s (%s, %d steps) -> %s", list(concepts), name, which, steps,
+                 out_path)
         return (stats, str(out_path))
 
 
@@ -268,7 +287,8 @@ class SAeUronConceptBlock:
         "is encoded by the SAE, the concept's most specific latents for that step are scaled by gamma x their "
         "concept mean wherever they exceed the all-concept mean, and the change is added back. No weights "
         "change; the input model is not modified. Needs the SAE of the block and a feature table from SAeUron "
-        "Concept Features (wired or picked from models/sae_features)."
+        "Concept Features (wired or picked from models/sae_features). Works on SD1.x, SD2.x, SDXL and MiniCanvas "
+        "UNets; an SAE of block updates (source diff, e.g. the SDXL SAEs of sdxl-unbox) edits the update."
     )
     CATEGORY = category("saeuron")
     RETURN_TYPES = ("MODEL",)
@@ -281,10 +301,11 @@ class SAeUronConceptBlock:
         return {
             "required": {
                 "model": inp("MODEL", "The diffusion model (not modified)."),
-                "sae": inp(SAE_TYPE, "The SAE trained on the block's output."),
+                "sae": inp(SAE_TYPE, "The SAE trained on the block's output (or update, see source)."),
                 "block": inp("STRING", "SpatialTransformer block to edit; must be the block the SAE and the "
-                                       "features belong to (output_blocks.4.1 objects, output_blocks.5.1 styles). "
-                                       "Empty = the block recorded in the features.", default=DEFAULT_BLOCK),
+                                       "features belong to (SD1.x: output_blocks.4.1 objects, output_blocks.5.1 "
+                                       "styles; SDXL: e.g. output_blocks.1.1 = up.0.1). Empty = the block recorded "
+                                       "in the features.", default=DEFAULT_BLOCK),
                 "concepts": inp("STRING", "Concepts of the feature table to erase, comma-separated or one per line; "
                                           f"empty = every concept except '{OTHER_CONCEPT}'.", default=""),
                 "gamma": inp("FLOAT", "Multiplier of the selected latents (x concept mean). SAeUron: -1 for styles, "
@@ -309,20 +330,29 @@ class SAeUronConceptBlock:
                 "features": inp(FEATURES_TYPE, "Feature table from SAeUron Concept Features."),
                 "features_file": inp(feature_filenames(), "Or a saved feature table in models/sae_features (used when "
                                                           "'features' is not wired).", default=NO_FILE),
+                "source": inp(list(SOURCE_CHOICES), SOURCE_TOOLTIP, default="auto"),
+                "concept_params": inp("STRING", "Per-concept gamma and selection, one 'concept: gamma, rule' line "
+                                                "each, e.g. 'dog: -15, percentile=99.995' or 'cat: -5, top_n=3' (a "
+                                                "bare second number is a value of 'selection'). Concepts without a "
+                                                "line use gamma / selection above; lines of concepts not erased are "
+                                                "ignored.", multiline=True, default=""),
             },
         }
 
     def patch(self, model: Any, sae: Any, block: str, concepts: str, gamma: float, selection: str, top_n: int,
               percentile: float, error_mode: str, cond_only: bool, features: Any = None,
-              features_file: str = NO_FILE) -> tuple[Any]:
+              features_file: str = NO_FILE, source: str = "auto", concept_params: str = "") -> tuple[Any]:
         settings = ConceptBlockSettings(block=block, concepts=tuple(parse_names(concepts)), gamma=gamma,
                                         selection=selection, top_n=top_n, percentile=percentile,
-                                        error_mode=error_mode, cond_only=cond_only)
+                                        error_mode=error_mode, cond_only=cond_only,
+                                        source=source_input(source), concept_params=concept_params)
         stats = load_features(features, features_file)
         patched, patch = build_patch(model, sae, stats, settings)
         table = patch.hook.table
-        log.info("SAeUron Concept Block: %s at %s, %d steps, %.2f latents/step, gamma %s, %s",
-                 table.concepts, patch.block, table.num_steps, float(table.count.float().mean()), gamma, error_mode)
+        own = "; ".join(p.describe() for p in settings.concept_params if p.name in table.concepts)
+        log.info("SAeUron Concept Block: %s at %s (%s), %d steps, %.2f latents/step, gamma %s, %s%s",
+                 table.concepts, patch.block, patch.edit.source, table.num_steps, float(table.count.float().mean()),
+                 gamma, error_mode, f"; per concept: {own}" if own else "")
         return (patched,)
 
 

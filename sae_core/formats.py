@@ -15,6 +15,22 @@ Our layout is the SAeUron / EleutherAI one:
 * **ItD** folders – ``config.json`` (``n_dirs_local``, ``d_model``, ``k``, ...) and ``state_dict.pth``
   with ``encoder.weight [n, d]``, ``decoder.weight [d, n]``, ``pre_bias [d]``, ``latent_bias [n]``.
   The ``.pth`` is read only with ``torch.load(weights_only=True)``; nothing is unpickled.
+* **sdxl-unbox** folders (the SDXL-Turbo SAEs of "Unpacking SDXL Turbo", Surkov et al. 2024; the ItD
+  layout comes from the same code): the same two files in
+  ``<diffusers block>_k10_hidden5120_auxk256_bs4096_lr0.0001/final/``, for the blocks
+  ``unet.down_blocks.2.attentions.1``, ``unet.mid_block.attentions.0``, ``unet.up_blocks.0.attentions.0``
+  and ``unet.up_blocks.0.attentions.1`` (ComfyUI: ``input_blocks.8.1``, ``middle_block.1``,
+  ``output_blocks.0.1``, ``output_blocks.1.1``). ``config.json`` holds ``n_dirs_local`` 5120,
+  ``d_model`` 1280, ``k`` 10, ``auxk`` 256 and ``dead_steps_threshold``; ``state_dict.pth`` also holds
+  a ``stats_last_nonzero`` training counter (ignored). A folder whose block (from ``config.json`` or the
+  folder name) is a UNet module is read as sdxl-unbox: ``source_format`` ``sdxl_unbox``, family
+  ``SDXL``, and ``extra["source"] = "diff"``, because these SAEs read the block's *update* (output minus
+  input, channel-last tokens), not its output. Their code is TopK on ``W_enc (x - pre_bias) +
+  latent_bias`` with ReLU applied to the ``k`` kept values, the same code as our ReLU-then-TopK.
+  There is no input normalisation: the published hooks encode the raw update; training divides the
+  reconstruction loss by the variance of a sample of updates (a loss scale, not an input transform);
+  the ``mean.pt`` / ``std.pt`` beside the weights are per-latent activation statistics (``[5120]``, used
+  by their demo to size feature interventions), not input statistics, and are not needed to load.
 
 Loading always yields per-token TopK (``batch_topk`` and ``sample_topk`` forced off). Every
 problem with a file raises :class:`SaeFormatError` (a ``ValueError``) naming the file.
@@ -145,7 +161,8 @@ def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
         raise SaeFormatError(
             path,
             "unknown SAE layout: expected cfg.json + sae.safetensors (SAeUron/EleutherAI), "
-            f"cfg.json + sae_weights.safetensors (SAELens) or config.json + state_dict.pth (ItD); found {listing}{hint}",
+            f"cfg.json + sae_weights.safetensors (SAELens) or config.json + state_dict.pth (ItD, sdxl-unbox); "
+            f"found {listing}{hint}",
         )
     parent = path.parent
     if path.name == ITD_WEIGHTS and (parent / ITD_CONFIG).is_file():
@@ -391,6 +408,10 @@ def _itd_hookpoint(folder: Path, data: dict[str, Any]) -> str | None:
     return None
 
 
+_UNET_MODULES = ("unet.", "down_blocks.", "mid_block.", "up_blocks.")
+"""Module paths of a diffusers UNet: a folder of the ItD layout whose block starts so is an sdxl-unbox SAE."""
+
+
 def _load_itd(folder: Path, device, dtype) -> SparseAutoencoder:
     cfg_path, weights_path = folder / ITD_CONFIG, folder / ITD_WEIGHTS
     data = _read_json(cfg_path)
@@ -423,19 +444,25 @@ def _load_itd(folder: Path, device, dtype) -> SparseAutoencoder:
         "b_dec": state["pre_bias"].contiguous(),
     }
     known = {"n_dirs_local", "d_model", "k", "hookpoint", "block", "hook_point", "model_family"}
+    hookpoint = _itd_hookpoint(folder, data)
+    unbox = hookpoint is not None and hookpoint.startswith(_UNET_MODULES)
     cfg_dict: dict[str, Any] = {
         "d_in": d,
         "num_latents": n,
         "k": int(data["k"]),
         "expansion_factor": max(n // d, 1),
         "normalize_decoder": True,
-        "hookpoint": _itd_hookpoint(folder, data),
-        "model_family": data.get("model_family"),
-        "source_format": "itd",
+        "hookpoint": hookpoint,
+        "model_family": data.get("model_family") or ("SDXL" if unbox else None),
+        "source_format": "sdxl_unbox" if unbox else "itd",
     }
+    if unbox:  # trained on the block's update (output - input)
+        cfg_dict["source"] = data.get("source", "diff")
+        known.add("source")
+    prefix = "unbox_" if unbox else "itd_"
     for key, value in data.items():
         if key not in known:
-            cfg_dict[f"itd_{key}"] = value
+            cfg_dict[f"{prefix}{key}"] = value
     cfg = _make_config(cfg_path, cfg_dict, weights_path, ours)
     return _build(cfg, ours, device, dtype)
 

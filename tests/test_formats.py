@@ -220,6 +220,36 @@ def test_itd_folder_loads_as_equivalent_sae(tmp_path, wrap):
     assert converted.cfg == back.cfg
 
 
+UNBOX_RUN = "unet.up_blocks.0.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001"
+"""Folder name of a published sdxl-unbox SAE (its block, then the training settings); the weights are in final/."""
+
+
+def test_sdxl_unbox_folder_loads_as_an_update_sae(tmp_path):
+    """The sdxl-unbox layout (the ItD files, a UNet block in the folder name, mean.pt/std.pt beside them): the
+    codes and reconstruction are the published encoder's, and the SAE says it reads the block's update."""
+    sae = make_sae()
+    folder = write_itd(tmp_path / UNBOX_RUN / "final", sae)
+    for extra in ("mean.pt", "std.pt"):  # per-latent statistics of the published folders; not needed to load
+        torch.save(torch.rand(N) * 20, folder / extra)
+    back = load_sae(folder / "state_dict.pth")
+    assert back.cfg.hookpoint == "unet.up_blocks.0.attentions.1"
+    assert back.cfg.extra["source_format"] == "sdxl_unbox" and back.cfg.extra["source"] == "diff"
+    assert back.cfg.model_family == "SDXL"
+    assert back.cfg.extra["unbox_auxk"] == 8 and "itd_auxk" not in back.cfg.extra
+    assert (back.cfg.d_in, back.cfg.num_latents, back.cfg.k) == (D, N, K)
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(back.encode_dense(x), itd_reference_encode(folder, x), atol=1e-5, rtol=1e-5)
+    assert_same_function(sae, back, atol=0)
+    # the block recorded in config.json wins over the folder name; a text-encoder block stays ItD
+    other = write_itd(tmp_path / "renamed" / "final", sae, hookpoint="unet.mid_block.attentions.0")
+    assert load_sae(other).cfg.hookpoint == "unet.mid_block.attentions.0"
+    text = write_itd(tmp_path / "text", sae, hookpoint="text_model.encoder.layers.8")
+    assert load_sae(text).cfg.extra["source_format"] == "itd" and "source" not in load_sae(text).cfg.extra
+    # kept through a conversion to our layout: the SAeUron nodes then read updates without being told
+    converted = load_sae(formats.convert_sae(folder, tmp_path / "unbox.safetensors"))
+    assert converted.cfg.extra["source"] == "diff" and converted.cfg.hookpoint == back.cfg.hookpoint
+
+
 # --------------------------------------------------------------------------------------------
 # bad files
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from sae_core.sae import SparseAutoencoder
 from sae_core.saeuron import (
     BlockRef,
     ConceptBlockSettings,
+    ConceptParams,
     ConceptStats,
     ConceptStatsBuilder,
     SAeUronHook,
@@ -24,8 +25,10 @@ from sae_core.saeuron import (
     collect_block_activations,
     concept_scores,
     concept_stats_from_store,
+    format_concept_params,
     gather_concept_stats,
     map_step_index,
+    parse_concept_params,
     percentile_feature_count,
     sae_fingerprint,
     select_features,
@@ -635,6 +638,114 @@ def test_pipeline_refuses_what_does_not_fit():
         build_concept_edit(host, sae, stats, ConceptBlockSettings(block="nowhere"))
 
 
+def test_concept_params_give_each_concept_its_own_gamma_and_rule():
+    """Per-concept lines: each concept's part of the table is the one a single-concept table with its own
+    gamma and rule gives; concepts without a line take the block's values."""
+    sae = make_sae()
+    stats = make_stats(sae, concepts=("a", "b", "c", "d"))
+    host = _Host(ToyDenoiser())
+    settings = ConceptBlockSettings(concepts=("a", "b", "c"), gamma=-1.0, selection="percentile", percentile=99.0,
+                                    concept_params="a: -5, top_n=3\nb: -2, 90  # a bare value: the block's rule")
+    assert settings.concept_params == (ConceptParams("a", -5.0, 3, None), ConceptParams("b", -2.0, None, 90.0))
+    table = build_concept_edit(host, sae, stats, settings).hook.table
+    alone = {"a": build_selection(stats, "a", gamma=-5.0, top_n=3),
+             "b": build_selection(stats, "b", gamma=-2.0, percentile=90.0),
+             "c": build_selection(stats, "c", gamma=-1.0, percentile=99.0)}
+    for t in range(stats.num_steps):
+        got = table.step(t)
+        for ci, name in enumerate(table.concepts):
+            want = alone[name].step(t)
+            mine = got.concept == ci
+            kept = set(got.indices[mine].tolist())
+            assert kept <= set(want.indices.tolist())  # a latent two concepts share goes to the stronger one
+            for i, scale in zip(got.indices[mine].tolist(), got.scales[mine].tolist()):
+                assert scale == pytest.approx(float(want.scales[want.indices == i][0]))
+        assert got.indices.numel() == len(set().union(*(set(alone[n].step(t).indices.tolist()) for n in alone)))
+    # the same text through a mapping (the reference's per-class table: multiplier + percentile)
+    as_map = ConceptBlockSettings(concepts=("a", "b", "c"), gamma=-1.0, selection="percentile", percentile=99.0,
+                                  concept_params={"a": {"gamma": -5, "top_n": 3},
+                                                  "b": {"multiplier": -2, "percentile": 90}})
+    assert as_map.concept_params == settings.concept_params
+    assert parse_concept_params(format_concept_params(settings.concept_params)) == settings.concept_params
+    # a line for a concept of the table that is not erased is ignored; one the table lacks is an error
+    only_c = build_concept_edit(host, sae, stats, ConceptBlockSettings(concepts=("c",), concept_params="d: -9"))
+    assert only_c.hook.table.concepts == ["c"]
+    with pytest.raises(ValueError, match="concept_params: 'zebra' is not a concept of the feature table"):
+        build_concept_edit(host, sae, stats, ConceptBlockSettings(concept_params="zebra: -3"))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("dog -1", "line 1.*no ':'"), ("dog: x", "cannot read 'x'"), ("dog: -1, top_n=0", "top_n must be"),
+    ("dog: -1, top_n=2, percentile=99", "either top_n or percentile"), ("dog: -1\ndog: -2", "given twice"),
+    ("dog: -1, 2, 3", "plain number"), ("dog: -1, foo=3", "unknown key 'foo'"), (": -1", "name is empty"),
+    ("a: -1\ndog: percentile=100", "line 2.*percentile must be"), ("dog: 1e999", "gamma must be a finite"),
+])
+def test_concept_params_errors_name_the_input_and_line(text, match):
+    with pytest.raises(ValueError, match="concept_params") as err:
+        ConceptBlockSettings(concept_params=text)
+    assert err.match(match)
+
+
+def test_mixed_selection_rules_and_their_errors():
+    sae = make_sae()
+    stats = make_stats(sae)
+    mixed = build_selection(stats, ["a", "b"], gamma={"a": -1.0, "b": -2.0}, top_n={"a": 2},
+                            percentile={"b": 95.0})
+    ref = {"a": build_selection(stats, "a", gamma=-1.0, top_n=2),
+           "b": build_selection(stats, "b", gamma=-2.0, percentile=95.0)}
+    for t in range(stats.num_steps):
+        assert set(mixed.step(t).indices.tolist()) == set(ref["a"].step(t).indices.tolist()) | set(
+            ref["b"].step(t).indices.tolist())
+    # a mapping beside a plain value: the concepts it does not name take the plain value
+    half = build_selection(stats, ["a", "b"], top_n=3, percentile={"b": 95.0})
+    assert set(half.step(0).indices.tolist()) == set(build_selection(stats, "a", top_n=3).step(0).indices.tolist()) | \
+        set(ref["b"].step(0).indices.tolist())
+    with pytest.raises(ValueError, match="both a top_n"):
+        build_selection(stats, "a", top_n={"a": 2}, percentile={"a": 95.0})
+    with pytest.raises(ValueError, match="no selection rule for concept 'b'"):
+        build_selection(stats, ["a", "b"], top_n={"a": 2}, percentile={"c": 95.0})
+    with pytest.raises(ValueError, match="top_n has no entry for concept 'b'"):
+        build_selection(stats, ["a", "b"], top_n={"a": 2})
+    with pytest.raises(ValueError, match="exactly one"):
+        build_selection(stats, "a", top_n=2, percentile=95.0)
+
+
+def test_update_statistics_record_their_source_and_must_match_the_edit():
+    """Statistics gathered on the block's update are the codes of output - input, say so, and an edit that
+    reads the block's output refuses them (and the other way round)."""
+    torch.manual_seed(0)
+    model = ToyDenoiser()
+    sampler = ToySampler(model, steps=2)
+    sae = make_sae()
+    prompts = {"red": ["a red", "b red"], "blue": ["a blue"]}
+    upd = gather_concept_stats(sampler, model, "blocks.0", sae, prompts, 2, state=lambda: sampler.state,
+                               batch_size=3, progress=False, which="diff")
+    out = gather_concept_stats(sampler, model, "blocks.0", sae, prompts, 2, state=lambda: sampler.state,
+                               batch_size=3, progress=False)
+    assert upd.attrs["source"] == "diff" and out.attrs["source"] == "output"
+    builder = ConceptStatsBuilder(list(prompts), 2, N_LAT)
+    seen = {}
+
+    def record(_mod, args, output):  # returns None: the block's output is left as it is
+        seen[sampler.state["step_index"]] = (output - args[0]).detach().clone()
+
+    handle = model.blocks[0].register_forward_hook(record)
+    sampler(["a red", "b red", "a blue"])
+    handle.remove()
+    for step, d in seen.items():
+        builder.add_block_output(torch.tensor([0, 0, 1]), step, d[3:], sae)
+    torch.testing.assert_close(upd.means, builder.finalize().means, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(upd.means, out.means)
+    host = _Host(model)
+    with pytest.raises(ValueError, match="source: the features were measured on the block's update"):
+        build_concept_edit(host, sae, upd, ConceptBlockSettings(concepts=("red",)))
+    with pytest.raises(ValueError, match="source: the features were measured on the block's output"):
+        build_concept_edit(host, sae, out, ConceptBlockSettings(concepts=("red",), source="diff"))
+    assert build_concept_edit(host, sae, upd, ConceptBlockSettings(concepts=("red",), source="diff")).source == "diff"
+    with pytest.raises(ValueError, match="which must be"):
+        gather_concept_stats(sampler, model, "blocks.0", sae, prompts, 2, state=lambda: sampler.state, which="input")
+
+
 def test_minicanvas_plugin_builds_its_edit_through_the_pipeline(monkeypatch):
     """The plug-in reaches build_concept_edit with the settings the Concept Block node makes of equal
     inputs, and its canvas hook edits a block output exactly as that edit does."""
@@ -677,3 +788,12 @@ def test_minicanvas_plugin_builds_its_edit_through_the_pipeline(monkeypatch):
     want = node_edit((y,), y, method.CanvasPosition(ctx))
     assert torch.equal(got, want) and edit.last_step == node_edit.last_step
     assert torch.equal(got[:2], y[:2]) and not torch.equal(got[2:], y[2:])  # cond_only: only the cond half
+
+    # per-concept parameters reach the pipeline as the node's concept_params input does
+    seen.clear()
+    method.saeuron_factory(canvas, "style", ["striped", "dotted"], concept_params="striped: -3, top_n=3\nneon: -9")
+    ((_, _, settings, edit),) = seen
+    node_settings = ConceptBlockSettings(block=assets.block, concepts=("striped", "dotted"), gamma=-2.0, top_n=2,
+                                         concept_params="striped: -3, top_n=3\nneon: -9", source=assets.source)
+    assert settings == node_settings
+    assert settings.rules(["striped", "dotted"]) == ({"striped": -3.0, "dotted": -2.0}, {"striped": 3, "dotted": 2}, {})

@@ -8,6 +8,7 @@ UNet block's output at sampling time.
   index mapping.
 * :mod:`.collect`: driving a sampler to collect block activations (SAE training data) and
   concept statistics.
+* :mod:`.concept_params`: per-concept ``gamma`` and selection rule (text lines or a mapping).
 * :mod:`.pipeline`: the orchestration both hosts (ComfyUI nodes, MiniCanvas plug-in) run: one
   :class:`ConceptBlockSettings`, a host interface, the block edit and the collection step.
 """
@@ -19,6 +20,7 @@ from .collect import (
     gather_concept_stats,
     read_sampler_state,
 )
+from .concept_params import ConceptParams, format_concept_params, parse_concept_params
 from .intervention import (
     ERROR_MODES,
     InterventionResult,
@@ -63,10 +65,13 @@ __all__ = [
     "CallPosition",
     "ConceptBlockEdit",
     "ConceptBlockSettings",
+    "ConceptParams",
     "SAeUronHost",
     "build_concept_edit",
     "collect_activations",
     "features_step",
+    "format_concept_params",
+    "parse_concept_params",
     "ERROR_MODES",
     "SCORE_EPS",
     "ConceptStats",

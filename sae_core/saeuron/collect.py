@@ -199,6 +199,7 @@ def gather_concept_stats(
     batch_size: int = 16,
     progress: bool = True,
     attrs: dict[str, Any] | None = None,
+    which: str = "output",
 ) -> ConceptStats:
     """SAeUron's concept statistics: sample every concept's prompts and average the SAE codes.
 
@@ -206,11 +207,15 @@ def gather_concept_stats(
     rows only by default, as the reference) is encoded with per-token TopK (float32), averaged
     over spatial positions, and accumulated into the concept's running mean
     (:class:`ConceptStatsBuilder`). Prompts of different concepts may share a ``sample_fn`` batch.
+    ``which="diff"`` encodes the block's update (output minus input) instead, for an SAE trained on
+    updates; the statistics then record ``attrs["source"] = "diff"`` (``"output"`` otherwise).
 
     Returns:
         :class:`ConceptStats` with the schedule seen during sampling, ``hookpoint=block`` and the
         SAE's fingerprint.
     """
+    if which not in ("output", "diff"):
+        raise ValueError(f"gather_concept_stats: which must be 'output' or 'diff', got {which!r}")
     names = list(concept_prompts)
     if len(names) < 2:
         raise ValueError("gather_concept_stats needs at least two concepts (the score contrasts them)")
@@ -242,12 +247,12 @@ def gather_concept_stats(
                                  timestep=None if pos.timestep != pos.timestep else pos.timestep)
 
     spans = _batches(len(flat), batch_size)
-    with capture(root_module, block, fn=on_output, copy=False):
+    with capture(root_module, block, which, fn=on_output, copy=False):
         for lo, hi in tqdm(spans, desc=f"concept stats {block}", disable=not progress):
             offset, span = lo, hi - lo
             sample_fn([p for p, _ in flat[lo:hi]])
-    return builder.finalize(schedule_kind=schedule_kind, hookpoint=block,
-                            sae_fingerprint=sae_fingerprint(sae), attrs=attrs)
+    return builder.finalize(schedule_kind=schedule_kind, hookpoint=block, sae_fingerprint=sae_fingerprint(sae),
+                            attrs={**(attrs or {}), "source": which})
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .collect import collect_block_activations
+from .concept_params import ConceptParams, parse_concept_params
 from .intervention import ERROR_MODES, SAeUronHook, map_step_index, step_index_from_timestep
 from .stats import ConceptStats
 
@@ -35,15 +36,17 @@ __all__ = [
     "SELECTION_RULES",
     "SOURCES",
     "BlockRef",
+    "CallPosition",
     "ConceptBlockEdit",
     "ConceptBlockSettings",
+    "ConceptParams",
     "SAeUronHost",
-    "CallPosition",
     "build_concept_edit",
     "check_sae",
     "check_sae_width",
     "collect_activations",
     "features_step",
+    "resolve_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,20 @@ def check_sae_width(sae: Any, block: str, width: int) -> None:
                          f"{width} channels; pick the block the SAE was trained on or an SAE for this block")
 
 
+def resolve_source(sae: Any, source: Optional[str] = None) -> str:
+    """What an SAE is applied to: ``source`` when given, else what the SAE records (``cfg.extra["source"]``:
+    ``"diff"`` for SAEs of block updates such as the published sdxl-unbox ones), ``"output"`` when it records
+    nothing. A ValueError names an unknown value."""
+    if source is not None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        return source
+    recorded = str(getattr(sae.cfg, "extra", {}).get("source", "output"))
+    if recorded not in SOURCES:
+        raise ValueError(f"sae: the SAE records source {recorded!r}; expected one of {', '.join(SOURCES)}")
+    return recorded
+
+
 def warn_hookpoint(host: SAeUronHost, sae: Any, block: str) -> None:
     """Log a warning when the SAE records another block than ``block`` (the edit still runs)."""
     hook = getattr(sae.cfg, "hookpoint", None)
@@ -170,6 +187,10 @@ class ConceptBlockSettings:
     source: Optional[str] = None
     """What the SAE reads, one of :data:`SOURCES`; None = what the SAE records (``cfg.extra["source"]``,
     ``"output"`` when it records nothing)."""
+    concept_params: Any = ()
+    """Per-concept ``gamma`` and selection rule (text lines ``concept: gamma, percentile=P`` or a mapping,
+    see :mod:`.concept_params`); concepts not named use ``gamma`` / ``selection`` above. Parsed and checked
+    at construction into a tuple of :class:`~.concept_params.ConceptParams`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.concepts, str):
@@ -192,6 +213,27 @@ class ConceptBlockSettings:
         object.__setattr__(self, "top_n", int(self.top_n))
         object.__setattr__(self, "percentile", float(self.percentile))
         object.__setattr__(self, "cond_only", bool(self.cond_only))
+        object.__setattr__(self, "concept_params", parse_concept_params(self.concept_params, self.selection))
+
+    def rules(self, concepts: Sequence[str]) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+        """``(gamma, top_n, percentile)`` per concept of ``concepts``: each concept's own line of
+        :attr:`concept_params`, else the block's values. Every concept is in exactly one of the two rule maps."""
+        own = {p.name: p for p in self.concept_params}
+        gamma: dict[str, float] = {}
+        top_n: dict[str, int] = {}
+        percentile: dict[str, float] = {}
+        for c in concepts:
+            p = own.get(c)
+            gamma[c] = self.gamma if p is None or p.gamma is None else p.gamma
+            if p is not None and p.top_n is not None:
+                top_n[c] = p.top_n
+            elif p is not None and p.percentile is not None:
+                percentile[c] = p.percentile
+            elif self.selection == "top_n":
+                top_n[c] = self.top_n
+            else:
+                percentile[c] = self.percentile
+        return gamma, top_n, percentile
 
 
 def features_step(stats_schedule: Optional[Tensor], schedule_kind: str, num_steps: int,
@@ -301,17 +343,34 @@ def build_concept_edit(host: SAeUronHost, sae: Any, stats: ConceptStats,
                              f"'{ref.name}'; use the same block (or gather features at '{ref.name}')")
     warn_hookpoint(host, sae, ref.name)
     names = _concepts(stats, settings.concepts)
-    source = settings.source or str(getattr(sae.cfg, "extra", {}).get("source", "output"))
-    if source not in SOURCES:
-        raise ValueError(f"sae: the SAE records source {source!r}; expected one of {', '.join(SOURCES)}")
+    source = resolve_source(sae, settings.source)
+    measured_on = stats.attrs.get("source")
+    if measured_on is not None and measured_on != source:
+        raise ValueError(f"source: the features were measured on the block's {_SOURCE_WORDS.get(measured_on, measured_on)} "
+                         f"but the edit reads its {_SOURCE_WORDS[source]}; use the same source for Concept Features "
+                         "and Concept Block (the one the SAE was trained on)")
+    if settings.concept_params:
+        unknown = [p.name for p in settings.concept_params if p.name not in stats.concepts]
+        if unknown:
+            raise ValueError(f"concept_params: {', '.join(repr(u) for u in unknown)} is not a concept of the feature "
+                             f"table (concepts: {', '.join(stats.concepts)})")
+        idle = [p.name for p in settings.concept_params if p.name not in names]
+        if idle:
+            log.info("SAeUron: concept_params for %s are not used (not erased here)", ", ".join(idle))
+        gamma, top_n, percentile = settings.rules(names)
+        rule: dict[str, Any] = {"gamma": gamma, "top_n": top_n, "percentile": percentile}
+    else:  # one rule for every concept
+        rule = {"gamma": settings.gamma,
+                "top_n": settings.top_n if settings.selection == "top_n" else None,
+                "percentile": settings.percentile if settings.selection == "percentile" else None}
     try:
-        hook = SAeUronHook(sae, stats, names, gamma=settings.gamma,
-                           top_n=settings.top_n if settings.selection == "top_n" else None,
-                           percentile=settings.percentile if settings.selection == "percentile" else None,
-                           error_mode=settings.error_mode, cond_only=settings.cond_only)
+        hook = SAeUronHook(sae, stats, names, **rule, error_mode=settings.error_mode, cond_only=settings.cond_only)
     except ValueError as err:
         raise ValueError(f"features: {err}") from err
     return ConceptBlockEdit(hook, ref.name, source, settings.cond_only)
+
+
+_SOURCE_WORDS = {"output": "output", "diff": "update (output minus input, source 'diff')"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,6 +170,37 @@ def _per_concept(value: Any, concept: str, name: str) -> Any:
     return value
 
 
+def _rule_of(concept: str, top_n: Any, percentile: Any) -> tuple[int | None, float | None]:
+    """``(top_n, percentile)`` of one concept, exactly one of them set.
+
+    A mapping gives the concepts it names their own rule; a concept a mapping does not name takes the
+    other argument's plain value. Plain values alone: :func:`build_selection` has checked there is one.
+    """
+    def entry(value: Any) -> tuple[bool, Any]:  # (named in a mapping, value)
+        if isinstance(value, Mapping):
+            return (concept in value, value.get(concept))
+        return (False, value)
+
+    named_n, n = entry(top_n)
+    named_p, p = entry(percentile)
+    if named_n and named_p and n is not None and p is not None:
+        raise ValueError(f"concept {concept!r} has both a top_n ({n}) and a percentile ({p}); give one rule")
+    if named_n and n is not None:
+        return int(n), None
+    if named_p and p is not None:
+        return None, float(p)
+    if isinstance(top_n, Mapping) and isinstance(percentile, Mapping):
+        raise ValueError(f"no selection rule for concept {concept!r}: neither top_n (keys: {list(top_n)}) nor "
+                         f"percentile (keys: {list(percentile)}) names it")
+    plain_n = None if isinstance(top_n, Mapping) else top_n
+    plain_p = None if isinstance(percentile, Mapping) else percentile
+    if plain_n is None and plain_p is None:
+        missing = "top_n" if isinstance(top_n, Mapping) else "percentile"
+        keys = list(top_n if isinstance(top_n, Mapping) else percentile)
+        raise ValueError(f"{missing} has no entry for concept {concept!r} (keys: {keys})")
+    return (None if plain_n is None else int(plain_n)), (None if plain_p is None else float(plain_p))
+
+
 def build_selection(
     stats: ConceptStats,
     concepts: str | Sequence[str],
@@ -187,7 +218,10 @@ def build_selection(
         gamma: multiplier (SAeUron uses negative values, e.g. -1 for styles); a float or a
             mapping concept -> float.
         top_n / percentile: the selection rule (exactly one; a value or a mapping per concept).
-            With neither, ``top_n = 1``.
+            With neither, ``top_n = 1``. Rules may differ between concepts: with mappings, each
+            concept takes the rule of the mapping that names it (one of the two), and a concept
+            that no mapping names takes the other argument's plain value (as SAeUron's per-class
+            ``(percentile, gamma)`` table beside a default).
         eps: the score's epsilon.
 
     Multi-concept de-duplication: see the module docstring (strongest scaling wins).
@@ -199,18 +233,16 @@ def build_selection(
         raise ValueError("build_selection: the concept list is empty")
     if top_n is None and percentile is None:
         top_n = 1
-    if top_n is not None and percentile is not None:
+    if top_n is not None and percentile is not None and not (isinstance(top_n, Mapping)
+                                                            or isinstance(percentile, Mapping)):
         raise ValueError("give exactly one of top_n or percentile")
     mu_all = stats.mu_all()  # [T, n]
     per_concept: list[tuple[list[Tensor], Tensor]] = []
     for name in concepts:
         g = float(_per_concept(gamma, name, "gamma"))
         scores = concept_scores(stats, name, eps)
-        chosen = select_features(
-            scores,
-            top_n=None if top_n is None else int(_per_concept(top_n, name, "top_n")),
-            percentile=None if percentile is None else float(_per_concept(percentile, name, "percentile")),
-        )
+        n_rule, p_rule = _rule_of(name, top_n, percentile)
+        chosen = select_features(scores, top_n=n_rule, percentile=p_rule)
         per_concept.append((chosen, g * stats.mu(name)))
 
     steps: list[StepSelection] = []

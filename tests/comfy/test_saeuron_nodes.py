@@ -462,8 +462,9 @@ def test_block_errors_are_clear(comfy, pipeline):
     narrow = SparseAutoencoder(SaeConfig(d_in=32, num_latents=64, k=4))
     with pytest.raises(ValueError, match=r"32-wide.*'output_blocks.1.1' outputs 64 channels"):
         _block(comfy, model, narrow, pipeline.stats)
-    with pytest.raises(ValueError, match=r"'output_blocks.4.1' is not a SpatialTransformer.*valid blocks: "
-                                         r"input_blocks.1.1, input_blocks.3.1, middle_block.1, output_blocks.0.1"):
+    with pytest.raises(ValueError, match=r"'output_blocks.4.1' is not a SpatialTransformer.*valid blocks \(channels\): "
+                                         r"input_blocks.1.1 \(32\), input_blocks.3.1 \(64\), middle_block.1 \(64\), "
+                                         r"output_blocks.0.1 \(64\)"):
         _block(comfy, model, sae, pipeline.stats, block="output_blocks.4.1")
     with pytest.raises(ValueError, match="unknown concept 'horse'"):
         _block(comfy, model, sae, pipeline.stats, concepts="horse")

@@ -175,7 +175,8 @@ def test_checker_catches_shifted_widgets(node_classes):
     assert not check_workflow(wf, node_classes)
     block["widgets_values"] = block["widgets_values"][:-1]
     assert any("widget values" in p for p in check_workflow(wf, node_classes))
-    block["widgets_values"] = ["output_blocks.5.1", "Van Gogh", -1.0, "best", 1, 99.999, "conventional", False, "none"]
+    block["widgets_values"] = ["output_blocks.5.1", "Van Gogh", -1.0, "best", 1, 99.999, "conventional", False, "none",
+                               "auto", ""]
     assert any("selection" in p and "not one of" in p for p in check_workflow(wf, node_classes))
     wf["links"][0][5] = "CLIP"
     assert any(p.startswith("link 1:") for p in check_workflow(wf, node_classes))

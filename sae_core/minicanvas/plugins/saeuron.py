@@ -21,9 +21,15 @@ Rebuild the shipped files, or screen intervention settings::
 
     python -m sae_core.minicanvas.plugins.saeuron build            # writes into the package weights
     python -m sae_core.minicanvas.plugins.saeuron sweep --kind style --gamma=-1,-2 --top-n 1,2 --fast
+    python -m sae_core.minicanvas.plugins.saeuron sweep --kind object --gamma=-1,-4 --top-n 1,4 --per-concept --fast
+
+``--per-concept`` is the reference's per-class selection: for each concept the grid point with the best
+``(UA + IRA) / 2`` on the selection seeds (``--select-seeds``, default 1,2), printed as ``concept_params``; that
+table is then evaluated on all 72 prompts at ``--seeds`` (default 0, the bench's).
 
 Factory options (``--option key=value`` on the bench command line): ``gamma``, ``top_n``,
-``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``.
+``percentile``, ``error_mode`` (``conventional`` | ``reference``), ``cond_only``, ``concept_params``
+(per-concept gamma and rule, the Concept Block node's input of that name).
 
 This module only adapts MiniCanvas to the SAeUron pipeline (:mod:`sae_core.saeuron.pipeline`):
 :class:`CanvasHost` and :class:`CanvasPosition` are its host and sampler position, the factory turns
@@ -362,12 +368,15 @@ def canvas_block_hook(edit: ConceptBlockEdit) -> Any:
 def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float | None = None,
                     top_n: int | None = None, percentile: float | None = None,
                     error_mode: str = "conventional", cond_only: bool = False,
-                    assets_dir: str | None = None) -> Any:
+                    concept_params: Any = None, assets_dir: str | None = None) -> Any:
     """Erase ``concepts`` (styles or objects) from ``canvas`` with SAeUron.
 
     Returns a copy of the canvas with a hook on the kind's SAE block; the hook maps the sampler's
     timestep to the statistics' nearest step, so any ``--steps`` works. Defaults for ``gamma``
     and ``top_n`` come from :data:`RECIPE` (``percentile`` replaces ``top_n`` when given).
+    ``concept_params`` gives concepts their own gamma and rule, as the Concept Block node's input of that
+    name (text lines ``concept: gamma, top_n=N`` or a mapping; lines of concepts not erased are ignored),
+    e.g. ``--option concept_params="star: -4, top_n=4"`` on the bench.
     """
     concepts = validate_concepts(canvas, kind, concepts)
     assets = load_assets(canvas, kind, assets_dir)
@@ -377,7 +386,8 @@ def saeuron_factory(canvas: Any, kind: str, concepts: list[str], *, gamma: float
                                     selection="top_n" if percentile is None else "percentile",
                                     top_n=int(defaults["top_n"] if top_n is None else top_n),
                                     percentile=99.999 if percentile is None else float(percentile),
-                                    error_mode=error_mode, cond_only=bool(cond_only), source=assets.source)
+                                    error_mode=error_mode, cond_only=bool(cond_only), source=assets.source,
+                                    concept_params=concept_params or ())
     edit = build_concept_edit(CanvasHost(canvas), assets.sae, assets.stats, settings)
     edited = canvas.with_hook(edit.block, canvas_block_hook(edit))
     edited.saeuron_hook = edit.hook  # for inspection (fired-token counters)
@@ -411,6 +421,51 @@ def _screen_specs(specs: list[Any], kind: str, target: int, n: int) -> list[Any]
     return keep
 
 
+def _per_concept_sweep(a: Any, canvas: Any, assets: SAeUronAssets, names: list[str], concepts: list[str],
+                       specs: list[Any], steps: int) -> int:
+    """The reference's per-class selection: each concept's best (gamma, top_n) by (UA + IRA) / 2 on the selection
+    seeds, then the resulting ``concept_params`` table evaluated on every prompt at the evaluation seeds."""
+    from ...saeuron import format_concept_params, parse_concept_params
+    from ..metrics import erasure_metrics, mean_metrics
+
+    overlap = sorted(set(a.select_seeds) & set(a.seeds))
+    if overlap:
+        raise SystemExit(f"--select-seeds and --seeds share {overlap}; select on other seeds than you evaluate on")
+    chosen: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    for c in concepts:
+        target = names.index(c)
+        run_specs = _screen_specs(specs, a.kind, target, len(names)) if a.fast else specs
+        best = None
+        for g in a.gamma:
+            for n in a.top_n:
+                edited = saeuron_factory(canvas, a.kind, [c], gamma=g, top_n=n, error_mode=a.error_mode,
+                                         assets_dir=str(assets.folder))
+                table, _ = edited.evaluate(run_specs, a.select_seeds, steps)
+                m = erasure_metrics(table, a.kind, [target])
+                score = (m.ua + m.ira) / 2
+                if best is None or score > best[0]:
+                    best = (score, g, n, m)
+        score, g, n, m = best
+        chosen[c] = {"gamma": g, "top_n": n}
+        print(f"select {c}: gamma={g} top_n={n} (UA+IRA)/2={100 * score:.1f} UA={100 * m.ua:.1f} "
+              f"IRA={100 * m.ira:.1f} CRA={100 * m.cra:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    text = format_concept_params(parse_concept_params(chosen))
+    print("concept_params:\n" + text, flush=True)
+    results = []
+    for c in concepts:
+        edited = saeuron_factory(canvas, a.kind, [c], concept_params=text, error_mode=a.error_mode,
+                                 assets_dir=str(assets.folder))
+        table, _ = edited.evaluate(specs, a.seeds, steps)
+        results.append(erasure_metrics(table, a.kind, [names.index(c)]))
+        r = results[-1]
+        print(f"evaluate {c}: UA={100 * r.ua:.1f} IRA={100 * r.ira:.1f} CRA={100 * r.cra:.1f}", flush=True)
+    m = mean_metrics(results)
+    print(f"{a.kind} block={assets.block} per-concept UA={100 * m.ua:.1f} IRA={100 * m.ira:.1f} CRA={100 * m.cra:.1f} "
+          f"mean={100 * (m.ua + m.ira + m.cra) / 3:.1f} (seeds {a.seeds}, {time.perf_counter() - t0:.0f}s)", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..canvas import MiniCanvas, evaluation_prompts
     from ..metrics import erasure_metrics, mean_metrics
@@ -438,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--fast", action="store_true",
                    help="screen on 24-25 prompts per run (the target's prompts, one per other concept, "
                         "the unstyled ones) instead of all 72")
+    s.add_argument("--per-concept", action="store_true",
+                   help="SAeUron's per-class selection: for each concept the grid point with the best (UA + IRA) / 2 "
+                        "on --select-seeds, printed as concept_params, then that table evaluated on all 72 prompts "
+                        "at --seeds")
+    s.add_argument("--select-seeds", type=_ints, default=[1, 2],
+                   help="seeds of the per-concept selection (disjoint from the evaluation --seeds)")
     for p in (b, s):
         p.add_argument("--seeds", type=_ints, default=[0])
         p.add_argument("--steps", type=int, default=None)
@@ -457,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     concepts = names if a.concepts is None else a.concepts.split(",")
     specs = evaluation_prompts()
     steps = a.steps or canvas.default_steps
+    if a.per_concept:
+        return _per_concept_sweep(a, canvas, assets, names, concepts, specs, steps)
     for g in a.gamma:
         for n in a.top_n:
             results = []
