@@ -28,6 +28,8 @@ import logging
 import re
 from typing import Any, Optional
 
+import torch
+
 from sae_core.artefacts import decide_artefact
 from sae_core.capture import get_submodule
 from sae_core.prompts import parse_names, parse_prompts
@@ -43,7 +45,13 @@ from sae_core.saeuron import (
     build_concept_edit,
     gather_concept_stats,
 )
-from sae_core.saeuron.pipeline import check_sae, check_sae_width, resolve_source, warn_hookpoint
+from sae_core.saeuron.firing import FiringRecord, overlay, upsample_mask
+from sae_core.saeuron.pipeline import (
+    check_sae,
+    check_sae_width,
+    resolve_source,
+    warn_hookpoint,
+)
 
 from .common import SAE_TYPE, Progress, category, inp, node_id
 from .families import model_family
@@ -57,7 +65,13 @@ from .folders import (
     register_features_folder,
 )
 from .sae_tools import DEFAULT_BLOCK
-from .sampling import ComfyHost, ComfySampling, SamplerState, diffusion_model_wrapper, sampler_inputs
+from .sampling import (
+    ComfyHost,
+    ComfySampling,
+    SamplerState,
+    diffusion_model_wrapper,
+    sampler_inputs,
+)
 from .unet_blocks import unet_of
 
 log = logging.getLogger("concept_erasure")
@@ -231,6 +245,8 @@ class SAeUronPatch:
     def __init__(self, edit: ConceptBlockEdit, model_sampling: Any) -> None:
         self.edit = edit
         self.state = SamplerState(model_sampling)
+        self.record: Optional[FiringRecord] = None
+        """Where the edit acted in the most recent sampling run (SAeUron Firing Map reads it)."""
 
     @property
     def hook(self) -> Any:
@@ -248,11 +264,51 @@ class SAeUronPatch:
     def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         module = get_submodule(executor.class_obj, self.edit.block)
         with self.state.recording(args, kwargs):
-            handle = module.register_forward_hook(lambda _m, inputs, output: self.edit(inputs, output, self.state))
+            shape: list[tuple[int, ...]] = []
+
+            def hook(_m: Any, inputs: Any, output: Any) -> Any:
+                y = output[0] if isinstance(output, tuple) else output
+                shape.append(tuple(y.shape))
+                return self.edit(inputs, output, self.state)
+
+            self.edit.hook.last_fired = None
+            handle = module.register_forward_hook(hook)
             try:
-                return executor(*args, **kwargs)
+                out = executor(*args, **kwargs)
             finally:
                 handle.remove()
+            if shape:
+                self._record(shape[-1])
+            return out
+
+    def _record(self, shape: tuple[int, ...]) -> None:
+        """Add this call's edited tokens of the prompted rows to :attr:`record` (a new run starts it anew)."""
+        run = self.state.run_step()
+        if run is None or len(shape) != 4:
+            return
+        step, _n = run
+        batch, grid = shape[0], (int(shape[2]), int(shape[3]))
+        if self.record is None or self.record.grid != grid or (step == 0 and any(s > 0 for s in self.record.steps)):
+            self.record = FiringRecord(grid)
+        mask = self.state.cond_mask()
+        cond = torch.ones(batch, dtype=torch.bool) if mask is None else mask.to("cpu", torch.bool)
+        fired = self.edit.hook.last_fired
+        positions = grid[0] * grid[1]
+        if fired is None:  # nothing was edited in this call
+            rows = torch.zeros(int(cond.sum()), positions, dtype=torch.bool)
+        else:
+            fired = fired.detach().to("cpu", torch.bool).reshape(-1, positions)
+            rows = fired[cond] if fired.shape[0] == batch else fired  # cond-only calls report their rows alone
+        if rows.shape[0] == 0:
+            return
+        table = self.edit.hook.table
+        feat = self.edit.last_step if self.edit.last_step is not None else 0
+        selected = table.indices[feat, : int(table.count[feat])].tolist()
+        try:
+            self.record.add(step, rows, selected)
+        except ValueError:  # another batch layout within the run (e.g. a second sampler): start over
+            self.record = FiringRecord(grid)
+            self.record.add(step, rows, selected)
 
 
 def load_features(features: Any = None, features_file: str = NO_FILE) -> ConceptStats:
@@ -358,11 +414,62 @@ class SAeUronConceptBlock:
 
 register_features_folder()
 
+def concept_patch(model: Any) -> SAeUronPatch:
+    """The SAeUron Concept Block wrapper a MODEL carries (ValueError when it carries none)."""
+    found = [fn for fn in getattr(model, "wrappers", {}).get(diffusion_model_wrapper(), {}).get(WRAPPER_KEY, [])
+             if isinstance(fn, SAeUronPatch)]
+    if not found:
+        raise ValueError("model: this MODEL carries no SAeUron Concept Block edit; wire the Concept Block's output "
+                         "MODEL (the one the sampler used)")
+    return found[-1]
+
+
+class SAeUronFiringMap:
+    """Where SAeUron acted in the last sampling run of a Concept Block MODEL."""
+
+    DESCRIPTION = (
+        "After sampling with a SAeUron Concept Block MODEL, shows where the edit acted: the fraction of sampling "
+        "steps in which each position of the block was edited, per image, as a MASK at the image's size and in red "
+        "over the images; the text lists each step's edited tokens and selected SAE latents. Wire the images "
+        "decoded from that sampler, so that this node runs after it."
+    )
+    CATEGORY = category("saeuron")
+    RETURN_TYPES = ("MASK", "IMAGE", "STRING")
+    RETURN_NAMES = ("mask", "overlay", "report")
+    OUTPUT_TOOLTIPS = ("Per image: the fraction of steps in which SAeUron edited each position (0 to 1).",
+                       "The images with the mask drawn in red.",
+                       "Per step: how many tokens were edited and which SAE latents the step selects.")
+    FUNCTION = "firing_map"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": inp("MODEL", "SAeUron Concept Block's MODEL, after a sampler used it."),
+            "images": inp("IMAGE", "The images decoded from that sampler's output (one per prompted row)."),
+        }}
+
+    def firing_map(self, model: Any, images: Any) -> dict:
+        patch = concept_patch(model)
+        record = patch.record
+        if record is None:
+            raise ValueError("model: no sampling run with this SAeUron Concept Block MODEL was recorded yet; sample "
+                             "with it first and wire the decoded images here")
+        heat = record.heatmap()
+        if heat.shape[0] != images.shape[0]:
+            raise ValueError(f"images: {images.shape[0]} image(s), but the last run sampled {heat.shape[0]} "
+                             f"prompted row(s); wire the images of that run")
+        mask = upsample_mask(heat, images.shape[1], images.shape[2])
+        text = f"{patch.block}: " + record.summary()
+        return {"ui": {"text": [text]}, "result": (mask, overlay(images.float().cpu(), mask), text)}
+
+
 NODE_CLASS_MAPPINGS = {
     node_id("SAeUronConceptFeatures"): SAeUronConceptFeatures,
     node_id("SAeUronConceptBlock"): SAeUronConceptBlock,
+    node_id("SAeUronFiringMap"): SAeUronFiringMap,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     node_id("SAeUronConceptFeatures"): "SAeUron Concept Features",
     node_id("SAeUronConceptBlock"): "SAeUron Concept Block",
+    node_id("SAeUronFiringMap"): "SAeUron Firing Map",
 }

@@ -12,17 +12,17 @@ def test_heatmap_is_the_fraction_of_steps_each_position_was_edited():
     rec = FiringRecord((2, 3))
     a = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     b = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    rec.add(0, a, [7, 9], [2, 1])
-    rec.add(1, b, [7], [2])
-    rec.add(1, b, [7], [2])  # a second call at the same step (e.g. a split CFG batch): averaged, not double
+    rec.add(0, a, [7, 9])
+    rec.add(1, b, [7])
+    rec.add(1, b, [7])  # a second call at the same step (e.g. a split CFG batch): averaged, not double
     heat = rec.heatmap()
     assert heat.shape == (2, 2, 3)
     assert heat[0].flatten().tolist() == [1.0, 0.5, 0.0, 0.5, 0.0, 0.0]
     assert heat[1].flatten().tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.5]
     text = rec.summary()
     assert "2 prompted row(s) of 2x3 positions, 2 steps" in text
-    assert "step   0:     3 tokens edited; latents (tokens): 7 (2), 9 (1)" in text
-    assert "step   1:     2 tokens edited; latents (tokens): 7 (4)" in text
+    assert "step   0:     3 tokens edited; selected latents: 7, 9" in text
+    assert "step   1:     2 tokens edited; selected latents: 7" in text
 
 
 def test_bad_records_are_refused():

@@ -1,16 +1,15 @@
 """Where and with which features SAeUron acted during one sampling run.
 
 Each call of the hook on the prompted (conditional) rows adds the tokens it edited (``[B, P]`` bool, ``P`` the
-block's ``H x W`` positions) and, per selected latent, on how many tokens it fired. From these:
+block's ``H x W`` positions) and the latents selected at that step. From these:
 
 - :meth:`FiringRecord.heatmap`: per image, the fraction of the run's steps in which SAeUron edited each position
   of the block (``[B, H, W]`` in [0, 1]); :func:`upsample_mask` brings it to the image's size (a ComfyUI MASK);
-- :meth:`FiringRecord.summary`: per step, the edited tokens and the latents that fired most.
+- :meth:`FiringRecord.summary`: per step, the edited tokens and the selected latents.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -27,11 +26,11 @@ class FiringRecord:
         self.steps: dict[int, Tensor] = {}
         """step -> ``[B, H, W]`` float: edited positions (1) of each prompted row, summed over the step's calls."""
         self.calls: dict[int, int] = {}
-        self.features: dict[int, Counter] = {}
-        """step -> latent id -> tokens it fired on (prompted rows)."""
+        self.selected: dict[int, list[int]] = {}
+        """step -> the latents the step's selection scales."""
 
-    def add(self, step: int, fired: Tensor, latent_ids: Sequence[int] = (), latent_tokens: Sequence[int] = ()) -> None:
-        """Record one call: ``fired [B, H*W]`` (the prompted rows), ``latent_tokens[i]`` tokens for ``latent_ids[i]``."""
+    def add(self, step: int, fired: Tensor, selected: Sequence[int] = ()) -> None:
+        """Record one call: ``fired [B, H*W]`` (the prompted rows) and the step's ``selected`` latents."""
         h, w = self.grid
         if fired.dim() != 2 or fired.shape[1] != h * w:
             raise ValueError(f"firing record: expected [rows, {h * w}] for a {h}x{w} block, got {tuple(fired.shape)}")
@@ -42,10 +41,7 @@ class FiringRecord:
             raise ValueError(f"firing record: step {step} saw {prev.shape[0]} rows, then {maps.shape[0]}")
         self.steps[step] = maps if prev is None else prev + maps
         self.calls[step] = self.calls.get(step, 0) + 1
-        counts = self.features.setdefault(step, Counter())
-        for i, n in zip(latent_ids, latent_tokens):
-            if int(n) > 0:
-                counts[int(i)] += int(n)
+        self.selected[step] = [int(i) for i in selected]
 
     @property
     def rows(self) -> int:
@@ -58,16 +54,17 @@ class FiringRecord:
         total = sum(m / self.calls[s] for s, m in self.steps.items())
         return (total / len(self.steps)).clamp(0, 1)
 
-    def summary(self, top: int = 5) -> str:
-        """One line per step: edited tokens over the prompted rows and the latents that fired on most tokens."""
+    def summary(self, top: int = 8) -> str:
+        """One line per step: edited tokens over the prompted rows and (up to ``top``) selected latents."""
         if not self.steps:
             return "SAeUron edited nothing: no call was recorded"
         h, w = self.grid
         lines = [f"SAeUron firing, {self.rows} prompted row(s) of {h}x{w} positions, {len(self.steps)} steps:"]
         for s in sorted(self.steps):
             edited = int((self.steps[s] > 0).sum())
-            best = ", ".join(f"{i} ({n})" for i, n in self.features.get(s, Counter()).most_common(top)) or "-"
-            lines.append(f"  step {s:>3}: {edited:>5} tokens edited; latents (tokens): {best}")
+            sel = self.selected.get(s, [])
+            names = ", ".join(map(str, sel[:top])) + (f" (+{len(sel) - top})" if len(sel) > top else "")
+            lines.append(f"  step {s:>3}: {edited:>5} tokens edited; selected latents: {names or '-'}")
         return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ SKIP_REASON = "COMFYUI_PATH not set: tests/comfy needs a ComfyUI checkout and it
 PACK_NODE_IDS = ("CE_LoadSAE", "CE_SAComputeFisher", "CE_SALoRATrain", "CE_RECEEditModel", "CE_SaveEditAsLoRA",
                  "CE_ItDPromptClassifier", "CE_ItDPromptGate", "CE_CollectTextActivations",
                  "CE_CollectSAEActivations", "CE_TrainSAE", "CE_SAeUronConceptFeatures", "CE_SAeUronConceptBlock",
-                 "CE_DownloadSAE", "CE_MiniCanvasCheckpoint", "CE_ErasureReport", "CE_ConceptInversionProbe")
+                 "CE_DownloadSAE", "CE_MiniCanvasCheckpoint", "CE_ErasureReport", "CE_ConceptInversionProbe", "CE_SAeUronFiringMap")
 """Node ids the pack must register in ComfyUI."""
 
 

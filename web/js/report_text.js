@@ -4,7 +4,7 @@
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODES = new Set(["CE_ItDPromptClassifier", "CE_ItDPromptGate", "CE_ErasureReport", "CE_RECEEditModel", "CE_ConceptInversionProbe"]);
+const NODES = new Set(["CE_ItDPromptClassifier", "CE_ItDPromptGate", "CE_ErasureReport", "CE_RECEEditModel", "CE_ConceptInversionProbe", "CE_SAeUronFiringMap"]);
 const WIDGET = "ce_report_view";
 
 app.registerExtension({
