@@ -34,9 +34,12 @@ list (``models/sae_fisher``); the lists of both files include the ones shipped f
 (``minicanvas/...``, as Load SAE lists its SAEs), so the MiniCanvas Checkpoint's model trains on the
 data of ``python -m sae_core bench --method amnesia``.
 
-Supported: SD1.x/SD2.x-style UNets with a discrete eps or v schedule and no extra conditioning
-(SDXL's pooled-text vector, inpainting channels, ...), and the MiniCanvas family (32x32 pixel
-space); anything else is refused with a message.
+Supported: SD1.x/SD2.x/SDXL-style UNets with a discrete eps or v schedule (v-prediction models such as
+SD2.x 768 are converted to eps), and the MiniCanvas family (32x32 pixel space). SDXL's ADM input ``y``
+(pooled text + size/crop embeddings) is made by ComfyUI's own ``extra_conds`` from each prompt's pooled
+output and the node's width/height, as the sampler makes it; it conditions the Fisher, the surrogate and
+replay terms alike. Models with concat channels (inpainting) or other sampling (EDM, flow) are refused
+with a message.
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
+import folder_paths
 import numpy as np
 import torch
 
-import folder_paths
 from sae_core.amnesia import pipeline
 from sae_core.amnesia.config import PRECISIONS, REPLAY_TARGETS, AmnesiaConfig
 from sae_core.amnesia.fisher import load_fisher
@@ -79,7 +82,14 @@ from .common import (
     throw_if_interrupted,
 )
 from .folders import NO_FILE, forget_file_list, safe_name
-from .sampling import alphas_cumprod, comfy_sampler, discrete_eps_sampling, eps_denoiser
+from .sampling import (
+    adm_width,
+    alphas_cumprod,
+    comfy_sampler,
+    discrete_eps_sampling,
+    eps_denoiser,
+    model_conditioning,
+)
 from .training import ComfyLoRA, GradientProbe, TrainingClone, target_modules
 
 log = logging.getLogger("concept_erasure")
@@ -205,7 +215,7 @@ def run_dir(run_name: str) -> Path:
 
 def check_model(model: Any) -> Any:
     """The model's ``model_sampling`` if Selective Amnesia supports it; ValueError naming the model otherwise."""
-    return discrete_eps_sampling(model, METHOD)
+    return discrete_eps_sampling(model, METHOD, allow_adm=True)
 
 
 def model_fingerprint(model: Any) -> str:
@@ -239,14 +249,24 @@ class ComfyAmnesiaHost:
         self.alphas_cumprod = alphas_cumprod(self.ms)
         self.device = torch.device(model.load_device)
         self.sampling = dict(sampling or {})
+        self.adm = adm_width(model)
         self._sampler: Optional[Any] = None
 
     # Encoding and sampling need no gradients: they run as ComfyUI runs them, under inference mode (the weights of a
     # loaded checkpoint are inference tensors, which autograd must not see), and the results are cloned out of it so
     # that training may use them.
+    # A model with an ADM input (SDXL) gets each prompt's y (pooled text + the size embeddings of the sampling's
+    # width/height, made by ComfyUI's extra_conds) packed after its token conditioning: the pipeline carries one
+    # tensor row per prompt, the denoiser unpacks it.
     def encode(self, prompts: list[str]) -> torch.Tensor:
         with torch.inference_mode():
-            out = encode_prompts(self.clip, list(prompts))
+            if self.adm:
+                if "width" not in self.sampling or "height" not in self.sampling:
+                    raise ValueError("width/height: the size conditioning of this model's ADM input needs them")
+                out = model_conditioning(self.model, self.clip, list(prompts), self.sampling["width"],
+                                         self.sampling["height"])
+            else:
+                out = encode_prompts(self.clip, list(prompts))
         return out.clone()
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -265,7 +285,7 @@ class ComfyAmnesiaHost:
                                      generator=generator)
                         for n, m in target_modules(self.model, config.targets).items()}
             with TrainingClone(self.model, adapters, config.precision) as patcher:
-                yield LoRATraining(eps_denoiser(patcher, self.ms), adapters)
+                yield LoRATraining(eps_denoiser(patcher, self.ms, self.adm), adapters)
 
     @contextmanager
     def fisher_training(self, config: AmnesiaConfig) -> Iterator[FisherTraining]:
@@ -273,7 +293,7 @@ class ComfyAmnesiaHost:
             modules = target_modules(self.model, config.targets)
             probes = {n: GradientProbe(tuple(m.weight.shape), self.device) for n, m in modules.items()}
             with TrainingClone(self.model, probes, config.precision) as patcher:
-                yield FisherTraining(eps_denoiser(patcher, self.ms), {f"{n}.weight": probes[n].delta for n in modules})
+                yield FisherTraining(eps_denoiser(patcher, self.ms, self.adm), {f"{n}.weight": probes[n].delta for n in modules})
 
 
 def _sampling(sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int, height: int) -> dict[str, Any]:
