@@ -53,10 +53,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-import folder_paths
 import numpy as np
 import torch
 
+import folder_paths
 from sae_core.amnesia import pipeline
 from sae_core.amnesia.config import PRECISIONS, REPLAY_TARGETS, AmnesiaConfig
 from sae_core.amnesia.fisher import load_fisher
