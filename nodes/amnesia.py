@@ -88,6 +88,7 @@ from .sampling import (
     comfy_sampler,
     discrete_eps_sampling,
     eps_denoiser,
+    latent_shape,
     model_conditioning,
 )
 from .training import ComfyLoRA, GradientProbe, TrainingClone, target_modules
@@ -503,6 +504,8 @@ class SALoRATrain:
             checkpoint_every=max(10, int(steps) // 20))
         fisher = _load_fisher(_fisher_choice(fisher_path, fisher_file)) if settings.lam > 0 else None
         bank = load_sample_bank(sample_bank, model) if (sample_bank or NO_FILE) != NO_FILE else None
+        if bank is not None and host.adm:
+            _check_bank_size(bank, model, width, height)
         folder = run_dir(run_name)
         sampling = {"model": model_fingerprint(model), "steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name,
                     "scheduler": scheduler, "width": int(width), "height": int(height)}
@@ -532,6 +535,15 @@ class SALoRATrain:
             progress.close()
         _write_summary(folder, run.result.history, forget, settings.surrogate_prompt, list(settings.remember_prompts))
         return (patched, lora, image)
+
+
+def _check_bank_size(bank: SampleSet, model: Any, width: int, height: int) -> None:
+    """A model with size conditioning (SDXL) trains a bank's samples under ``width`` x ``height``: they must be that size."""
+    shape = latent_shape(model, width, height)
+    if tuple(bank.samples.shape[2:]) != tuple(shape[2:]):
+        raise ValueError(f"sample_bank: its samples are {tuple(bank.samples.shape[2:])} latent cells, width/height "
+                         f"{width}x{height} make {tuple(shape[2:])}; this model is conditioned on the image size, so set "
+                         "width/height to the size the bank was sampled at")
 
 
 def forget_prompt_list(forget: Any) -> list[str]:

@@ -163,3 +163,26 @@ def test_models_with_concat_channels_are_refused(comfy):
     finally:
         del model.model.concat_keys
     assert isinstance(model.model, comfy_model_base.BaseModel)
+
+
+def test_sdxl_sample_bank_must_have_the_size_of_its_conditioning(comfy, sdxl):
+    """Compute Fisher's samples serve SDXL's LoRA Train as a bank at their own size; at another width/height the size
+    conditioning would not match them, so the node refuses."""
+    model, clip = sdxl
+    amnesia = comfy.nodes_pkg.amnesia
+    fisher_node = comfy.nodes.NODE_CLASS_MAPPINGS[FISHER_ID]()
+    with torch.inference_mode():
+        fisher_node.compute(model, clip, PROMPTS, 2, 1, 1, "xattn", 0, 1, 4.0, "euler", "normal", SIZE, SIZE, "fp32",
+                            "bank/sdxl")
+    name = next(n for n in amnesia.sample_bank_filenames() if "bank_sdxl" in n)
+
+    def train(width):
+        with torch.inference_mode():
+            return amnesia.SALoRATrain().train(model, clip, "a photo of a cat", "a photo of a dog", REMEMBER, 0.0, 0.0, 2,
+                                               1, 1e-2, 1, 0, "xattn", 1, 1, 1, 4.0, "euler", "normal", width, SIZE,
+                                               "fp32", f"bank_{width}", sample_bank=name)
+
+    with pytest.raises(ValueError, match="sample_bank.*width/height"):
+        train(2 * SIZE)
+    patched, lora, _ = train(SIZE)
+    assert lora and patched is not model
