@@ -34,9 +34,12 @@ list (``models/sae_fisher``); the lists of both files include the ones shipped f
 (``minicanvas/...``, as Load SAE lists its SAEs), so the MiniCanvas Checkpoint's model trains on the
 data of ``python -m sae_core bench --method amnesia``.
 
-Supported: SD1.x/SD2.x-style UNets with a discrete eps or v schedule and no extra conditioning
-(SDXL's pooled-text vector, inpainting channels, ...), and the MiniCanvas family (32x32 pixel
-space); anything else is refused with a message.
+Supported: SD1.x/SD2.x/SDXL-style UNets with a discrete eps or v schedule (v-prediction models such as
+SD2.x 768 are converted to eps), and the MiniCanvas family (32x32 pixel space). SDXL's ADM input ``y``
+(pooled text + size/crop embeddings) is made by ComfyUI's own ``extra_conds`` from each prompt's pooled
+output and the node's width/height, as the sampler makes it; it conditions the Fisher, the surrogate and
+replay terms alike. Models with concat channels (inpainting) or other sampling (EDM, flow) are refused
+with a message.
 """
 
 from __future__ import annotations
@@ -79,7 +82,15 @@ from .common import (
     throw_if_interrupted,
 )
 from .folders import NO_FILE, forget_file_list, safe_name
-from .sampling import alphas_cumprod, comfy_sampler, discrete_eps_sampling, eps_denoiser
+from .sampling import (
+    adm_width,
+    alphas_cumprod,
+    comfy_sampler,
+    discrete_eps_sampling,
+    eps_denoiser,
+    latent_shape,
+    model_conditioning,
+)
 from .training import ComfyLoRA, GradientProbe, TrainingClone, target_modules
 
 log = logging.getLogger("concept_erasure")
@@ -205,7 +216,7 @@ def run_dir(run_name: str) -> Path:
 
 def check_model(model: Any) -> Any:
     """The model's ``model_sampling`` if Selective Amnesia supports it; ValueError naming the model otherwise."""
-    return discrete_eps_sampling(model, METHOD)
+    return discrete_eps_sampling(model, METHOD, allow_adm=True)
 
 
 def model_fingerprint(model: Any) -> str:
@@ -239,14 +250,24 @@ class ComfyAmnesiaHost:
         self.alphas_cumprod = alphas_cumprod(self.ms)
         self.device = torch.device(model.load_device)
         self.sampling = dict(sampling or {})
+        self.adm = adm_width(model)
         self._sampler: Optional[Any] = None
 
     # Encoding and sampling need no gradients: they run as ComfyUI runs them, under inference mode (the weights of a
     # loaded checkpoint are inference tensors, which autograd must not see), and the results are cloned out of it so
     # that training may use them.
+    # A model with an ADM input (SDXL) gets each prompt's y (pooled text + the size embeddings of the sampling's
+    # width/height, made by ComfyUI's extra_conds) packed after its token conditioning: the pipeline carries one
+    # tensor row per prompt, the denoiser unpacks it.
     def encode(self, prompts: list[str]) -> torch.Tensor:
         with torch.inference_mode():
-            out = encode_prompts(self.clip, list(prompts))
+            if self.adm:
+                if "width" not in self.sampling or "height" not in self.sampling:
+                    raise ValueError("width/height: the size conditioning of this model's ADM input needs them")
+                out = model_conditioning(self.model, self.clip, list(prompts), self.sampling["width"],
+                                         self.sampling["height"])
+            else:
+                out = encode_prompts(self.clip, list(prompts))
         return out.clone()
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -265,7 +286,7 @@ class ComfyAmnesiaHost:
                                      generator=generator)
                         for n, m in target_modules(self.model, config.targets).items()}
             with TrainingClone(self.model, adapters, config.precision) as patcher:
-                yield LoRATraining(eps_denoiser(patcher, self.ms), adapters)
+                yield LoRATraining(eps_denoiser(patcher, self.ms, self.adm), adapters)
 
     @contextmanager
     def fisher_training(self, config: AmnesiaConfig) -> Iterator[FisherTraining]:
@@ -273,7 +294,7 @@ class ComfyAmnesiaHost:
             modules = target_modules(self.model, config.targets)
             probes = {n: GradientProbe(tuple(m.weight.shape), self.device) for n, m in modules.items()}
             with TrainingClone(self.model, probes, config.precision) as patcher:
-                yield FisherTraining(eps_denoiser(patcher, self.ms), {f"{n}.weight": probes[n].delta for n in modules})
+                yield FisherTraining(eps_denoiser(patcher, self.ms, self.adm), {f"{n}.weight": probes[n].delta for n in modules})
 
 
 def _sampling(sample_steps: int, cfg: float, sampler_name: str, scheduler: str, width: int, height: int) -> dict[str, Any]:
@@ -483,6 +504,8 @@ class SALoRATrain:
             checkpoint_every=max(10, int(steps) // 20))
         fisher = _load_fisher(_fisher_choice(fisher_path, fisher_file)) if settings.lam > 0 else None
         bank = load_sample_bank(sample_bank, model) if (sample_bank or NO_FILE) != NO_FILE else None
+        if bank is not None and host.adm:
+            _check_bank_size(bank, model, width, height)
         folder = run_dir(run_name)
         sampling = {"model": model_fingerprint(model), "steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name,
                     "scheduler": scheduler, "width": int(width), "height": int(height)}
@@ -512,6 +535,15 @@ class SALoRATrain:
             progress.close()
         _write_summary(folder, run.result.history, forget, settings.surrogate_prompt, list(settings.remember_prompts))
         return (patched, lora, image)
+
+
+def _check_bank_size(bank: SampleSet, model: Any, width: int, height: int) -> None:
+    """A model with size conditioning (SDXL) trains a bank's samples under ``width`` x ``height``: they must be that size."""
+    shape = latent_shape(model, width, height)
+    if tuple(bank.samples.shape[2:]) != tuple(shape[2:]):
+        raise ValueError(f"sample_bank: its samples are {tuple(bank.samples.shape[2:])} latent cells, width/height "
+                         f"{width}x{height} make {tuple(shape[2:])}; this model is conditioned on the image size, so set "
+                         "width/height to the size the bank was sampled at")
 
 
 def forget_prompt_list(forget: Any) -> list[str]:

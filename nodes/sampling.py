@@ -31,6 +31,8 @@ __all__ = [
     "ComfyHost",
     "ComfySampling",
     "SamplerState",
+    "adm_rows",
+    "adm_width",
     "alphas_cumprod",
     "comfy_sampler",
     "cond_mask",
@@ -39,6 +41,7 @@ __all__ = [
     "eps_denoiser",
     "first_value",
     "latent_shape",
+    "model_conditioning",
     "nearest_step",
     "sampler_inputs",
     "unet_call",
@@ -301,26 +304,83 @@ class ComfyHost:
         return self._sampling().state
 
 
-def discrete_eps_sampling(model: Any, method: str) -> Any:
+def discrete_eps_sampling(model: Any, method: str, allow_adm: bool = False) -> Any:
     """The MODEL's ``model_sampling`` if it is a discrete-timestep eps/v schedule without extra conditioning
-    (SD1.x/SD2.x-style UNets); ValueError naming the model and ``method`` otherwise."""
+    (SD1.x/SD2.x-style UNets; with ``allow_adm`` also UNets conditioned on an ADM vector ``y``, such as SDXL's
+    pooled text + size embeddings, which :func:`model_conditioning` builds); ValueError naming the model and
+    ``method`` otherwise."""
     import comfy.model_sampling
 
     base = model.model
     ms = model.get_model_object("model_sampling")
     kind = type(base).__name__
     if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(ms, comfy.model_sampling.EPS):
-        raise ValueError(f"model: {method} needs a discrete-timestep eps/v model (SD1.x/SD2.x); "
+        raise ValueError(f"model: {method} needs a discrete-timestep eps/v model (SD1.x/SD2.x/SDXL); "
                          f"{kind} with {type(ms).__name__} is not supported")
     for bad in (comfy.model_sampling.EDM, comfy.model_sampling.X0):
         if isinstance(ms, bad):
             raise ValueError(f"model: {kind} uses {bad.__name__} sampling, which {method} does not support")
-    if getattr(base, "adm_channels", 0) or getattr(base, "concat_keys", ()):
-        raise ValueError(f"model: {kind} needs extra conditioning (pooled text / concat channels: SDXL, inpainting, ...); "
+    if getattr(base, "concat_keys", ()):
+        raise ValueError(f"model: {kind} needs concat channels (inpainting, ...); {method} supports text-conditioned "
+                         "UNets (SD1.x/SD2.x" + ("/SDXL)" if allow_adm else ")"))
+    if getattr(base, "adm_channels", 0) and not allow_adm:
+        raise ValueError(f"model: {kind} needs extra conditioning (pooled text: SDXL, ...); "
                          f"{method} supports SD1.x/SD2.x UNets")
     if not hasattr(base, "diffusion_model"):
         raise ValueError(f"model: {kind} has no diffusion_model")
     return ms
+
+
+def adm_width(model: Any) -> int:
+    """Width of the model's ADM input ``y`` (SDXL: pooled clip_g + 6 * 256 size embeddings); 0 when it has none."""
+    return int(getattr(model.model, "adm_channels", 0) or 0)
+
+
+def adm_rows(adm: int, width: int) -> int:
+    """Rows of ``width`` values that carry an ADM vector of ``adm`` values packed after the token conditioning."""
+    return -(-int(adm) // int(width)) if adm else 0
+
+
+def model_conditioning(model: Any, clip: Any, prompts: list[str], width: int, height: int) -> torch.Tensor:
+    """The conditioning of each prompt as one tensor row ``[N, L + r, D]`` (float32, CPU).
+
+    ``L x D`` is the prompt's token conditioning as CLIPTextEncode makes it. A model with an ADM input (SDXL)
+    also gets its ``y``, made by ComfyUI's own ``BaseModel.extra_conds`` from the prompt's pooled output and the
+    size of a ``width`` x ``height`` image exactly as the sampler makes it for a positive prompt (size from the
+    latent: ``8 *`` its cells); ``y`` is packed, zero-padded, into ``r = ceil(adm / D)`` extra rows, which
+    :func:`eps_denoiser` unpacks. Without an ADM input nothing is added (``r = 0``).
+    """
+    from .clip_text import encode_prompts
+
+    adm = adm_width(model)
+    if not adm:
+        return encode_prompts(clip, list(prompts))
+    shape = latent_shape(model, width, height)
+    rows = []
+    for p in prompts:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(p))
+        ctx, extra = cond[0][0], cond[0][1]
+        pooled = extra.get("pooled_output")
+        if pooled is None:
+            raise ValueError(f"clip: {type(model.model).__name__} needs the pooled text output for its ADM input, and "
+                             "this CLIP gives none (wire the checkpoint's own CLIP)")
+        conds = model.model.extra_conds(pooled_output=pooled, width=shape[3] * 8, height=shape[2] * 8,
+                                        prompt_type="positive", device=torch.device("cpu"),
+                                        noise=torch.zeros(shape), cross_attn=ctx)
+        if "y" not in conds:
+            raise ValueError(f"model: {type(model.model).__name__} declares an ADM input but made none for a prompt")
+        y = conds["y"].cond.detach().to("cpu", torch.float32).reshape(1, -1)
+        if y.shape[1] != adm:
+            raise ValueError(f"model: ComfyUI made a y of width {y.shape[1]} for {type(model.model).__name__}, whose "
+                             f"ADM input takes {adm} (does the CLIP match the model?)")
+        ctx = ctx.detach().to("cpu", torch.float32)
+        d = ctx.shape[-1]
+        packed = torch.zeros(1, adm_rows(adm, d) * d)
+        packed[:, :adm] = y
+        rows.append(torch.cat([ctx, packed.view(1, -1, d)], dim=1)[0].clone())
+    if len({tuple(r.shape) for r in rows}) > 1:
+        raise ValueError("clip: the prompts encoded to different lengths; keep each prompt within one 77-token chunk")
+    return torch.stack(rows)
 
 
 def alphas_cumprod(ms: Any) -> torch.Tensor:
@@ -329,11 +389,13 @@ def alphas_cumprod(ms: Any) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas * sigmas)
 
 
-def eps_denoiser(patcher: Any, ms: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def eps_denoiser(patcher: Any, ms: Any, adm: int = 0) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``eps(x_t, t, context)`` in DDPM form through ``BaseModel.apply_model`` (works for eps and v models).
 
     ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` becomes ComfyUI's ``x_sigma = x_t / sqrt(abar)``
     at ``sigma_t``; the model's x0 prediction gives back ``eps = (x_sigma - x0) / sigma``.
+    With ``adm`` > 0 (a model with an ADM input), ``context`` holds :func:`model_conditioning`'s rows: the
+    token conditioning, then ``y`` packed in its last rows; ``y`` goes to the model as ComfyUI's sampler passes it.
     """
     abar = alphas_cumprod(ms)
 
@@ -341,7 +403,12 @@ def eps_denoiser(patcher: Any, ms: Any) -> Callable[[torch.Tensor, torch.Tensor,
         a = abar.to(x_t.device)[t.to(x_t.device)].view(-1, *([1] * (x_t.dim() - 1)))
         sigma = ((1.0 - a) / a).sqrt()
         x_sigma = x_t.float() / a.sqrt()
-        x0 = patcher.model.apply_model(x_sigma, sigma.view(-1), c_crossattn=context, transformer_options={})
+        extra = {}
+        if adm:
+            r = adm_rows(adm, context.shape[-1])
+            extra["y"] = context[:, -r:].reshape(context.shape[0], -1)[:, :adm]
+            context = context[:, :-r]
+        x0 = patcher.model.apply_model(x_sigma, sigma.view(-1), c_crossattn=context, transformer_options={}, **extra)
         return (x_sigma - x0.float()) / sigma
 
     return eps

@@ -99,7 +99,11 @@ class AmnesiaHost(Protocol):
     """``[T]`` abar_t of the model's discrete noise schedule."""
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning ``[N, L, D]`` of the prompts (the frozen text encoder; one row each)."""
+        """Text conditioning ``[N, L, D]`` of the prompts (the frozen text encoder; one row each).
+
+        The pipeline only indexes, moves and concatenates these rows and hands them to the host's denoiser, so a
+        host may pack more per-prompt conditioning into a row (the ComfyUI host appends SDXL's ADM vector ``y``).
+        """
         ...
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:

@@ -364,8 +364,10 @@ def _conds(comfy, clip):
 
 
 def test_unsupported_model_is_refused(comfy):
+    """SDXL's structure is accepted (its ADM input is built per prompt); flow sampling (SD3-style) is refused."""
     import comfy.model_patcher as comfy_model_patcher
     import comfy.supported_models as comfy_supported_models
+    import comfy_extras.nodes_model_advanced as advanced
 
     unet_config = {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -378,10 +380,12 @@ def test_unsupported_model_is_refused(comfy):
     cfg.unet_config["num_head_channels"] = -1
     with torch.inference_mode():
         sdxl = comfy_model_patcher.ModelPatcher(cfg.get_model({}, device="meta"), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="SD1.x/SD2.x"):
-        comfy.nodes_pkg.amnesia.check_model(sdxl)
-    with pytest.raises(ValueError, match="SD1.x/SD2.x"):
-        comfy.nodes_pkg.amnesia.SALoRATrain().train(sdxl, None, "a cat", "a dog", REMEMBER, 0.0, 1.0, 2, 1, 1e-2, 1, 0, "xattn",
+    assert comfy.nodes_pkg.amnesia.check_model(sdxl) is sdxl.get_model_object("model_sampling")
+    flow = advanced.ModelSamplingSD3().patch(sdxl, 3.0)[0]
+    with pytest.raises(ValueError, match="SD1.x/SD2.x/SDXL"):
+        comfy.nodes_pkg.amnesia.check_model(flow)
+    with pytest.raises(ValueError, match="SD1.x/SD2.x/SDXL"):
+        comfy.nodes_pkg.amnesia.SALoRATrain().train(flow, None, "a cat", "a dog", REMEMBER, 0.0, 1.0, 2, 1, 1e-2, 1, 0, "xattn",
                                                      1, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", "sdxl")
 
 
