@@ -403,7 +403,8 @@ def test_sdxl_workflow_validates_in_comfyui(node_classes, monkeypatch, name):
 
 REPORT_WORKFLOWS = {"rece_erase.json": ("CE_RECEEditModel", "erased_model"),
                     "itd_prompt_classifier.json": ("CE_ItDPromptClassifier", "erased_clip"),
-                    "selective_amnesia.json": ("CE_SALoRATrain", "erased_model")}
+                    "selective_amnesia.json": ("CE_SALoRATrain", "erased_model"),
+                    "saeuron_concept_block.json": ("CE_SAeUronConceptBlock", "erased_model")}
 """SD workflows that end in an Erasure Report: the method node whose output the report compares."""
 
 
@@ -425,3 +426,6 @@ def test_method_workflows_end_in_an_erasure_report(name):
         assert source(report, "probe") == method
     saves = [n for n in wf["nodes"] if n["type"] == "SaveImage" and source(n, "images") == "CE_ErasureReport"]
     assert saves, "the report's grid is saved"
+    if method == "CE_SAeUronConceptBlock":  # and where the edit acted, from the sampler's own images
+        (firing,) = [n for n in wf["nodes"] if n["type"] == "CE_SAeUronFiringMap"]
+        assert source(firing, "model") == method and source(firing, "images") == "VAEDecode"
