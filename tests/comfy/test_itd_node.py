@@ -13,9 +13,9 @@ node's interpretation, calibration and gating can be checked exactly without tra
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import tiny_models
@@ -43,20 +43,6 @@ def split(text: str) -> list[str]:
     return [p.strip() for p in re.split(r"[,\n]", text) if p.strip()]
 
 
-def _init_(named_params, seed: int) -> None:
-    """Random weights (comfy.ops layers skip initialisation); token embeddings at unit scale."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in named_params:
-            if "token_embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02
-                        + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-
-
 def _config(width: int = WIDTH, layers: int = LAYERS, **extra) -> dict:
     return {"hidden_size": width, "num_hidden_layers": layers, "intermediate_size": 2 * width,
             "num_attention_heads": 2, **extra}
@@ -68,7 +54,7 @@ def _clip(tokenizer, model, options: dict, seed: int = 1):
 
     with torch.inference_mode():
         clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model), model_options=options)
-        _init_(clip.cond_stage_model.named_parameters(), seed)
+        tiny_models.init_random(clip.cond_stage_model.named_parameters(), seed)
     return clip
 
 

@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_saeuron_firing_map import call, concept_block  # noqa: E402
+
 PROBE_ID = "CE_ConceptInversionProbe"
 STYLE = "checkered"
 PROMPT = "an image of a star in checkered style"
@@ -47,31 +49,15 @@ def test_probe_lowers_the_erased_models_loss_and_changes_nothing(comfy, mc, canv
     assert [r.group for r in report.rows].count("probe") == 2 and report.scores["probe"]["images"] == 2
 
 
-def _call(comfy, node_id: str, **kwargs):
-    node = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]()
-    out = getattr(node, node.FUNCTION)(**kwargs)
-    return out["result"] if isinstance(out, dict) else out
-
-
 def test_probe_runs_through_the_saeuron_hook(comfy, mc, canvas):
     """SAeUron edits at sampling time: the search calls the erased model with the sampling schedule, so the
     hook (which needs the schedule to know its step) acts during the search and changes what it finds."""
-    from sae_core.minicanvas.plugins.saeuron import RECIPE
-
-    settings = RECIPE.style
-    (sae,) = _call(comfy, "CE_LoadSAE", sae_name="minicanvas/saeuron_style.safetensors", device="cpu",
-                   dtype="float32")[:1]
-    percentile = settings.get("percentile")
-    (erased,) = _call(comfy, "CE_SAeUronConceptBlock", model=mc[0], sae=sae, block=RECIPE.blocks["style"],
-                      concepts=STYLE, gamma=float(settings["gamma"]),
-                      selection="top_n" if percentile is None else "percentile", top_n=int(settings["top_n"]),
-                      percentile=99.999 if percentile is None else float(percentile),
-                      error_mode=str(settings.get("error_mode", "conventional")),
-                      cond_only=bool(settings.get("cond_only", False)),
-                      features_file="minicanvas/saeuron_style.safetensors")[:1]
+    erased = concept_block(comfy, mc)
     args = {**ARGS, "steps": 3}
-    hooked, _ = _call(comfy, PROBE_ID, model=mc[0], clip=mc[1], erased_model=erased, concept_prompt=PROMPT, **args)
-    plain, _ = _call(comfy, PROBE_ID, model=mc[0], clip=mc[1], erased_model=mc[0], concept_prompt=PROMPT, **args)
+    hooked, _ = call(comfy, PROBE_ID, model=mc[0], clip=mc[1], erased_model=erased, concept_prompt=PROMPT,
+                     **args)["result"]
+    plain, _ = call(comfy, PROBE_ID, model=mc[0], clip=mc[1], erased_model=mc[0], concept_prompt=PROMPT,
+                    **args)["result"]
     assert not torch.equal(hooked[0][0], plain[0][0])  # same images and draws: only the hook differs
 
 

@@ -11,20 +11,22 @@ STYLE = "checkered"
 PROMPTS = ["an image of a star in checkered style", "an image of a heart"]
 
 
-def _call(comfy, node_id: str, **kwargs):
+def call(comfy, node_id: str, **kwargs):
     node = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]()
     out = getattr(node, node.FUNCTION)(**kwargs)
     return out if isinstance(out, dict) else {"result": out}
 
 
-def _concept_block(comfy, mc):
+def concept_block(comfy, mc):
+    """Load SAE -> SAeUron Concept Block on the MiniCanvas MODEL with the plug-in's style settings (the shipped
+    SAE and statistics), erasing checkered."""
     from sae_core.minicanvas.plugins.saeuron import RECIPE
 
     settings = RECIPE.style
     percentile = settings.get("percentile")
-    (sae,) = _call(comfy, "CE_LoadSAE", sae_name="minicanvas/saeuron_style.safetensors", device="cpu",
+    (sae,) = call(comfy, "CE_LoadSAE", sae_name="minicanvas/saeuron_style.safetensors", device="cpu",
                    dtype="float32")["result"][:1]
-    (model,) = _call(comfy, "CE_SAeUronConceptBlock", model=mc[0], sae=sae, block=RECIPE.blocks["style"],
+    (model,) = call(comfy, "CE_SAeUronConceptBlock", model=mc[0], sae=sae, block=RECIPE.blocks["style"],
                      concepts=STYLE, gamma=float(settings["gamma"]),
                      selection="top_n" if percentile is None else "percentile", top_n=int(settings["top_n"]),
                      percentile=99.999 if percentile is None else float(percentile),
@@ -46,16 +48,16 @@ def _sample(comfy, model, clip, vae, prompt: str, steps: int = 10):
 
 
 def test_firing_map_shows_where_the_style_was_edited(comfy, mc):
-    model = _concept_block(comfy, mc)
+    model = concept_block(comfy, mc)
     node = "CE_SAeUronFiringMap"
     with pytest.raises(ValueError, match="no sampling run"):
-        _call(comfy, node, model=model, images=torch.zeros(1, 32, 32, 3))
+        call(comfy, node, model=model, images=torch.zeros(1, 32, 32, 3))
     with pytest.raises(ValueError, match="carries no SAeUron"):
-        _call(comfy, node, model=mc[0], images=torch.zeros(1, 32, 32, 3))
+        call(comfy, node, model=mc[0], images=torch.zeros(1, 32, 32, 3))
     maps = {}
     for prompt in PROMPTS:
         image = _sample(comfy, model, mc[1], mc[2], prompt)
-        out = _call(comfy, node, model=model, images=image)
+        out = call(comfy, node, model=model, images=image)
         mask, over, text = out["result"]
         assert out["ui"]["text"] == [text] and "10 steps" in text and "selected latents" in text
         assert mask.shape == (1, 32, 32) and over.shape == image.shape
@@ -65,4 +67,4 @@ def test_firing_map_shows_where_the_style_was_edited(comfy, mc):
     assert maps[PROMPTS[0]].mean() > 0.3 and maps[PROMPTS[0]].mean() > 2 * maps[PROMPTS[1]].mean(), \
         {p: float(m.mean()) for p, m in maps.items()}
     with pytest.raises(ValueError, match="prompted row"):
-        _call(comfy, node, model=model, images=torch.zeros(2, 32, 32, 3))
+        call(comfy, node, model=model, images=torch.zeros(2, 32, 32, 3))
