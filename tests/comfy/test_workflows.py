@@ -23,6 +23,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+# one thread, as the other tests/comfy modules: the Selective Amnesia template trains a LoRA, which took ten times
+# longer with two threads on a busy two-core machine than with one
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json")) + sorted((REPO_ROOT / "workflows").glob("sdxl/*.json"))
