@@ -111,34 +111,12 @@ def comfy():
 
 
 def tiny_sd15_model(seed: int = 0):
-    """A ModelPatcher around ComfyUI's own SD1.5 model class at toy size (32 channels, two levels,
-    context width 32), with seeded random weights (comfy.ops layers skip initialisation)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-        "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False, "context_dim": 32, "transformer_depth_output": [1, 1, 1, 1],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-    cfg = comfy.supported_models.SD15(unet_config)
-    cfg.unet_config["num_heads"] = 2  # SD15 forces 8 heads; 32 channels need fewer
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02
-                        + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    """A ModelPatcher around ComfyUI's own SD1.5 model class at toy size (``tiny_models.tiny_sd15``: 32 channels,
+    two levels, context width 32) that loads to ComfyUI's torch device (the GPU under COMFYUI_DEVICE=gpu)."""
     import comfy.model_management as mm
+    import tiny_models
 
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return tiny_models.tiny_sd15(seed, load_device=mm.get_torch_device())
 
 
 def tiny_sd1_clip():
@@ -176,13 +154,10 @@ def random_sd15_checkpoint(path, seed: int = 0) -> None:
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from safetensors.torch import save_file
 
-    unet_config = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [1, 1],
-        "transformer_depth": [1, 1], "channel_mult": [1, 1], "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False, "context_dim": 768, "transformer_depth_output": [1, 1, 1, 1],
-        "use_temporal_attention": False, "use_temporal_resblock": False, "num_heads": 8,
-    }
+    import tiny_models
+
+    unet_config = {**tiny_models.BASE_UNET, "model_channels": 320, "channel_mult": [1, 1], "context_dim": 768,
+                   "num_heads": 8}
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     with torch.device("meta"):

@@ -41,8 +41,9 @@ def init_random(named_params, seed: int) -> None:
                         + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
 
 
-def patcher(cfg, seed: int = 0, device: str = "cpu", model_type=None):
-    """A ModelPatcher around ``cfg``'s model (fp32, two heads), seeded unless built on the meta device."""
+def patcher(cfg, seed: int = 0, device: str = "cpu", model_type=None, load_device=None):
+    """A ModelPatcher around ``cfg``'s model (fp32, two heads), seeded unless built on the meta device; it loads to
+    ``load_device`` (default the CPU) and offloads to the CPU."""
     import comfy.model_base
     import comfy.model_patcher
 
@@ -56,7 +57,8 @@ def patcher(cfg, seed: int = 0, device: str = "cpu", model_type=None):
         model = kind(cfg, model_type=model_type, device=device)
     if device != "meta":
         init_random(model.named_parameters(), seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device or cpu, offload_device=cpu)
 
 
 def _sdxl_class():
@@ -65,12 +67,12 @@ def _sdxl_class():
     return comfy.supported_models.SDXL
 
 
-def tiny_sd15(seed: int = 0, context: int = 32, channels: int = 32, device: str = "cpu"):
+def tiny_sd15(seed: int = 0, context: int = 32, channels: int = 32, device: str = "cpu", load_device=None):
     """SD1.5's UNet class, two levels of one block, context ``context`` (pair with ``tiny_sd1_clip(context)``)."""
     import comfy.supported_models
 
     unet = {**BASE_UNET, "model_channels": channels, "context_dim": context}
-    return patcher(comfy.supported_models.SD15(unet), seed, device)
+    return patcher(comfy.supported_models.SD15(unet), seed, device, load_device=load_device)
 
 
 def tiny_sd20(seed: int = 0, context: int = 32, v_prediction: bool = True, device: str = "cpu"):
