@@ -85,13 +85,15 @@ class _SaeCache:
 SAE_CACHE = _SaeCache(CACHE_SIZE)
 
 
-def load_sae_cached(path: str, device: torch.device, dtype: torch.dtype, label: str | None = None) -> SparseAutoencoder:
+def load_sae_cached(path: str, device: torch.device, dtype: torch.dtype, label: str | None = None, *,
+                    wrap_errors: bool = True) -> SparseAutoencoder:
     """Load the SAE at ``path`` (any layout ``sae_core.formats.load_sae`` reads), reusing a
     previously loaded module while the file is unchanged.
 
     The returned module is shared between callers: it is in eval mode with gradients off,
     and consumers must not modify it. Any failure is re-raised as ``ValueError`` naming
-    the file (``label``, the dropdown name, when given) and the problem.
+    the file (``label``, the dropdown name, when given) and the problem (``wrap_errors=False``:
+    the reader's own error, e.g. ``ArtefactError`` for a corrupt file).
     """
     label = label or path
     key = (os.path.abspath(path), str(device), str(dtype))
@@ -105,6 +107,8 @@ def load_sae_cached(path: str, device: torch.device, dtype: torch.dtype, label: 
         with torch.inference_mode(False):
             sae = load_sae(path, device=device, dtype=dtype)
     except Exception as err:  # any reader failure becomes one clear message
+        if not wrap_errors:
+            raise
         raise ValueError(f"Load SAE: could not load '{label}' ({path}): {err}") from err
     if not isinstance(sae, torch.nn.Module) or not hasattr(sae, "cfg"):
         raise ValueError(f"Load SAE: '{label}' ({path}) did not load as a sparse autoencoder (got {type(sae).__name__})")

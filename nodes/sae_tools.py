@@ -30,8 +30,8 @@ from typing import Any, Optional
 import folder_paths
 from sae_core.artefacts import Action, decide_artefact, load_json, save_json
 from sae_core.config import TrainConfig
-from sae_core.formats import save_sae
-from sae_core.hub import download_sae
+from sae_core.formats import WEIGHTS_NAME, save_sae
+from sae_core.hub import check_hookpoint, check_repo_id, download_sae
 from sae_core.prompts import parse_prompts
 from sae_core.saeuron import BRANCHES, SOURCES, collect_activations
 from sae_core.store import ActivationReader, ActivationWriter
@@ -374,12 +374,16 @@ class DownloadSAE:
     def download(self, repo_id: str, hookpoint: str, revision: str = "", device: str = "auto",
                  dtype: str = DTYPE_CHOICES[0]) -> tuple[Any, str]:
         root = Path(folder_paths.models_dir) / SAE_FOLDER
-        got = download_sae(repo_id, hookpoint, root, revision or None)
+        label = f"{check_repo_id(repo_id)}/{check_hookpoint(hookpoint)}"
+        target, precision = comfy_device(device), torch_dtype(dtype)
+
+        def verify(folder: Path) -> Any:  # the check loads into the SAE cache, so the SAE is read once
+            return load_sae_cached(str(folder / WEIGHTS_NAME), target, precision, label=label, wrap_errors=False)
+
+        got = download_sae(repo_id, hookpoint, root, revision or None, verify=verify)
         register_sae_folder()
         forget_file_list(SAE_FOLDER)
-        weights = got.folder / "sae.safetensors"
-        label = f"{got.repo_id}/{got.hookpoint}"
-        sae = load_sae_cached(str(weights), comfy_device(device), torch_dtype(dtype), label=label)
+        sae = load_sae_cached(str(got.folder / WEIGHTS_NAME), target, precision, label=label)
         if not getattr(sae.cfg, "hookpoint", None):  # SAeUron's cfg.json does not name its hook point
             # a shallow copy with its own config: the cached module (shared with Load SAE's outputs) is not touched
             sae = copy.copy(sae)

@@ -84,7 +84,8 @@ def _complete(folder: Path) -> bool:
     return (folder / CFG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
-def _reusable(folder: Path, repo_id: str, hookpoint: str, revision: str | None) -> bool:
+def _reusable(folder: Path, repo_id: str, hookpoint: str, revision: str | None,
+              verify: Callable[[Path], Any]) -> bool:
     """A complete copy that came from the asked revision and loads; a copy without a record counts only
     when no revision was asked for (copies made before records were kept)."""
     if not _complete(folder):
@@ -101,7 +102,7 @@ def _reusable(folder: Path, repo_id: str, hookpoint: str, revision: str | None) 
     elif source != {"repo_id": repo_id, "hookpoint": hookpoint, "revision": revision}:
         return False
     try:
-        load_sae(folder)
+        verify(folder)
     except ArtefactError:
         return False  # corrupt or truncated: download it again
     return True
@@ -116,6 +117,7 @@ def download_sae(
     force: bool = False,
     token: str | bool | None = None,
     download_fn: Callable[..., Any] | None = None,
+    verify: Callable[[Path], Any] | None = None,
 ) -> HubDownload:
     """Download the SAE folder ``<repo_id>/<hookpoint>/`` into ``dest_root``.
 
@@ -129,6 +131,9 @@ def download_sae(
         token: Hub token for private repos (``None``: huggingface_hub's default).
         download_fn: stands in for ``huggingface_hub.snapshot_download`` (same keyword
             arguments); used by tests and offline mirrors.
+        verify: loads the SAE folder, raising :class:`ArtefactError` when it is unreadable; it checks a
+            local copy before reuse and a fresh download before it is recorded (``None``: :func:`load_sae`;
+            a caller that keeps what it loads, such as the node's SAE cache, loads each copy once).
 
     Returns:
         :class:`HubDownload` with the hook-point folder.
@@ -140,9 +145,10 @@ def download_sae(
     repo_id = check_repo_id(repo_id)
     hookpoint = check_hookpoint(hookpoint)
     revision = (revision or "").strip() or None
+    verify = verify or load_sae
     local_dir = Path(dest_root) / local_folder_name(repo_id)
     folder = local_dir.joinpath(*hookpoint.split("/"))
-    if not force and _reusable(folder, repo_id, hookpoint, revision):
+    if not force and _reusable(folder, repo_id, hookpoint, revision, verify):
         return HubDownload(folder, repo_id, hookpoint, revision, downloaded=False)
     if _complete(folder):
         force = True  # another revision, or an unreadable copy: the files must be fetched again, not reused
@@ -170,6 +176,6 @@ def download_sae(
     layout, _ = detect_layout(folder)
     if layout != "folder":  # pragma: no cover - _complete() implies the folder layout
         raise ValueError(f"{folder}: downloaded files are a {layout} SAE, expected cfg.json + sae.safetensors")
-    load_sae(folder)  # a broken download is an error now, not at first use
+    verify(folder)  # a broken download is an error now, not at first use
     save_json(folder / SOURCE_NAME, {"repo_id": repo_id, "hookpoint": hookpoint, "revision": revision})
     return HubDownload(folder, repo_id, hookpoint, revision, downloaded=True)

@@ -590,6 +590,28 @@ def test_download_node_with_a_fake_hub(comfy, pipeline, tmp_path, monkeypatch):
         node.download("someone/SAeUron", "unet.up_blocks.1.attentions.2", "", "cpu", "float32")
 
 
+def test_download_reads_the_sae_once(comfy, pipeline, tmp_path, monkeypatch):
+    """The check of a fresh download loads into the node's SAE cache: one read per download, none on reuse."""
+    import huggingface_hub
+
+    import sae_core.hub
+    from sae_core.formats import save_sae
+
+    save_sae(pipeline.sae, tmp_path / "repo3" / "unet.up_blocks.1.attentions.0", layout="folder")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(tmp_path / "repo3", []))
+    reads = []
+    for module in (comfy.nodes_pkg.sae_nodes, sae_core.hub):
+        original = module.load_sae
+        monkeypatch.setattr(module, "load_sae", lambda *a, _f=original, **k: reads.append(a[0]) or _f(*a, **k))
+    node = _node(comfy, DOWNLOAD_ID)
+    with torch.inference_mode():
+        sae, _ = node.download("third/SAeUron", "unet.up_blocks.1.attentions.0", "", "cpu", "float32")
+        assert len(reads) == 1, reads
+        again, _ = node.download("third/SAeUron", "unet.up_blocks.1.attentions.0", "", "cpu", "float32")
+    assert len(reads) == 1, reads
+    assert again.W_dec.data_ptr() == sae.W_dec.data_ptr()
+
+
 def test_download_does_not_change_the_sae_other_nodes_hold(comfy, pipeline, tmp_path, monkeypatch):
     """The hook point Download SAE fills in goes on its own copy, not on the cached SAE Load SAE handed out."""
     import dataclasses
