@@ -367,6 +367,22 @@ def test_concept_lines_parse(comfy):
     got = parse("Van Gogh: a house in Van Gogh style\n# comment\n\nVan Gogh: a tree\n(cat:1.2) on a mat\ndog")
     assert got == {"Van Gogh": ["a house in Van Gogh style", "a tree"], "(cat:1.2) on a mat": ["(cat:1.2) on a mat"],
                    "dog": ["dog"]}
+    with pytest.raises(ValueError, match="concept_prompts: the line 'cat:' names no prompt"):
+        parse("cat:\ndog: a dog")  # a name without its prompt is not a concept named 'cat:' sampling "cat:"
+
+
+def test_features_refuse_an_sae_of_another_block_or_source(comfy, pipeline):
+    """An SAE read at a block it was not trained on, or on the quantity (output / update) it was not trained on,
+    gives codes that mean nothing: an error, and no table is written."""
+    folder = comfy.base / "models" / "sae_features" / "saeuron_test"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match=r"block: the SAE was trained on 'output_blocks.1.1'.*'output_blocks.0.1'"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, block="output_blocks.0.1",
+                  filename="saeuron_test/other_block")
+    with pytest.raises(ValueError, match="source: the SAE was trained on the block's output, so it cannot read its "
+                                         "update"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, source="diff", filename="saeuron_test/diff")
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 # ---------------------------------------------------------------------------------------------
