@@ -833,6 +833,9 @@ def test_pipeline_refuses_an_sae_of_another_block_family_or_source():
     with pytest.raises(ValueError, match=r"block: the SAE was trained on 'inp' \(other\) but is asked to read "
                                          r"'blocks.0'"):
         build_concept_edit(host, variant(hookpoint="other"), stats, settings)
+    with pytest.raises(ValueError, match="sae: the SAE was trained on the text-encoder layer 'text_model.encoder"):
+        build_concept_edit(host, variant(hookpoint="text_model.encoder.layers.2"), stats, settings)
+    assert build_concept_edit(host, variant(hookpoint="elsewhere.3"), stats, settings).block == "blocks.0"  # logged
     with pytest.raises(ValueError, match="sae: made on a SDXL model, but this model is SD15"):
         build_concept_edit(host, variant(model_family="SDXL"), stats, settings)
     # a family the host does not know (a third-party label) and the host's own family pass

@@ -64,6 +64,10 @@ BRANCHES = ("cond", "both")
 SOURCES = ("output", "diff")
 """What an SAE reads of its block: the output, or the update (output minus input)."""
 
+TEXT_ENCODER_MARK = ".text_model."
+"""Part of the module path of every CLIP text-encoder layer (transformers' ``CLIPTextModel`` naming, which ComfyUI's
+CLIP, ItD and MiniCanvas share): an SAE whose hook point holds it was trained on a text encoder."""
+
 OTHER_CONCEPT = "other"
 """Concept name of the contrast prompts in a feature table (never erased by default)."""
 
@@ -163,14 +167,17 @@ def resolve_source(sae: Any, source: Optional[str] = None) -> str:
 
 def check_hookpoint(host: SAeUronHost, sae: Any, block: str) -> None:
     """ValueError when the SAE records a hook point that is another block of this model than ``block`` (its codes
-    of a block it was not trained on mean nothing). A hook point this model does not have is only logged: it may
-    name the block in a layout the host does not know."""
+    of a block it was not trained on mean nothing), or a text-encoder layer (:data:`TEXT_ENCODER_MARK`). Any other
+    hook point this model does not have is only logged: it may name the block in a layout the host does not know."""
     hook = getattr(sae.cfg, "hookpoint", None)
     if not hook:
         return
     try:
         trained = host.find_block(hook).name
     except ValueError:
+        if TEXT_ENCODER_MARK in f".{hook}":
+            raise ValueError(f"sae: the SAE was trained on the text-encoder layer '{hook}' (an ItD SAE); SAeUron needs "
+                             "an SAE trained on a UNet block (Train SAE on a store of Collect SAE Activations)") from None
         log.warning("SAeUron: the SAE records hook point %s, which is no block of this model; applied to %s",
                     hook, block)
         return

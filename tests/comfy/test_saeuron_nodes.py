@@ -372,8 +372,11 @@ def test_concept_lines_parse(comfy):
 
 
 def test_features_refuse_an_sae_of_another_block_or_source(comfy, pipeline):
-    """An SAE read at a block it was not trained on, or on the quantity (output / update) it was not trained on,
-    gives codes that mean nothing: an error, and no table is written."""
+    """An SAE read at a block it was not trained on, on the quantity (output / update) it was not trained on, or a
+    text-encoder SAE gives codes that mean nothing: an error, and no table is written."""
+    from sae_core.config import SaeConfig
+    from sae_core.sae import SparseAutoencoder
+
     folder = comfy.base / "models" / "sae_features" / "saeuron_test"
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(ValueError, match=r"block: the SAE was trained on 'output_blocks.1.1'.*'output_blocks.0.1'"):
@@ -382,7 +385,18 @@ def test_features_refuse_an_sae_of_another_block_or_source(comfy, pipeline):
     with pytest.raises(ValueError, match="source: the SAE was trained on the block's output, so it cannot read its "
                                          "update"):
         _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, source="diff", filename="saeuron_test/diff")
+    # an ItD SAE of the text encoder (as Train SAE makes it of a Collect Text Activations store), as wide as a block
+    text_sae = SparseAutoencoder(SaeConfig(d_in=32, num_latents=64, k=4, model_family="SD1",
+                                           hookpoint="transformer.text_model.encoder.layers.0"))
+    with pytest.raises(ValueError, match="sae: the SAE was trained on the text-encoder layer"):
+        _features(comfy, pipeline.model, pipeline.clip, text_sae, block="input_blocks.1.1",
+                  filename="saeuron_test/text_sae")
     assert sorted(p.name for p in folder.iterdir()) == before
+    # the name of a shipped table: the features_file list would give the shipped one, never this one
+    with pytest.raises(ValueError, match="filename: 'minicanvas/saeuron_style' is the name of a feature table that "
+                                         "ships with MiniCanvas"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, filename="minicanvas/saeuron_style")
+    assert not (comfy.base / "models" / "sae_features" / "minicanvas").exists()
 
 
 # ---------------------------------------------------------------------------------------------

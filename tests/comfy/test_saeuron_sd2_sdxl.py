@@ -16,7 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import patcher, tiny_sd1_clip, tiny_sd2_clip, tiny_sd20, tiny_sdxl, tiny_sdxl_clip
+from tiny_models import (
+    patcher,
+    tiny_sd1_clip,
+    tiny_sd2_clip,
+    tiny_sd20,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 COLLECT_ID = "CE_CollectSAEActivations"
 TRAIN_ID = "CE_TrainSAE"
