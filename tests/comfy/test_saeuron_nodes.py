@@ -285,6 +285,26 @@ def test_train_raising_steps_continues_the_cancelled_run(comfy, pipeline, monkey
     assert calls == list(range(4, 12))  # steps 4..11 only: the cancelled run's 4 steps were kept
 
 
+def test_train_names_a_damaged_checkpoint_and_how_to_start_over(comfy, pipeline, monkeypatch):
+    """A checkpoint damaged on disk stops every later run of the same data and settings: the error says which run
+    folder to delete, and after that the run trains from the start."""
+    import shutil
+
+    sae_tools = comfy.nodes_pkg.sae_tools
+    monkeypatch.setattr(sae_tools, "interrupt_requested", _cancel_after(2))
+    with pytest.raises(RuntimeError, match="stopped at step 2"):
+        _train(comfy, pipeline.dataset, name="saeuron_test/damaged", steps=6)
+    (run,) = (comfy.base / "output" / "sae_training" / "saeuron_test" / "damaged").iterdir()
+    state = run / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:64])
+    monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
+    with pytest.raises(ValueError, match=f"checkpoint of this run is damaged .*delete the folder {run}"):
+        _train(comfy, pipeline.dataset, name="saeuron_test/damaged", steps=6)
+    shutil.rmtree(run)
+    sae, _ = _train(comfy, pipeline.dataset, name="saeuron_test/damaged", steps=6)
+    assert sae.cfg.d_in == WIDTH
+
+
 def test_train_does_not_resume_a_checkpoint_of_other_data(comfy, pipeline, monkeypatch, tmp_path):
     """A store collected again (same name, same row count) is other data: its run starts afresh, and the
     checkpoint of the first data stays."""
