@@ -8,6 +8,7 @@ node. A node that has to know the family asks here, never by looking at classes 
 * :func:`in_family` / :func:`require_family` -- whether the model belongs to one of the families a method
   supports (a subclass of a supported ComfyUI config counts, e.g. an SD1.5 fine-tune's own config class), and
   a ValueError naming the model's family and the supported ones when it does not;
+* :func:`family_matches` -- whether a family name an artefact records (an SAE's ``model_family``) is the model's;
 * :func:`latent_downscale` -- image pixels per latent cell (8 for the SD families, 1 for MiniCanvas' pixel
   space), to size an empty latent for a width and height in pixels;
 * :func:`transformer_block_types` -- the classes of the cross-attention transformer blocks of the family's
@@ -24,6 +25,7 @@ from typing import Any, Iterable
 __all__ = [
     "MINICANVAS",
     "SD_FAMILIES",
+    "family_matches",
     "in_family",
     "is_minicanvas",
     "latent_downscale",
@@ -61,6 +63,18 @@ def _lineage(model: Any) -> list[str]:
     """Names of the model config class and its base classes (most specific first)."""
     config = _config(model)
     return [c.__name__ for c in type(config).__mro__] if config is not None else [model_family(model)]
+
+
+def family_matches(model: Any, name: str) -> bool | None:
+    """Whether ``name`` (a model family an artefact records, any case) is the model's family or one it derives from:
+    True / False, or None when ``name`` is no family ComfyUI or this pack knows (a third-party label)."""
+    import comfy.supported_models
+
+    wanted = str(name).strip().lower()
+    if wanted in (n.lower() for n in _lineage(model)):
+        return True
+    known = {c.__name__.lower() for c in comfy.supported_models.models} | {MINICANVAS.lower()}
+    return False if wanted in known else None
 
 
 def in_family(model: Any, families: Iterable[str]) -> bool:

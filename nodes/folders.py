@@ -139,8 +139,13 @@ def training_folder(name: str) -> Path:
 
 
 def features_path_for(name: str) -> Path:
-    """``models/sae_features/<name>.safetensors``."""
-    return Path(folder_paths.models_dir) / FEATURES_FOLDER / f"{safe_name(name, 'filename')}.safetensors"
+    """``models/sae_features/<name>.safetensors``; a ValueError for the name of a table that ships with MiniCanvas
+    (the features_file list always means the shipped one, so a table saved under its name could not be picked)."""
+    clean = safe_name(name, "filename")
+    if shipped_path(FEATURES_FOLDER, f"{clean}.safetensors") is not None:
+        raise ValueError(f"filename: '{clean}' is the name of a feature table that ships with MiniCanvas; the "
+                         "features_file list would always give the shipped one, so choose another name")
+    return Path(folder_paths.models_dir) / FEATURES_FOLDER / f"{clean}.safetensors"
 
 
 def register_prompts_folder() -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import folder_paths
-from sae_core.artefacts import Action, decide_artefact, load_json, save_json
+from sae_core.artefacts import Action, ArtefactError, decide_artefact, load_json, save_json
 from sae_core.config import TrainConfig
 from sae_core.formats import WEIGHTS_NAME, save_sae
 from sae_core.hub import check_hookpoint, check_repo_id, download_sae
@@ -317,9 +317,15 @@ class TrainSAE:
         save_json(marker, identity)
 
         with Progress(int(steps), desc="Train SAE", node_id=unique_id) as bar:
-            sae, trainer, _ = train_sae_on_store(reader, cfg, int(steps), whiten=bool(whiten), checkpoint_dir=ckpt,
-                                                 resume=True, should_stop=interrupt_requested,
-                                                 on_step=lambda s, n, m: bar.update_absolute(s))
+            try:
+                sae, trainer, _ = train_sae_on_store(reader, cfg, int(steps), whiten=bool(whiten),
+                                                     checkpoint_dir=ckpt, resume=True, should_stop=interrupt_requested,
+                                                     on_step=lambda s, n, m: bar.update_absolute(s))
+            except ArtefactError as err:
+                if ckpt.resolve() not in Path(err.path).resolve().parents:
+                    raise
+                raise ValueError(f"Train SAE: the checkpoint of this run is damaged ({err}); delete the folder {ckpt} "
+                                 "to train this run from the start") from err
         if trainer.interrupted:
             throw_if_interrupted()
             raise RuntimeError(f"SAE training stopped at step {trainer.step}; the checkpoint in {ckpt} continues "

@@ -48,9 +48,8 @@ from sae_core.saeuron import (
 from sae_core.saeuron.firing import FiringRecord, overlay, upsample_mask
 from sae_core.saeuron.pipeline import (
     check_sae,
-    check_sae_width,
+    check_sae_fits,
     resolve_source,
-    warn_hookpoint,
 )
 
 from .common import SAE_TYPE, Progress, category, inp, node_id
@@ -104,10 +103,14 @@ def parse_concepts(text: str) -> dict[str, list[str]]:
     """``concept: prompt`` lines -> ``{concept: [prompts]}`` (a line without ``name: `` is its own concept).
 
     Blank lines and lines starting with ``#`` are skipped; a prompt weight such as ``(cat:1.2)`` is
-    not mistaken for a name (a name is followed by a colon *and a space* and has no brackets).
+    not mistaken for a name (a name is followed by a colon *and a space* and has no brackets). A line that
+    ends with a colon (a name without its prompt) is a ValueError.
     """
     out: dict[str, list[str]] = {}
     for line in parse_prompts(text):
+        if line.endswith(":"):
+            raise ValueError(f"concept_prompts: the line {line!r} names no prompt; write 'concept: prompt' (a colon, "
+                             "a space, then the prompt)")
         m = _CONCEPT_LINE.match(line)
         name, prompt = (m.group(1).strip(), m.group(2).strip()) if m else (line, line)
         bucket = out.setdefault(name, [])
@@ -195,8 +198,7 @@ class SAeUronConceptFeatures:
         host = ComfyHost(model)
         ref = host.find_block(block)
         name = ref.name
-        check_sae_width(sae, name, ref.width)
-        warn_hookpoint(host, sae, name)
+        check_sae_fits(host, sae, ref)
         out_path = features_path_for(filename)
         # the table records no identity to compare: any existing file counts as another run's
         decision = decide_artefact("SAeUron Concept Features", out_path, {"file": "new"},

@@ -32,8 +32,10 @@ __all__ = [
     "ComfySampling",
     "SamplerState",
     "adm_rows",
+    "adm_vector",
     "adm_width",
     "alphas_cumprod",
+    "check_conditioning",
     "comfy_sampler",
     "cond_mask",
     "diffusion_model_wrapper",
@@ -214,6 +216,7 @@ class ComfySampling:
         self.seed = int(seed)
         self.shape = latent_shape(model, width, height)
         self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+        check_conditioning(model, self.negative, self.shape)
         self.on_step = on_step
         self.done = 0
 
@@ -287,6 +290,16 @@ class ComfyHost:
 
         return find_block(self.model, block)
 
+    def family(self) -> str:
+        from .families import model_family
+
+        return model_family(self.model)
+
+    def family_matches(self, name: str) -> bool | None:
+        from .families import family_matches
+
+        return family_matches(self.model, name)
+
     def _sampling(self) -> ComfySampling:
         if self.sampling is None:
             raise RuntimeError("internal: this host has no sampling run")
@@ -341,6 +354,45 @@ def adm_rows(adm: int, width: int) -> int:
     return -(-int(adm) // int(width)) if adm else 0
 
 
+def adm_vector(model: Any, cond: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """``[1, adm]`` (float32, CPU): the ADM input ``y`` ComfyUI's ``BaseModel.extra_conds`` makes of a CLIP
+    conditioning ``cond`` (``[[tokens, {"pooled_output": ...}]]``) for a positive prompt and a latent of ``shape``;
+    a ValueError naming the clip when the CLIP gives no pooled output or one that does not fit the model."""
+    adm = adm_width(model)
+    ctx, extra = cond[0][0], cond[0][1]
+    pooled = extra.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"clip: {type(model.model).__name__} needs the pooled text output for its ADM input, and "
+                         "this CLIP gives none (wire the checkpoint's own CLIP)")
+    conds = model.model.extra_conds(pooled_output=pooled, width=shape[3] * 8, height=shape[2] * 8,
+                                    prompt_type="positive", device=torch.device("cpu"),
+                                    noise=torch.zeros(shape), cross_attn=ctx)
+    if "y" not in conds:
+        raise ValueError(f"model: {type(model.model).__name__} declares an ADM input but made none for a prompt")
+    y = conds["y"].cond.detach().to("cpu", torch.float32).reshape(1, -1)
+    if y.shape[1] != adm:
+        raise ValueError(f"clip: ComfyUI made a y of width {y.shape[1]} from this CLIP's pooled output for "
+                         f"{type(model.model).__name__}, whose ADM input takes {adm}; wire the CLIP of the model's "
+                         "own checkpoint")
+    return y
+
+
+def check_conditioning(model: Any, cond: Any, shape: tuple[int, ...]) -> None:
+    """ValueError naming the clip when a CLIP conditioning ``cond`` does not fit the MODEL: token width other than
+    the UNet's context width, or (models with an ADM input, SDXL) no pooled output or one of another width.
+    Without it the sampler fails deep inside the UNet with a matrix shape error."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    want = config.get("context_dim")
+    got = int(cond[0][0].shape[-1])
+    if want and got != int(want):
+        from .families import model_family
+
+        raise ValueError(f"clip: this CLIP's conditioning is {got} wide but the {model_family(model)} model's "
+                         f"cross-attention takes {want}; wire the CLIP of the model's own checkpoint")
+    if adm_width(model):
+        adm_vector(model, cond, shape)
+
+
 def model_conditioning(model: Any, clip: Any, prompts: list[str], width: int, height: int) -> torch.Tensor:
     """The conditioning of each prompt as one tensor row ``[N, L + r, D]`` (float32, CPU).
 
@@ -359,20 +411,8 @@ def model_conditioning(model: Any, clip: Any, prompts: list[str], width: int, he
     rows = []
     for p in prompts:
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(p))
-        ctx, extra = cond[0][0], cond[0][1]
-        pooled = extra.get("pooled_output")
-        if pooled is None:
-            raise ValueError(f"clip: {type(model.model).__name__} needs the pooled text output for its ADM input, and "
-                             "this CLIP gives none (wire the checkpoint's own CLIP)")
-        conds = model.model.extra_conds(pooled_output=pooled, width=shape[3] * 8, height=shape[2] * 8,
-                                        prompt_type="positive", device=torch.device("cpu"),
-                                        noise=torch.zeros(shape), cross_attn=ctx)
-        if "y" not in conds:
-            raise ValueError(f"model: {type(model.model).__name__} declares an ADM input but made none for a prompt")
-        y = conds["y"].cond.detach().to("cpu", torch.float32).reshape(1, -1)
-        if y.shape[1] != adm:
-            raise ValueError(f"model: ComfyUI made a y of width {y.shape[1]} for {type(model.model).__name__}, whose "
-                             f"ADM input takes {adm} (does the CLIP match the model?)")
+        ctx = cond[0][0]
+        y = adm_vector(model, cond, shape)
         ctx = ctx.detach().to("cpu", torch.float32)
         d = ctx.shape[-1]
         packed = torch.zeros(1, adm_rows(adm, d) * d)

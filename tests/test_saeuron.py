@@ -797,3 +797,59 @@ def test_minicanvas_plugin_builds_its_edit_through_the_pipeline(monkeypatch):
                                          concept_params="striped: -3, top_n=3\nneon: -9", source=assets.source)
     assert settings == node_settings
     assert settings.rules(["striped", "dotted"]) == ({"striped": -3.0, "dotted": -2.0}, {"striped": 3, "dotted": 2}, {})
+
+
+class _TwoBlockHost(_Host):
+    """A host with two blocks of equal width and a model family (as the ComfyUI host answers)."""
+
+    def find_block(self, block):
+        if block == "other":
+            return BlockRef("inp", self.model.inp, C)
+        return super().find_block(block)
+
+    def family(self):
+        return "SD15"
+
+    def family_matches(self, name):
+        return {"sd15": True, "sdxl": False}.get(name.lower())
+
+
+def test_pipeline_refuses_an_sae_of_another_block_family_or_source():
+    """Codes of an SAE read where it was not trained mean nothing: another block of the same width, another model
+    family, or the other quantity (output / update) than the one it records are errors, not a warning."""
+    from sae_core.saeuron.pipeline import resolve_source
+
+    sae = make_sae()
+    stats = make_stats(sae)
+    host = _TwoBlockHost(ToyDenoiser())
+    settings = ConceptBlockSettings(concepts=("a",))
+    assert build_concept_edit(host, sae, stats, settings).block == "blocks.0"
+
+    def variant(**cfg):
+        other = SparseAutoencoder(dataclasses.replace(sae.cfg, **cfg))
+        other.load_state_dict(sae.state_dict())
+        return other
+
+    with pytest.raises(ValueError, match=r"block: the SAE was trained on 'inp' \(other\) but is asked to read "
+                                         r"'blocks.0'"):
+        build_concept_edit(host, variant(hookpoint="other"), stats, settings)
+    with pytest.raises(ValueError, match="sae: the SAE was trained on the text-encoder layer 'text_model.encoder"):
+        build_concept_edit(host, variant(hookpoint="text_model.encoder.layers.2"), stats, settings)
+    assert build_concept_edit(host, variant(hookpoint="elsewhere.3"), stats, settings).block == "blocks.0"  # logged
+    with pytest.raises(ValueError, match="sae: made on a SDXL model, but this model is SD15"):
+        build_concept_edit(host, variant(model_family="SDXL"), stats, settings)
+    # a family the host does not know (a third-party label) and the host's own family pass
+    for family in ("sd15", "my-finetune"):
+        assert build_concept_edit(host, variant(model_family=family), stats, settings).block == "blocks.0"
+    sdxl_stats = ConceptStats(stats.concepts, stats.means, stats.counts, schedule=stats.schedule,
+                              schedule_kind=stats.schedule_kind, hookpoint=stats.hookpoint,
+                              sae_fingerprint=stats.sae_fingerprint, attrs={"model_family": "SDXL"})
+    with pytest.raises(ValueError, match="features: made on a SDXL model"):
+        build_concept_edit(host, sae, sdxl_stats, settings)
+
+    update_sae = variant(extra={"source": "diff"})
+    assert resolve_source(update_sae) == "diff" and resolve_source(update_sae, "diff") == "diff"
+    assert resolve_source(sae, "diff") == "diff"  # an SAE that records nothing reads what it is told
+    with pytest.raises(ValueError, match="source: the SAE was trained on the block's update .* cannot read its "
+                                         "output; set source to auto or 'diff'"):
+        resolve_source(update_sae, "output")

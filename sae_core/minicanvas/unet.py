@@ -283,6 +283,11 @@ class MiniUNet(nn.Module):
             raise ValueError(
                 f"MiniUNet: context must be [B, L, {self.config.context_dim}], got {tuple(context.shape)}"
             )
+        factor = 2 ** (len(self.config.channel_mult) - 1)
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"MiniUNet: height and width must be multiples of {factor} pixels (it halves them "
+                             f"{len(self.config.channel_mult) - 1} times; MiniCanvas draws 32x32), got "
+                             f"{x.shape[-2]}x{x.shape[-1]}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))

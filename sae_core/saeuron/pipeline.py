@@ -42,10 +42,14 @@ __all__ = [
     "ConceptParams",
     "SAeUronHost",
     "build_concept_edit",
+    "check_family",
+    "check_hookpoint",
     "check_sae",
+    "check_sae_fits",
     "check_sae_width",
     "collect_activations",
     "features_step",
+    "recorded_source",
     "resolve_source",
 ]
 
@@ -59,6 +63,10 @@ BRANCHES = ("cond", "both")
 
 SOURCES = ("output", "diff")
 """What an SAE reads of its block: the output, or the update (output minus input)."""
+
+TEXT_ENCODER_MARK = ".text_model."
+"""Part of the module path of every CLIP text-encoder layer (transformers' ``CLIPTextModel`` naming, which ComfyUI's
+CLIP, ItD and MiniCanvas share): an SAE whose hook point holds it was trained on a text encoder."""
 
 OTHER_CONCEPT = "other"
 """Concept name of the contrast prompts in a feature table (never erased by default)."""
@@ -132,31 +140,69 @@ def check_sae_width(sae: Any, block: str, width: int) -> None:
                          f"{width} channels; pick the block the SAE was trained on or an SAE for this block")
 
 
+def recorded_source(sae: Any) -> str | None:
+    """What the SAE records it reads (``cfg.extra["source"]``), or None when it records nothing; a ValueError
+    names an unknown value."""
+    recorded = getattr(sae.cfg, "extra", {}).get("source")
+    if recorded is None:
+        return None
+    if str(recorded) not in SOURCES:
+        raise ValueError(f"sae: the SAE records source {recorded!r}; expected one of {', '.join(SOURCES)}")
+    return str(recorded)
+
+
 def resolve_source(sae: Any, source: Optional[str] = None) -> str:
     """What an SAE is applied to: ``source`` when given, else what the SAE records (``cfg.extra["source"]``:
     ``"diff"`` for SAEs of block updates such as the published sdxl-unbox ones), ``"output"`` when it records
-    nothing. A ValueError names an unknown value."""
-    if source is not None:
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-        return source
-    recorded = str(getattr(sae.cfg, "extra", {}).get("source", "output"))
-    if recorded not in SOURCES:
-        raise ValueError(f"sae: the SAE records source {recorded!r}; expected one of {', '.join(SOURCES)}")
-    return recorded
+    nothing. A ValueError names an unknown value, and a ``source`` other than the one the SAE records (its
+    codes of the other quantity mean nothing)."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    recorded = recorded_source(sae)
+    if source is not None and recorded is not None and source != recorded:
+        raise ValueError(f"source: the SAE was trained on the block's {_SOURCE_WORDS[recorded]}, so it cannot read "
+                         f"its {_SOURCE_WORDS[source]}; set source to auto or {recorded!r}")
+    return source or recorded or "output"
 
 
-def warn_hookpoint(host: SAeUronHost, sae: Any, block: str) -> None:
-    """Log a warning when the SAE records another block than ``block`` (the edit still runs)."""
+def check_hookpoint(host: SAeUronHost, sae: Any, block: str) -> None:
+    """ValueError when the SAE records a hook point that is another block of this model than ``block`` (its codes
+    of a block it was not trained on mean nothing), or a text-encoder layer (:data:`TEXT_ENCODER_MARK`). Any other
+    hook point this model does not have is only logged: it may name the block in a layout the host does not know."""
     hook = getattr(sae.cfg, "hookpoint", None)
     if not hook:
         return
     try:
         trained = host.find_block(hook).name
     except ValueError:
+        if TEXT_ENCODER_MARK in f".{hook}":
+            raise ValueError(f"sae: the SAE was trained on the text-encoder layer '{hook}' (an ItD SAE); SAeUron needs "
+                             "an SAE trained on a UNet block (Train SAE on a store of Collect SAE Activations)") from None
+        log.warning("SAeUron: the SAE records hook point %s, which is no block of this model; applied to %s",
+                    hook, block)
         return
     if trained != block:
-        log.warning("SAeUron: the SAE was trained on %s (%s) but is applied to %s", trained, hook, block)
+        raise ValueError(f"block: the SAE was trained on '{trained}' ({hook}) but is asked to read '{block}'; use "
+                         f"block '{trained}' or an SAE trained on '{block}'")
+
+
+def check_family(host: SAeUronHost, what: str, family: str | None) -> None:
+    """ValueError naming ``what`` when ``family`` (the model family an SAE or a feature table was made on) is a
+    known family other than the host model's. Hosts that cannot tell (no ``family_matches``) and names the host
+    does not know are let through."""
+    matches = getattr(host, "family_matches", None)
+    if not family or matches is None:
+        return
+    if matches(str(family)) is False:
+        raise ValueError(f"{what}: made on a {family} model, but this model is {host.family()}; an SAE and its "
+                         f"features only fit the model family they were made on")
+
+
+def check_sae_fits(host: SAeUronHost, sae: Any, ref: BlockRef) -> None:
+    """The SAE can read ``ref``: its width, the hook point it records, and the model family it records."""
+    check_sae_width(sae, ref.name, ref.width)
+    check_family(host, "sae", getattr(sae.cfg, "model_family", None))
+    check_hookpoint(host, sae, ref.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +378,8 @@ def build_concept_edit(host: SAeUronHost, sae: Any, stats: ConceptStats,
     block = settings.block or stats.hookpoint or getattr(sae.cfg, "hookpoint", None) or ""
     ref = host.find_block(block)
     check_sae_width(sae, ref.name, ref.width)
+    check_family(host, "sae", getattr(sae.cfg, "model_family", None))
+    check_family(host, "features", stats.attrs.get("model_family"))
     if stats.hookpoint:
         try:
             measured: Optional[str] = host.find_block(stats.hookpoint).name
@@ -341,14 +389,15 @@ def build_concept_edit(host: SAeUronHost, sae: Any, stats: ConceptStats,
         if measured is not None and measured != ref.name:
             raise ValueError(f"block: the features were measured at '{measured}' but the edit is asked for "
                              f"'{ref.name}'; use the same block (or gather features at '{ref.name}')")
-    warn_hookpoint(host, sae, ref.name)
+    check_hookpoint(host, sae, ref.name)
     names = _concepts(stats, settings.concepts)
-    source = resolve_source(sae, settings.source)
+    source = settings.source or recorded_source(sae) or "output"
     measured_on = stats.attrs.get("source")
     if measured_on is not None and measured_on != source:
         raise ValueError(f"source: the features were measured on the block's {_SOURCE_WORDS.get(measured_on, measured_on)} "
                          f"but the edit reads its {_SOURCE_WORDS[source]}; use the same source for Concept Features "
                          "and Concept Block (the one the SAE was trained on)")
+    source = resolve_source(sae, settings.source)
     if settings.concept_params:
         unknown = [p.name for p in settings.concept_params if p.name not in stats.concepts]
         if unknown:

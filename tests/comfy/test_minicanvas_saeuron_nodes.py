@@ -161,3 +161,26 @@ def test_concept_block_makes_the_plugin_images(comfy, mc, canvas, kind, concept,
     base = canvas.sample([prompt], 0, 20, 7.0).movedim(1, -1)
     assert (ref - base).abs().max() > 0.1, "the plug-in's edit should change this image"
     assert (ours - ref).abs().max() < 1e-3
+
+
+def test_sizes_and_clips_that_do_not_fit_are_clear_errors(comfy, mc, tiny):
+    """MiniCanvas halves the image twice: a size that is no multiple of 4 is refused by name (it failed deep inside
+    the UNet's skip concatenation); a CLIP of another model is refused before sampling (a matrix shape error)."""
+    model, clip, _vae = mc
+    sd, sd_clip = tiny
+    collect = _node(comfy, "CE_CollectSAEActivations").collect
+    args = dict(prompts="an image of a star", block=STYLE_BLOCK, **SAMPLING, branch="cond", store_dtype="float32",
+                overwrite=False)
+    with torch.inference_mode():
+        for size in (30, 9):
+            with pytest.raises(ValueError, match=f"MiniUNet: height and width must be multiples of 4 pixels.*got "
+                                                 f"{size}x{size}"):
+                collect(model, clip, **{**args, "width": size, "height": size}, dataset_name=f"mc_sizes/{size}")
+        with pytest.raises(ValueError, match="clip: this CLIP's conditioning is 32 wide but the MiniCanvas model's "
+                                             "cross-attention takes 128"):
+            collect(model, sd_clip, **args, dataset_name="mc_sizes/sd_clip")
+        with pytest.raises(ValueError, match="clip: this CLIP's conditioning is 128 wide but the SD15 model's "
+                                             "cross-attention takes 32"):
+            collect(sd, clip, **{**args, "block": "output_blocks.1.1", "width": 64, "height": 64},
+                    dataset_name="mc_sizes/mc_clip")
+    assert not (comfy.base / "output" / "sae_activations" / "mc_sizes" / "sd_clip").exists()

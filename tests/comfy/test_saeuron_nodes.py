@@ -285,6 +285,26 @@ def test_train_raising_steps_continues_the_cancelled_run(comfy, pipeline, monkey
     assert calls == list(range(4, 12))  # steps 4..11 only: the cancelled run's 4 steps were kept
 
 
+def test_train_names_a_damaged_checkpoint_and_how_to_start_over(comfy, pipeline, monkeypatch):
+    """A checkpoint damaged on disk stops every later run of the same data and settings: the error says which run
+    folder to delete, and after that the run trains from the start."""
+    import shutil
+
+    sae_tools = comfy.nodes_pkg.sae_tools
+    monkeypatch.setattr(sae_tools, "interrupt_requested", _cancel_after(2))
+    with pytest.raises(RuntimeError, match="stopped at step 2"):
+        _train(comfy, pipeline.dataset, name="saeuron_test/damaged", steps=6)
+    (run,) = (comfy.base / "output" / "sae_training" / "saeuron_test" / "damaged").iterdir()
+    state = run / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:64])
+    monkeypatch.setattr(sae_tools, "interrupt_requested", lambda: False)
+    with pytest.raises(ValueError, match=f"checkpoint of this run is damaged .*delete the folder {run}"):
+        _train(comfy, pipeline.dataset, name="saeuron_test/damaged", steps=6)
+    shutil.rmtree(run)
+    sae, _ = _train(comfy, pipeline.dataset, name="saeuron_test/damaged", steps=6)
+    assert sae.cfg.d_in == WIDTH
+
+
 def test_train_does_not_resume_a_checkpoint_of_other_data(comfy, pipeline, monkeypatch, tmp_path):
     """A store collected again (same name, same row count) is other data: its run starts afresh, and the
     checkpoint of the first data stays."""
@@ -367,6 +387,36 @@ def test_concept_lines_parse(comfy):
     got = parse("Van Gogh: a house in Van Gogh style\n# comment\n\nVan Gogh: a tree\n(cat:1.2) on a mat\ndog")
     assert got == {"Van Gogh": ["a house in Van Gogh style", "a tree"], "(cat:1.2) on a mat": ["(cat:1.2) on a mat"],
                    "dog": ["dog"]}
+    with pytest.raises(ValueError, match="concept_prompts: the line 'cat:' names no prompt"):
+        parse("cat:\ndog: a dog")  # a name without its prompt is not a concept named 'cat:' sampling "cat:"
+
+
+def test_features_refuse_an_sae_of_another_block_or_source(comfy, pipeline):
+    """An SAE read at a block it was not trained on, on the quantity (output / update) it was not trained on, or a
+    text-encoder SAE gives codes that mean nothing: an error, and no table is written."""
+    from sae_core.config import SaeConfig
+    from sae_core.sae import SparseAutoencoder
+
+    folder = comfy.base / "models" / "sae_features" / "saeuron_test"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match=r"block: the SAE was trained on 'output_blocks.1.1'.*'output_blocks.0.1'"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, block="output_blocks.0.1",
+                  filename="saeuron_test/other_block")
+    with pytest.raises(ValueError, match="source: the SAE was trained on the block's output, so it cannot read its "
+                                         "update"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, source="diff", filename="saeuron_test/diff")
+    # an ItD SAE of the text encoder (as Train SAE makes it of a Collect Text Activations store), as wide as a block
+    text_sae = SparseAutoencoder(SaeConfig(d_in=32, num_latents=64, k=4, model_family="SD1",
+                                           hookpoint="transformer.text_model.encoder.layers.0"))
+    with pytest.raises(ValueError, match="sae: the SAE was trained on the text-encoder layer"):
+        _features(comfy, pipeline.model, pipeline.clip, text_sae, block="input_blocks.1.1",
+                  filename="saeuron_test/text_sae")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    # the name of a shipped table: the features_file list would give the shipped one, never this one
+    with pytest.raises(ValueError, match="filename: 'minicanvas/saeuron_style' is the name of a feature table that "
+                                         "ships with MiniCanvas"):
+        _features(comfy, pipeline.model, pipeline.clip, pipeline.sae, filename="minicanvas/saeuron_style")
+    assert not (comfy.base / "models" / "sae_features" / "minicanvas").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import patcher, tiny_sd2_clip, tiny_sd20, tiny_sdxl, tiny_sdxl_clip
+from tiny_models import (
+    patcher,
+    tiny_sd1_clip,
+    tiny_sd2_clip,
+    tiny_sd20,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 COLLECT_ID = "CE_CollectSAEActivations"
 TRAIN_ID = "CE_TrainSAE"
@@ -325,6 +332,40 @@ def test_source_and_concept_params_inputs(comfy, family):
         _block(comfy, model, sae, stats, concept_params="cat: -2\ndog: -1, top_n=0")
     with pytest.raises(ValueError, match="concept_params: 'horse' is not a concept of the feature table"):
         _block(comfy, model, sae, stats, concept_params="horse: -2")
+    assert not model.wrappers
+
+
+def test_a_clip_or_sae_of_another_model_is_refused(comfy, family):
+    """A CLIP of another checkpoint, an SAE or a feature table made on another family, and an explicit source the
+    SAE was not trained on are clear errors naming the input, before anything is sampled or written."""
+    from sae_core.config import SaeConfig
+    from sae_core.sae import SparseAutoencoder
+    from sae_core.saeuron import ConceptStats
+
+    model, sae, stats = family.model, family.sae, family.stats
+    with torch.inference_mode():  # SD2.x: token width 24 for a 32-wide context; SDXL: an SD1 CLIP has no clip_g
+        other_clip = tiny_sd1_clip(24 if family.name == "SD20" else 32)
+    wanted = (r"clip: this CLIP's conditioning is 24 wide but the SD20 model's cross-attention takes 32"
+              if family.name == "SD20" else r"clip: ComfyUI made a y of width 1568 .* whose ADM input takes 1552")
+    with pytest.raises(ValueError, match=wanted):
+        _run(_node(comfy, COLLECT_ID).collect, model, other_clip, prompts=PROMPTS, block=BLOCK, **SAMPLING,
+             branch="cond", dataset_name=f"{family.tag}/wrong_clip", store_dtype="float32", overwrite=False)
+    assert not (comfy.base / "output" / "sae_activations" / family.tag / "wrong_clip").exists()
+
+    sd1_sae = SparseAutoencoder(SaeConfig(d_in=WIDTH, num_latents=2 * WIDTH, k=4, model_family="SD15"))
+    with pytest.raises(ValueError, match=f"sae: made on a SD15 model, but this model is {family.name}"):
+        _run(_node(comfy, FEATURES_ID).gather, model, family.clip, sd1_sae, block=BLOCK, concept_prompts=CONCEPTS,
+             other_prompts=OTHERS, **SAMPLING, branch="cond", filename=f"{family.tag}/sd1_features")
+    with pytest.raises(ValueError, match="source: the SAE was trained on the block's update"):
+        _run(_node(comfy, FEATURES_ID).gather, model, family.clip, sae, block=BLOCK, concept_prompts=CONCEPTS,
+             other_prompts=OTHERS, **SAMPLING, branch="cond", filename=f"{family.tag}/output_features",
+             source="output")
+    assert not list((comfy.base / "models" / "sae_features" / family.tag).glob("*_features.safetensors"))
+    sd1_stats = ConceptStats(stats.concepts, stats.means, stats.counts, schedule=stats.schedule,
+                             schedule_kind=stats.schedule_kind, hookpoint=stats.hookpoint,
+                             sae_fingerprint=stats.sae_fingerprint, attrs={**stats.attrs, "model_family": "SD15"})
+    with pytest.raises(ValueError, match=f"features: made on a SD15 model, but this model is {family.name}"):
+        _block(comfy, model, sae, sd1_stats)
     assert not model.wrappers
 
 
