@@ -34,6 +34,7 @@ __all__ = [
     "adm_rows",
     "adm_width",
     "alphas_cumprod",
+    "check_conditioning_fits",
     "comfy_sampler",
     "cond_mask",
     "diffusion_model_wrapper",
@@ -334,6 +335,45 @@ def discrete_eps_sampling(model: Any, method: str, allow_adm: bool = False) -> A
 def adm_width(model: Any) -> int:
     """Width of the model's ADM input ``y`` (SDXL: pooled clip_g + 6 * 256 size embeddings); 0 when it has none."""
     return int(getattr(model.model, "adm_channels", 0) or 0)
+
+
+def check_conditioning_fits(model: Any, cond: Any, what: str = "clip", model_name: str = "model") -> None:
+    """ValueError naming ``what`` when a CONDITIONING (``cond``) or, given a CLIP, its encoding of the empty prompt does
+    not fit ``model``: the token width against the cross-attention's context width and, for a model with an ADM input
+    (SDXL), the ``y`` ComfyUI makes from the pooled output against that input's width. Cheap: run it before sampling,
+    which otherwise stops deep inside the UNet with a shape error."""
+    if cond is None:
+        raise ValueError(f"{what}: nothing is wired")
+    if hasattr(cond, "tokenize"):
+        with torch.inference_mode():
+            cond = cond.encode_from_tokens_scheduled(cond.tokenize(""))
+    try:
+        tokens, extra = cond[0][0], cond[0][1]
+        width = int(tokens.shape[-1])
+    except (IndexError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{what}: expected a CONDITIONING (as CLIP Text Encode makes it), got "
+                         f"{type(cond).__name__}") from None
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    context = config.get("context_dim")
+    if isinstance(context, int) and width != context:
+        raise ValueError(f"{what}: its conditioning is {width} wide but {model_name} ({type(model.model).__name__}) "
+                         f"reads {context}-wide text conditioning; use the text encoder of that checkpoint")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError(f"{what}: its conditioning holds NaN or Inf values")
+    adm = adm_width(model)
+    pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+    if not adm or not isinstance(pooled, Tensor):
+        return
+    try:
+        with torch.inference_mode():
+            y = model.model.encode_adm(pooled_output=pooled.reshape(1, -1).to("cpu", torch.float32), width=1024,
+                                       height=1024, device=torch.device("cpu"), prompt_type="positive")
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        return  # an ADM input made from something else (unCLIP's image embedding): not the CLIP's to check
+    if isinstance(y, Tensor) and y.dim() == 2 and y.shape[1] != adm:
+        raise ValueError(f"{what}: its pooled output is {pooled.shape[-1]} wide, which makes a {y.shape[1]}-wide ADM "
+                         f"input, but {model_name} ({type(model.model).__name__}) reads {adm}; use the text encoder "
+                         "of that checkpoint")
 
 
 def adm_rows(adm: int, width: int) -> int:

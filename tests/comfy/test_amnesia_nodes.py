@@ -389,6 +389,24 @@ def test_unsupported_model_is_refused(comfy):
                                                      1, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", "sdxl")
 
 
+def test_a_clip_of_another_model_is_refused_before_sampling(comfy, tiny, monkeypatch):
+    """An SD1 CLIP on an SDXL model, or a CLIP narrower than the UNet's context, used to stop inside the UNet's first
+    sampling step with a shape error; both nodes now name the clip before anything is sampled."""
+    import tiny_models
+
+    model, clip = tiny
+    amnesia = comfy.nodes_pkg.amnesia
+    monkeypatch.setattr(amnesia.ComfyAmnesiaHost, "sample", lambda *a: pytest.fail("sampled before the clip was checked"))
+    with torch.inference_mode():
+        sdxl, wide = tiny_models.tiny_sdxl(0, 16, 16), tiny_models.tiny_sd15(0, context=48)
+    with pytest.raises(ValueError, match=r"clip: its pooled output is 32 wide, which makes a \d+-wide ADM input, but "
+                                         r"model \(SDXL\) reads"):
+        _fisher(comfy, sdxl, clip, filename="t/mismatch")
+    with pytest.raises(ValueError, match=r"clip: its conditioning is 32 wide but model \(BaseModel\) reads 48-wide"):
+        _train(comfy, wide, clip, None, "mismatch", lam=0.0)
+    assert not (Path(comfy.folder_paths.models_dir) / "sae_fisher" / "t" / "mismatch.safetensors").exists()
+
+
 def test_workflow_matches_the_node_definitions(comfy):
     wf = json.loads((comfy.repo_root / "workflows" / "selective_amnesia.json").read_text())
     mappings = _node_classes(comfy)
