@@ -518,7 +518,8 @@ class SALoRATrain:
         try:
             with torch.inference_mode(False):
                 data = pipeline.training_samples(host, settings, folder, sampling, bank=bank, should_stop=interrupt_requested,
-                                                 callback=lambda c, n: progress.update_absolute(c))
+                                                 callback=lambda c, n: progress.update_absolute(c),
+                                                 checkpoint=folder / "checkpoint.safetensors")
                 progress.update_absolute(n_gen)
                 run = pipeline.train_forgetting_lora(
                     host, settings, data.surrogate, data.replay, fisher, checkpoint=folder / "checkpoint.safetensors",
