@@ -85,6 +85,7 @@ from .folders import NO_FILE, forget_file_list, safe_name
 from .sampling import (
     adm_width,
     alphas_cumprod,
+    check_conditioning_fits,
     comfy_sampler,
     discrete_eps_sampling,
     eps_denoiser,
@@ -247,6 +248,7 @@ class ComfyAmnesiaHost:
         self.model = model
         self.clip = clip
         self.ms = check_model(model)
+        check_conditioning_fits(model, clip, "clip")  # before minutes of sampling, not deep inside the UNet
         self.alphas_cumprod = alphas_cumprod(self.ms)
         self.device = torch.device(model.load_device)
         self.sampling = dict(sampling or {})
@@ -516,7 +518,8 @@ class SALoRATrain:
         try:
             with torch.inference_mode(False):
                 data = pipeline.training_samples(host, settings, folder, sampling, bank=bank, should_stop=interrupt_requested,
-                                                 callback=lambda c, n: progress.update_absolute(c))
+                                                 callback=lambda c, n: progress.update_absolute(c),
+                                                 checkpoint=folder / "checkpoint.safetensors")
                 progress.update_absolute(n_gen)
                 run = pipeline.train_forgetting_lora(
                     host, settings, data.surrogate, data.replay, fisher, checkpoint=folder / "checkpoint.safetensors",

@@ -54,6 +54,7 @@ the unconditional branch too, and classifier-free guidance would then stop pushi
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import deque
 from typing import Any, NamedTuple, Optional
 
@@ -189,6 +190,8 @@ class ItDClipPatch(ClipLayerPatch):
         self.conditioning_extra = bool(conditioning_extra)
         """Whether the CLIP hands this encoder's extra outputs on into the conditioning (SD1.x, SD2.x, SDXL
         refiner; not SDXL, whose two encoders' outputs are concatenated into two values)."""
+        self.uid = uuid.uuid4().hex
+        """Names this classifier in the decisions it puts in a conditioning (ItD Prompt Gate matches them to its CLIP)."""
         self.history: deque[ItDEncodeRecord] = deque(maxlen=MAX_RECORDS)
         self.calls = 0
         """Encode calls classified so far."""
@@ -237,7 +240,8 @@ class ItDClipPatch(ClipLayerPatch):
         extra = dict(out[2]) if len(out) > 2 else {}
         extra[CONDITIONING_KEY] = {"chunks": list(record.prompts), "scores": record.scores.tolist(),
                                    "flagged": record.detected.tolist(), "tau": record.tau,
-                                   "encoder": self.encoder_name}
+                                   "encoder": self.encoder_name, "classifier": self.uid,
+                                   "concepts": list(self.concepts.concept_names)}
         return (out[0], out[1], extra)
 
     def _record(self, labels: list[str], scores: Tensor, detected: Tensor) -> None:

@@ -67,7 +67,7 @@ def _decision(parts: list[dict]) -> dict:
     }
 
 
-def _from_conditioning(conditioning: Any) -> dict:
+def _from_conditioning(conditioning: Any, patches: list[ItDClipPatch]) -> dict:
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError("conditioning: expected a CONDITIONING from CLIP Text Encode")
     decisions = [c[1].get(CONDITIONING_KEY) for c in conditioning if len(c) > 1 and isinstance(c[1], dict)]
@@ -76,6 +76,13 @@ def _from_conditioning(conditioning: Any) -> dict:
         raise ValueError(f"conditioning: it carries no ItD decision; encode the prompt with the CLIP of the ItD "
                          f"Prompt Classifier (SD1.x, SD2.x, SDXL refiner; SDXL's conditioning keeps none), or wire "
                          f"the prompt text into {NODE_NAME} instead")
+    ours = {p.uid for p in patches}
+    foreign = [d for d in decisions if d.get("classifier", next(iter(ours))) not in ours]
+    if foreign:
+        raise ValueError(f"conditioning: it was encoded by the CLIP of another ItD Prompt Classifier (concepts "
+                         f"{foreign[0].get('concepts', '?')}) than the one wired to clip (concepts "
+                         f"{[n for p in patches for n in p.concepts.concept_names]}); wire the CLIP that encoded it, "
+                         "or the prompt text")
     return _decision([{"encoder": d.get("encoder", "clip_l"), "chunks": list(d["chunks"]), "scores": d["scores"],
                        "flagged": d["flagged"], "tau": float(d["tau"])} for d in decisions])
 
@@ -85,7 +92,7 @@ def gate_decision(clip: Any, text: str = "", conditioning: Any = None) -> dict:
     encoded): one entry per chunk and classified encoder in the lists, the deciding ``score`` and ``tau``."""
     patches = find_itd_patches(clip)
     if conditioning is not None:
-        return _from_conditioning(conditioning)
+        return _from_conditioning(conditioning, patches)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text: {NODE_NAME} needs a prompt (or a conditioning wired in)")
     starts = [patch.calls for patch in patches]

@@ -19,6 +19,7 @@ from sae_core.probe import InversionSettings, invert_concept
 
 from .common import category, inp, node_id, sampler_choices, throw_if_interrupted
 from .minicanvas import EXACT_SAMPLER
+from .report import check_models
 from .sampling import comfy_sampler
 from .training import TrainingClone
 
@@ -129,6 +130,7 @@ def run_probe(model: Any, clip: Any, erased_model: Any, concept_prompt: str, sam
     if not 1 <= int(samples) <= MAX_SAMPLES:
         raise ValueError(f"samples must be from 1 to {MAX_SAMPLES}, got {samples}")
     settings = InversionSettings(steps=int(steps), lr=float(lr), batch=int(batch_size), seed=int(seed))
+    check_models(model, clip, erased_model, clip)  # the images of one model are denoised by the other
     with torch.inference_mode():
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         sampler = comfy_sampler(model, clip, int(sample_steps), float(cfg), sampler_name, scheduler, int(width),

@@ -436,10 +436,13 @@ class RECEEditModel:
              device: str = "auto", edit_pooled: bool = True, pooled_lambda: float = 1e-3,
              unique_id: Optional[str] = None, *, probe: bool = False) -> tuple[Any, CEEdit]:
         """The patched clone and the edit; ``probe`` also computes :attr:`CEEdit.probe` (for :meth:`run`)."""
+        auto_scale = float(uce_preserve_scale)
+        if auto_scale < 0 and auto_scale != -1:
+            raise ValueError(f"uce_preserve_scale: -1 (automatic) or a number >= 0, got {uce_preserve_scale}")
         settings = RECESettings(
             concepts=parse_names(concepts), anchor=(anchor or "").strip(), preserve=[""] + parse_names(preserve),
             method=method, epochs=int(epochs), lambda_reg=float(lambda_reg), erase_scale=float(erase_scale),
-            uce_preserve_scale=float(uce_preserve_scale) if uce_preserve_scale >= 0 else None,
+            uce_preserve_scale=None if auto_scale == -1 else auto_scale,
             uce_lambda=float(uce_lambda), preserve_scale=float(preserve_scale), lam=float(lam),
             edit_pooled=bool(edit_pooled), pooled_lambda=float(pooled_lambda))
         with Progress(3, "RECE edit", node_id=unique_id) as bar:

@@ -38,6 +38,7 @@ from sae_core.prompts import parse_prompts
 
 from .common import category, inp, node_id, sampler_choices, throw_if_interrupted
 from .minicanvas import EXACT_SAMPLER, IMAGE_SIZE, is_minicanvas
+from .sampling import check_conditioning_fits
 
 log = logging.getLogger("concept_erasure")
 
@@ -320,6 +321,26 @@ class ErasureReport:
         return {"ui": {"text": [out.text]}, "result": (out.grid, out.text)}
 
 
+def check_models(model: Any, clip: Any, erased_model: Any, erased_clip: Any) -> None:
+    """ValueError naming the input when the erased model is not an erasure of the same kind of model (MiniCanvas or
+    not, one latent format: both are sampled from one noise and decoded by one VAE), or a CLIP does not fit its
+    model."""
+    def kind(m: Any) -> tuple[str, str, int]:
+        fmt = m.get_model_object("latent_format")
+        name = "MiniCanvas" if is_minicanvas(m) else type(m.model).__name__
+        return name, type(fmt).__name__, int(fmt.latent_channels)
+
+    original, erased = kind(model), kind(erased_model)
+    if is_minicanvas(model) != is_minicanvas(erased_model) or original[1:] != erased[1:]:
+        raise ValueError(f"erased_model: it is a {erased[0]} model ({erased[1]} latents, {erased[2]} channels), the "
+                         f"original a {original[0]} model ({original[1]} latents, {original[2]} channels); compare an "
+                         "erasure with the model it was made from")
+    check_conditioning_fits(model, clip, "clip", "model")
+    if erased_clip is not clip or erased_model is not model:
+        check_conditioning_fits(erased_model, erased_clip, "erased_clip" if erased_clip is not clip else "clip",
+                                "erased_model")
+
+
 class ReportResult(NamedTuple):
     grid: torch.Tensor
     """IMAGE ``[1, H, W, 3]``."""
@@ -342,6 +363,14 @@ def run_report(model: Any, clip: Any, erased_model: Any, vae: Any, concept_promp
     """What the Erasure Report node computes (see the module doc), with the scores as numbers."""
     if not concept_prompts and not retain_prompts and probe is None:
         raise ValueError("concept_prompts / retain_prompts: give at least one prompt")
+    both = sorted(set(concept_prompts) & set(retain_prompts))
+    if both:
+        raise ValueError(f"retain_prompts: {both} are concept prompts too; a prompt is either one that shows the "
+                         "erased concept or one that must not change")
+    if vae is None:
+        raise ValueError("vae: no VAE is wired (the checkpoint has none?); load one with Load VAE")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if concept_kind not in KINDS:
         raise ValueError(f"concept_kind must be one of {KINDS}, got {concept_kind!r}")
     if judge not in JUDGES:
@@ -360,6 +389,10 @@ def run_report(model: Any, clip: Any, erased_model: Any, vae: Any, concept_promp
         nudity.detector()  # a missing package is an error before any sampling
         binary = BinaryJudge("NudeNet (nine exposed classes, score >= 0.6)", nudity)
     erased_clip = clip if erased_clip is None else erased_clip
+    check_models(model, clip, erased_model, erased_clip)
+    if probe is not None:  # sampled on both models
+        check_conditioning_fits(model, probe, "probe", "model")
+        check_conditioning_fits(erased_model, probe, "probe", "erased_model")
     rows: list[Row] = []
     for group, prompts in (("concept", concept_prompts), ("retain", retain_prompts)):
         for p in prompts:

@@ -35,7 +35,7 @@ __all__ = [
     "adm_vector",
     "adm_width",
     "alphas_cumprod",
-    "check_conditioning",
+    "check_conditioning_fits",
     "comfy_sampler",
     "cond_mask",
     "diffusion_model_wrapper",
@@ -216,7 +216,7 @@ class ComfySampling:
         self.seed = int(seed)
         self.shape = latent_shape(model, width, height)
         self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-        check_conditioning(model, self.negative, self.shape)
+        check_conditioning_fits(model, self.negative)
         self.on_step = on_step
         self.done = 0
 
@@ -349,6 +349,48 @@ def adm_width(model: Any) -> int:
     return int(getattr(model.model, "adm_channels", 0) or 0)
 
 
+def check_conditioning_fits(model: Any, cond: Any, what: str = "clip", model_name: str = "model") -> None:
+    """ValueError naming ``what`` when a CONDITIONING (``cond``) or, given a CLIP, its encoding of the empty prompt does
+    not fit ``model``: the token width against the cross-attention's context width and, for a model with an ADM input
+    (SDXL), the ``y`` ComfyUI makes from the pooled output against that input's width. Cheap: run it before sampling,
+    which otherwise stops deep inside the UNet with a shape error."""
+    if cond is None:
+        raise ValueError(f"{what}: nothing is wired")
+    if hasattr(cond, "tokenize"):
+        with torch.inference_mode():
+            cond = cond.encode_from_tokens_scheduled(cond.tokenize(""))
+    try:
+        tokens, extra = cond[0][0], cond[0][1]
+        width = int(tokens.shape[-1])
+    except (IndexError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{what}: expected a CONDITIONING (as CLIP Text Encode makes it), got "
+                         f"{type(cond).__name__}") from None
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    context = config.get("context_dim")
+    if isinstance(context, int) and width != context:
+        raise ValueError(f"{what}: its conditioning is {width} wide but {model_name} ({type(model.model).__name__}) "
+                         f"reads {context}-wide text conditioning; use the text encoder of that checkpoint")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError(f"{what}: its conditioning holds NaN or Inf values")
+    adm = adm_width(model)
+    pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+    if not adm:
+        return
+    if not isinstance(pooled, Tensor):
+        raise ValueError(f"{what}: {model_name} ({type(model.model).__name__}) needs the pooled text output for its "
+                         "ADM input, and this conditioning has none; use the text encoder of that checkpoint")
+    try:
+        with torch.inference_mode():
+            y = model.model.encode_adm(pooled_output=pooled.reshape(1, -1).to("cpu", torch.float32), width=1024,
+                                       height=1024, device=torch.device("cpu"), prompt_type="positive")
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        return  # an ADM input made from something else (unCLIP's image embedding): not the CLIP's to check
+    if isinstance(y, Tensor) and y.dim() == 2 and y.shape[1] != adm:
+        raise ValueError(f"{what}: its pooled output is {pooled.shape[-1]} wide, which makes a {y.shape[1]}-wide ADM "
+                         f"input, but {model_name} ({type(model.model).__name__}) reads {adm}; use the text encoder "
+                         "of that checkpoint")
+
+
 def adm_rows(adm: int, width: int) -> int:
     """Rows of ``width`` values that carry an ADM vector of ``adm`` values packed after the token conditioning."""
     return -(-int(adm) // int(width)) if adm else 0
@@ -375,22 +417,6 @@ def adm_vector(model: Any, cond: Any, shape: tuple[int, ...]) -> torch.Tensor:
                          f"{type(model.model).__name__}, whose ADM input takes {adm}; wire the CLIP of the model's "
                          "own checkpoint")
     return y
-
-
-def check_conditioning(model: Any, cond: Any, shape: tuple[int, ...]) -> None:
-    """ValueError naming the clip when a CLIP conditioning ``cond`` does not fit the MODEL: token width other than
-    the UNet's context width, or (models with an ADM input, SDXL) no pooled output or one of another width.
-    Without it the sampler fails deep inside the UNet with a matrix shape error."""
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    want = config.get("context_dim")
-    got = int(cond[0][0].shape[-1])
-    if want and got != int(want):
-        from .families import model_family
-
-        raise ValueError(f"clip: this CLIP's conditioning is {got} wide but the {model_family(model)} model's "
-                         f"cross-attention takes {want}; wire the CLIP of the model's own checkpoint")
-    if adm_width(model):
-        adm_vector(model, cond, shape)
 
 
 def model_conditioning(model: Any, clip: Any, prompts: list[str], width: int, height: int) -> torch.Tensor:

@@ -117,6 +117,7 @@ class AmnesiaConfig:
         else:
             set_(self, "forget_prompts", tuple(parse_names(forget)))
         set_(self, "remember_prompts", tuple(parse_prompts(self.remember_prompts)))
+        _check_contradictions(self.forget_prompts, surrogates, self.remember_prompts)
         for name in ("surrogate_samples", "replay_per_prompt", "rank", "batch_size", "timesteps_per_sample"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -153,6 +154,28 @@ class AmnesiaConfig:
     def field_names(cls) -> tuple[str, ...]:
         """Every field, in declaration order (the names node inputs and bench options use)."""
         return tuple(f.name for f in fields(cls))
+
+
+def _same_prompt(text: str) -> str:
+    """A prompt as a CLIP tokenizer reads it (case and runs of spaces do not count)."""
+    return " ".join(text.lower().split())
+
+
+def _check_contradictions(forget: Union[tuple[str, ...], dict[str, tuple[str, ...]]], surrogates: list[str],
+                          remember: Sequence[str]) -> None:
+    """ValueError when a surrogate prompt stands in for itself (the LoRA would learn the model's own images: nothing
+    is forgotten) or a forget prompt is also a remember prompt (replay keeps what the surrogate term removes)."""
+    groups = forget if isinstance(forget, dict) else {s: forget for s in surrogates}
+    for surrogate, prompts in groups.items():
+        if _same_prompt(surrogate) in {_same_prompt(p) for p in prompts}:
+            raise ValueError(f"forget_prompts: {surrogate!r} is also the surrogate prompt that stands in for it; the "
+                             "surrogate must show something else (e.g. 'a middle aged man' for a celebrity)")
+    every = {_same_prompt(p): p for prompts in ([forget] if not isinstance(forget, dict) else forget.values())
+             for p in prompts}
+    both = [p for p in remember if _same_prompt(p) in every]
+    if both:
+        raise ValueError(f"remember_prompts: {both[:3]} are forget prompts too; a prompt is either forgotten or "
+                         "remembered")
 
 
 def _lines(text: str) -> list[str]:

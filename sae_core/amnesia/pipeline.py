@@ -233,6 +233,12 @@ class TrainingData(NamedTuple):
     """``replay_per_prompt`` samples of every remember prompt (None when ``gamma`` is 0)."""
 
 
+def _check_steps(config: AmnesiaConfig) -> None:
+    if config.steps < 1:  # 0 is a valid config for a Fisher estimate, not for training
+        raise ValueError(f"steps must be >= 1 to train a LoRA (at 0 it stays zero: nothing is forgotten), got "
+                         f"{config.steps}")
+
+
 def training_samples(
     host: AmnesiaHost,
     config: AmnesiaConfig,
@@ -243,6 +249,7 @@ def training_samples(
     batch_size: int = 4,
     should_stop: Optional[Callable[[], bool]] = None,
     callback: Optional[Callable[[int, int], None]] = None,
+    checkpoint: Optional[PathLike] = None,
 ) -> TrainingData:
     """Surrogate and replay samples of the config's prompts: drawn by the host's sampler, or taken from ``bank``.
 
@@ -250,7 +257,9 @@ def training_samples(
     (one surrogate prompt: ``seed + j``); replay sample ``j`` of remember prompt ``i`` uses
     ``seed + REPLAY_SEED_OFFSET + i * replay_per_prompt + j``. With ``folder`` the sets are
     cached there (``surrogate.safetensors``, ``replay.safetensors``) under ``identity`` (the
-    host's model and sampler identity) plus their prompts, counts and seeds.
+    host's model and sampler identity) plus their prompts, counts and seeds. While ``checkpoint`` (the
+    training checkpoint of the run in ``folder``) exists, cached sets of other settings are kept: the run
+    is refused with ``FileExistsError`` before anything is sampled (:func:`~sae_core.amnesia.samples.cached_samples`).
 
     From a bank (:func:`~sae_core.amnesia.samples.bank_rows`): the first ``surrogate_samples``
     samples of every surrogate prompt and the first ``replay_per_prompt`` of every remember prompt,
@@ -261,6 +270,7 @@ def training_samples(
             prompt the bank has too few samples of (messages name the field).
         InterruptedError: ``should_stop()`` became true.
     """
+    _check_steps(config)
     if not config.forget_prompts:
         raise ValueError("forget_prompts: give at least one prompt or keyword (comma-separated)")
     surrogates = list(config.surrogate_prompts)
@@ -289,7 +299,7 @@ def training_samples(
         if folder is None:
             return make()
         settings = {**base, "prompts": prompts, "per_prompt": per_prompt, "seed": seed}
-        return cached_samples(Path(folder) / f"{name}.safetensors", settings, make)
+        return cached_samples(Path(folder) / f"{name}.safetensors", settings, make, keep_for=checkpoint)
 
     seed = int(config.seed)
     surrogate = draw("surrogate", surrogates, int(config.surrogate_samples), seed, 0)
@@ -345,6 +355,7 @@ def train_forgetting_lora(
     its text encoder and its UNet in turn). The LoRA's down factors are drawn from a generator
     seeded with ``config.seed``.
     """
+    _check_steps(config)
     use_replay = config.gamma > 0
     replay = replay if use_replay else None
     fisher = fisher if config.lam > 0 else None

@@ -222,18 +222,27 @@ def load_samples(path: PathLike) -> tuple[SampleSet, dict[str, Any]]:
 
 
 def cached_samples(path: PathLike, settings: Mapping[str, Any], make: Callable[[], SampleSet],
-                   dtype: torch.dtype = torch.float32) -> SampleSet:
+                   dtype: torch.dtype = torch.float32, keep_for: Optional[PathLike] = None) -> SampleSet:
     """The sample set at ``path`` if it was made with ``settings``; otherwise ``make()``, saved there.
 
     ``settings`` must describe everything the samples depend on (model identity, prompts, counts,
     seeds, sampler settings); it is stored under the metadata key ``settings``. A new set is
     stored in ``dtype`` and returned as read back, so a fresh set and a cached one are identical.
+    While the file ``keep_for`` exists (the checkpoint of a run trained on the set there), a set made
+    with other settings is not replaced: ``FileExistsError`` naming what differs, before anything is sampled.
     """
     want = normalise(dict(settings))
     try:
         samples, meta = load_samples(path)
-        if meta.get("settings") == want:
+        found = meta.get("settings")
+        if found == want:
             return samples
+        if keep_for is not None and Path(keep_for).is_file() and isinstance(found, dict):
+            differ = sorted(k for k in set(want) | set(found) if want.get(k) != found.get(k))
+            shown = "; ".join(f"{k}: {found.get(k)!r} there, {want.get(k)!r} now" for k in differ[:3])
+            raise FileExistsError(f"{path} holds the samples of the run checkpointed in {keep_for}, made with other "
+                                  f"settings ({shown}); they are kept: train these settings under another run name, "
+                                  "or re-queue with that run's settings to continue it")
     except (FileNotFoundError, ValueError):
         pass
     samples = make()

@@ -120,13 +120,24 @@ def default_layer(num_layers: int) -> int:
     return max(0, min(num_layers - 1, (2 * num_layers) // 3))
 
 
+_UNET_HOOK_RE = re.compile(r"(?:^|\.)(?:unet|diffusion_model|(?:up|down)_blocks|mid_block|input_blocks|output_blocks|"
+                           r"middle_block)(?:\.|$)")
+
+
 def choose_layer(layer: int, hookpoint: str | None, num_layers: int) -> tuple[int, str]:
-    """``(layer index, where it came from)``; ``layer = -1`` means the SAE's ``hookpoint``, else ItD's default."""
+    """``(layer index, where it came from)``; ``layer = -1`` means the SAE's ``hookpoint``, else ItD's default.
+
+    An SAE reads the activations of the layer it was trained on only: a ``layer`` other than the one its hookpoint
+    names, and an SAE trained on a UNet block (SAeUron's), are refused with a ValueError naming the input.
+    """
     layer = int(layer)
+    hooked = hookpoint_layer(hookpoint)
+    if hooked is None and isinstance(hookpoint, str) and _UNET_HOOK_RE.search(hookpoint):
+        raise ValueError(f"sae: it was trained on {hookpoint!r}, a UNet block (an SAeUron SAE), not a text-encoder "
+                         "layer; ItD needs an SAE trained on one layer of the text encoder it edits")
     if layer >= 0:
         origin = "as set"
     else:
-        hooked = hookpoint_layer(hookpoint)
         if hooked is not None:
             layer, origin = hooked, f"the SAE's hookpoint {hookpoint!r}"
         else:
@@ -134,6 +145,10 @@ def choose_layer(layer: int, hookpoint: str | None, num_layers: int) -> tuple[in
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer: encoder layer {layer} ({origin}) is out of range; this text encoder has "
                          f"{num_layers} layers (0..{num_layers - 1})")
+    if hooked is not None and layer != hooked:
+        raise ValueError(f"layer: {layer} is set, but the SAE was trained on layer {hooked} (its hookpoint "
+                         f"{hookpoint!r}) and only reads that layer's activations; set layer to {hooked} or -1 (the "
+                         "SAE's own)")
     return layer, origin
 
 

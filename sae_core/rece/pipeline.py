@@ -135,6 +135,8 @@ class RECESettings:
                              f"choose one of {sorted(EMBEDDING_VARIANTS)}")
         for name in ("lambda_reg", "erase_scale", "uce_lambda", "preserve_scale", "lam", "pooled_lambda"):
             _check_scale(name, getattr(self, name))
+        if not self.erase_scale > 0:
+            raise ValueError(f"erase_scale must be > 0 (at 0 every edit is zero: nothing is erased), got {self.erase_scale}")
         if self.uce_preserve_scale is not None:
             _check_scale("uce_preserve_scale", self.uce_preserve_scale)
         if self.uce_tokens not in UCE_TOKENS:
@@ -321,6 +323,7 @@ def run_rece(host: RECEHost, settings: RECESettings, *, progress: bool = False, 
     preserve_texts = settings.preserve_texts
     c_enc, c_tokens = host.encode(concept_texts)
     a_enc, a_tokens = host.encode([settings.anchor])
+    _check_anchor(concept_texts, c_enc, settings.anchor, a_enc[0])
     p_enc = host.encode(preserve_texts)[0] if preserve_texts else None
     weights = host.projection_weights()
     first = next(iter(weights.values()))
@@ -348,6 +351,16 @@ def run_rece(host: RECEHost, settings: RECESettings, *, progress: bool = False, 
     pooled, note = _pooled_edit(host, settings, concept_texts, preserve_texts, probe)
     return RECERun(result, concept_texts, settings.anchor, preserve_texts, s_p, config.epochs, ctx,
                    overall, changes, pooled, note, result.probe)
+
+
+def _check_anchor(concept_texts: list[str], c_enc: Tensor, anchor: str, a_enc: Tensor) -> None:
+    """ValueError when the anchor encodes like one of the concepts (the same prompt, maybe in other case or spacing):
+    UCE would map that concept onto itself and erase nothing, and RECE's epochs next to nothing."""
+    a = a_enc.detach().double()
+    for text, c in zip(concept_texts, c_enc):
+        if c.shape == a.shape and float((c.detach().double() - a).norm()) <= 1e-6 * max(float(a.norm()), 1e-30):
+            raise ValueError(f"anchor: {anchor!r} encodes like the concept {text!r}; a concept mapped onto itself is "
+                             "not erased. Choose another anchor (empty = the unconditional prompt; 'art' for a style)")
 
 
 def _pooled_edit(host: RECEHost, settings: RECESettings, concept_texts: list[str], preserve_texts: list[str],

@@ -389,6 +389,67 @@ def test_unsupported_model_is_refused(comfy):
                                                      1, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", "sdxl")
 
 
+def test_a_clip_of_another_model_is_refused_before_sampling(comfy, tiny, monkeypatch):
+    """An SD1 CLIP on an SDXL model, or a CLIP narrower than the UNet's context, used to stop inside the UNet's first
+    sampling step with a shape error; both nodes now name the clip before anything is sampled."""
+    import tiny_models
+
+    model, clip = tiny
+    amnesia = comfy.nodes_pkg.amnesia
+    monkeypatch.setattr(amnesia.ComfyAmnesiaHost, "sample", lambda *a: pytest.fail("sampled before the clip was checked"))
+    with torch.inference_mode():
+        sdxl, wide = tiny_models.tiny_sdxl(0, 16, 16), tiny_models.tiny_sd15(0, context=48)
+    with pytest.raises(ValueError, match=r"clip: its pooled output is 32 wide, which makes a \d+-wide ADM input, but "
+                                         r"model \(SDXL\) reads"):
+        _fisher(comfy, sdxl, clip, filename="t/mismatch")
+    with pytest.raises(ValueError, match=r"clip: its conditioning is 32 wide but model \(BaseModel\) reads 48-wide"):
+        _train(comfy, wide, clip, None, "mismatch", lam=0.0)
+    assert not (Path(comfy.folder_paths.models_dir) / "sae_fisher" / "t" / "mismatch.safetensors").exists()
+
+
+def test_a_run_name_in_use_keeps_its_samples(comfy, tiny, monkeypatch):
+    """Re-queuing a run name with another surrogate prompt used to sample and overwrite the run's cached samples, then
+    refuse its checkpoint: the run's samples were lost. Now the run is refused before anything is sampled and its
+    files stay byte for byte; the run itself still continues with its own settings."""
+    model, clip = tiny
+    _train(comfy, model, clip, None, "kept", steps=2, lam=0.0)
+    folder = Path(comfy.folder_paths.get_output_directory()) / "selective_amnesia" / "kept"
+    files = {f.name: f.read_bytes() for f in folder.glob("*.safetensors")}
+    assert {"surrogate.safetensors", "replay.safetensors", "checkpoint.safetensors"} <= set(files)
+    amnesia = comfy.nodes_pkg.amnesia
+    monkeypatch.setattr(amnesia.ComfyAmnesiaHost, "sample", lambda *a: pytest.fail("sampled over a kept run"))
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
+    with torch.inference_mode(), pytest.raises(FileExistsError, match=r"surrogate.safetensors holds the samples of the "
+                                                                     r"run checkpointed in .*kept/checkpoint"):
+        node.train(model, clip, "a photo of a cat, a cat", "a photo of a house", REMEMBER, 0.0, 1.0, 2, 2, 1e-2, 1, 0,
+                   "xattn", 2, 1, 2, 4.0, "euler", "normal", 64, 64, "fp32", "kept")
+    assert {f.name: f.read_bytes() for f in folder.glob("*.safetensors")} == files
+    _train(comfy, model, clip, None, "kept", steps=3, lam=0.0)  # its own settings: resumed from the kept files
+    assert len(_history(comfy, "kept")) == 3
+
+
+def test_contradictory_prompts_and_zero_steps_are_refused(comfy, tiny, monkeypatch):
+    """A surrogate prompt that stands in for itself, a forget prompt that is also remembered, or 0 steps used to train
+    (or return) a LoRA that forgets nothing; each is now a ValueError naming the input, before any sampling."""
+    model, clip = tiny
+    amnesia = comfy.nodes_pkg.amnesia
+    monkeypatch.setattr(amnesia.ComfyAmnesiaHost, "sample", lambda *a: pytest.fail("sampled"))
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[TRAIN_ID]()
+
+    def train(forget, surrogate, remember, steps=2, run="contra"):
+        with torch.inference_mode():
+            node.train(model, clip, forget, surrogate, remember, 0.0, 1.0, 2, steps, 1e-2, 1, 0, "xattn", 2, 1, 2, 4.0,
+                       "euler", "normal", 64, 64, "fp32", run)
+
+    with pytest.raises(ValueError, match="forget_prompts: 'a photo of a dog' is also the surrogate prompt"):
+        train("a cat, A Photo of a  dog", "a photo of a dog", REMEMBER)
+    with pytest.raises(ValueError, match=r"remember_prompts: \['a house'\] are forget prompts too"):
+        train("a cat, a house", "a photo of a dog", REMEMBER)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        train("a cat", "a photo of a dog", REMEMBER, steps=0, run="zero")
+    assert not (Path(comfy.folder_paths.get_output_directory()) / "selective_amnesia" / "contra").exists()
+
+
 def test_workflow_matches_the_node_definitions(comfy):
     wf = json.loads((comfy.repo_root / "workflows" / "selective_amnesia.json").read_text())
     mappings = _node_classes(comfy)

@@ -547,6 +547,37 @@ def test_gate_errors_are_clear(comfy, tiny):
         gate(comfy, patched, "", plain)
 
 
+def test_an_sae_of_another_layer_or_of_the_unet_is_refused(comfy, tiny):
+    """An SAE read at a layer other than the one it was trained on, or an SAeUron SAE (a UNet block's; SD1.5's is 1280
+    wide like SDXL's clip_g) of the encoder's width, used to calibrate and patch silently; the errors name the input."""
+    clip, sae = tiny
+    with pytest.raises(ValueError, match=r"layer: 1 is set, but the SAE was trained on layer 2 .* set layer to 2 or -1"):
+        run_node(comfy, clip, sae, layer=1)
+    for block in ("unet.up_blocks.1.attentions.1", "output_blocks.4.1"):
+        unet_sae = word_sae(clip, hookpoint=block)
+        for layer in (-1, LAYER):
+            with pytest.raises(ValueError, match=rf"sae: it was trained on '{block}', a UNet block"):
+                run_node(comfy, clip, unet_sae, layer=layer)
+    assert clip.patcher.object_patches == {}
+    patched, _ = run_node(comfy, clip, sae, layer=LAYER)  # its own layer, set explicitly
+    assert the_patch(comfy, patched).layer == LAYER
+
+
+def test_gate_refuses_a_conditioning_of_another_classifier(comfy, tiny):
+    """A conditioning encoded by another ItD classifier's CLIP (other concepts, another threshold) used to be gated by
+    that classifier's recorded decision whatever CLIP was wired; now the gate names the mismatch."""
+    clip, sae = tiny
+    mine, _ = run_node(comfy, clip, sae)
+    other, _ = run_node(comfy, clip, sae, concepts="house", retain="a photo of a cat")
+    with torch.inference_mode():
+        (cond,) = comfy.nodes.CLIPTextEncode().encode(other, "house")
+    with pytest.raises(ValueError, match=r"conditioning: it was encoded by the CLIP of another ItD Prompt Classifier "
+                                         r"\(concepts \['house'\]\) than the one wired to clip \(concepts \['cat', 'dragon'\]\)"):
+        gate(comfy, mine, "", cond)
+    (flagged, _, _), _ = gate(comfy, other, "", cond)  # its own CLIP reads it
+    assert flagged
+
+
 # ---------------------------------------------------------------------------------------------
 # SD2.x (clip_h), SDXL (clip_l and clip_g) and the SDXL refiner (clip_g)
 # ---------------------------------------------------------------------------------------------

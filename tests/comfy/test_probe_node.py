@@ -67,3 +67,21 @@ def test_bad_inputs_are_refused(comfy, mc):
         node.probe(mc[0], mc[1], mc[0], "  ", **ARGS)
     with pytest.raises(ValueError, match="lr"):
         node.probe(mc[0], mc[1], mc[0], PROMPT, **{**ARGS, "lr": float("nan")})
+
+
+def test_models_and_clip_of_other_kinds_are_refused_before_sampling(comfy, mc, monkeypatch):
+    """The images of one model are denoised by the other with the CLIP's conditioning: an erased model of another
+    kind or a CLIP of another model used to stop deep inside the UNet (shape errors); now the error names the input
+    before any image is sampled."""
+    from tiny_models import tiny_sd1_clip, tiny_sd15
+
+    probe_nodes = comfy.nodes_pkg.probe
+    monkeypatch.setattr(probe_nodes, "comfy_sampler", lambda *a, **k: pytest.fail("sampled before the inputs were checked"))
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[PROBE_ID]()
+    with torch.inference_mode():
+        sd1, narrow = tiny_sd15(0, context=32), tiny_sd1_clip(width=24)
+    with pytest.raises(ValueError, match=r"erased_model: it is a BaseModel model \(SD15 latents, 4 channels\), the "
+                                         r"original a MiniCanvas model"):
+        node.probe(mc[0], mc[1], sd1, PROMPT, **ARGS)
+    with pytest.raises(ValueError, match=r"clip: its conditioning is 24 wide but model \(BaseModel\) reads 32-wide"):
+        node.probe(sd1, narrow, sd1, "a cat", **{**ARGS, "width": 64, "height": 64})

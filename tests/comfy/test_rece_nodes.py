@@ -80,10 +80,10 @@ def _kv_keys(model) -> list[str]:
     return [k for k in model.model.state_dict() if ".attn2.to_k.weight" in k or ".attn2.to_v.weight" in k]
 
 
-def _run(comfy, model, clip, concepts=CONCEPTS, method="rece", epochs=1, lambda_reg=1e-3, **advanced):
+def _run(comfy, model, clip, concepts=CONCEPTS, method="rece", epochs=1, lambda_reg=1e-3, anchor="", **advanced):
     node = comfy.nodes.NODE_CLASS_MAPPINGS[EDIT_ID]()
     with torch.inference_mode():
-        return node.edit(model, clip, concepts, "", PRESERVE, method, epochs, lambda_reg, device="cpu", **advanced)
+        return node.edit(model, clip, concepts, anchor, PRESERVE, method, epochs, lambda_reg, device="cpu", **advanced)
 
 
 def split(text: str) -> list[str]:
@@ -290,6 +290,25 @@ def test_clear_errors(comfy, tiny):
     other = comfy_model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match="Stable_Zero123, which is not supported"):
         _run(comfy, other, clip)
+    assert not model.patches
+
+
+def test_inputs_that_would_erase_nothing_are_refused(comfy, tiny):
+    """An anchor that encodes like a concept (the same prompt, other case or spacing) maps the concept onto itself,
+    and erase_scale 0 zeroes every edit: both used to return a model edited by (nearly) nothing. A negative
+    uce_preserve_scale other than -1 (automatic) or NaN used to be taken as automatic."""
+    model, clip = tiny
+    for method in ("uce", "rece"):
+        with pytest.raises(ValueError, match="anchor: 'A  Cat' encodes like the concept 'a cat'"):
+            _run(comfy, model, clip, concepts="a dog, a cat", method=method, anchor="A  Cat")
+    with pytest.raises(ValueError, match="erase_scale must be > 0"):
+        _run(comfy, model, clip, erase_scale=0.0)
+    with pytest.raises(ValueError, match="uce_preserve_scale: -1 .* got -5"):
+        _run(comfy, model, clip, uce_preserve_scale=-5.0)
+    with pytest.raises(ValueError, match="uce_preserve_scale must be a finite number"):
+        _run(comfy, model, clip, uce_preserve_scale=float("nan"))
+    _, edit = _run(comfy, model, clip, concepts="a cat", anchor="a cats", method="uce")  # a different anchor edits
+    assert edit.metadata["relative_change"] > 0
     assert not model.patches
 
 

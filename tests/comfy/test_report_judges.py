@@ -83,3 +83,40 @@ def test_report_node_with_nudenet(comfy, sdxl):
     grid, text = out["result"]
     assert "judge: NudeNet" in text and out["ui"]["text"] == [text]
     assert grid.shape[0] == 1 and grid.shape[-1] == 3
+
+
+def test_mismatched_models_clips_and_probes_are_refused_before_sampling(comfy, sdxl, monkeypatch):
+    """An erased model of another kind, a CLIP of another model, a probe of another width, NaN in the probe, no VAE,
+    0 steps or a prompt listed as concept and retain used to stop deep in the UNet or the VAE (shape errors,
+    AttributeError) or to return a report of empty or contradictory rows; now each names its input, before sampling."""
+    from tiny_models import tiny_sd15
+
+    model, clip, vae, _ = sdxl
+    report = comfy.nodes_pkg.report
+    monkeypatch.setattr(report, "_sample", lambda *a, **k: pytest.fail("sampled before the inputs were checked"))
+    with torch.inference_mode():
+        sd1, sd1_clip = tiny_sd15(0, context=32), tiny_sd1_clip(width=32)
+    run = report.run_report
+    with pytest.raises(ValueError, match=r"clip: its pooled output is 32 wide.*model \(SDXL\) reads"):
+        run(model, sd1_clip, model, vae, CONCEPT, RETAIN, **COMMON)  # an SD1 CLIP on SDXL
+    with pytest.raises(ValueError, match=r"erased_model: it is a SDXL model \(SDXL latents, 4 channels\), the original a "
+                                         r"BaseModel model \(SD15 latents"):
+        run(sd1, sd1_clip, model, vae, CONCEPT, RETAIN, **COMMON)  # erased SDXL, original SD1
+    with pytest.raises(ValueError, match=r"erased_clip: its conditioning is 24 wide but erased_model"):
+        run(sd1, sd1_clip, sd1, vae, CONCEPT, RETAIN, erased_clip=tiny_sd1_clip(width=24), **COMMON)
+    with torch.inference_mode():
+        mc = comfy.nodes.NODE_CLASS_MAPPINGS["CE_MiniCanvasCheckpoint"]().load(clip_denoised=True)
+    with pytest.raises(ValueError, match=r"erased_model: it is a MiniCanvas model \(.*, 3 channels\), the original"):
+        run(sd1, sd1_clip, mc[0], vae, CONCEPT, RETAIN, erased_clip=mc[1], **COMMON)
+    with pytest.raises(ValueError, match="probe: its conditioning is 24 wide"):
+        run(sd1, sd1_clip, sd1, vae, CONCEPT, RETAIN, probe=[[torch.zeros(1, 77, 24), {}]], **COMMON)
+    with pytest.raises(ValueError, match="probe: its conditioning holds NaN"):
+        run(sd1, sd1_clip, sd1, vae, CONCEPT, RETAIN, probe=[[torch.full((1, 77, 32), float("nan")), {}]], **COMMON)
+    with pytest.raises(ValueError, match="probe: expected a CONDITIONING"):
+        run(sd1, sd1_clip, sd1, vae, CONCEPT, RETAIN, probe="a cat", **COMMON)
+    with pytest.raises(ValueError, match="vae: no VAE is wired"):
+        run(sd1, sd1_clip, sd1, None, CONCEPT, RETAIN, **COMMON)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        run(sd1, sd1_clip, sd1, vae, CONCEPT, RETAIN, **{**COMMON, "steps": 0})
+    with pytest.raises(ValueError, match=r"retain_prompts: \['a cat on a sofa'\] are concept prompts too"):
+        run(sd1, sd1_clip, sd1, vae, CONCEPT, [CONCEPT[0], *RETAIN], **COMMON)

@@ -345,8 +345,8 @@ def test_a_clip_or_sae_of_another_model_is_refused(comfy, family):
     model, sae, stats = family.model, family.sae, family.stats
     with torch.inference_mode():  # SD2.x: token width 24 for a 32-wide context; SDXL: an SD1 CLIP has no clip_g
         other_clip = tiny_sd1_clip(24 if family.name == "SD20" else 32)
-    wanted = (r"clip: this CLIP's conditioning is 24 wide but the SD20 model's cross-attention takes 32"
-              if family.name == "SD20" else r"clip: ComfyUI made a y of width 1568 .* whose ADM input takes 1552")
+    wanted = (r"clip: its conditioning is 24 wide but model \(\w+\) reads 32-wide" if family.name == "SD20" else
+              r"clip: its pooled output is \d+ wide, which makes a 1568-wide ADM input, but model \(SDXL\) reads 1552")
     with pytest.raises(ValueError, match=wanted):
         _run(_node(comfy, COLLECT_ID).collect, model, other_clip, prompts=PROMPTS, block=BLOCK, **SAMPLING,
              branch="cond", dataset_name=f"{family.tag}/wrong_clip", store_dtype="float32", overwrite=False)
