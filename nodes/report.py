@@ -182,6 +182,9 @@ def clip_vision_judge(clip_vision: Any, clip: Any, concept: str, labels: Sequenc
     with torch.inference_mode():
         text = torch.cat([clip.encode_from_tokens(clip.tokenize(n), return_pooled=True)[1].float().cpu()
                           for n in names])
+        # one black image settles whether the two share a space, before minutes of sampling
+        blank = clip_vision.encode_image(torch.zeros(1, 224, 224, 3), crop=True)["image_embeds"].float().cpu()
+    zero_shot_verdicts(blank, text, names)
 
     def judge(images: torch.Tensor) -> Verdicts:
         with torch.inference_mode():

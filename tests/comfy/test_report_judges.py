@@ -57,7 +57,7 @@ def test_clip_vision_judge_scores_every_image_from_comfyui_embeddings(comfy, sdx
     assert "judge: CLIP vision zero-shot" in auto.text
 
 
-def test_clip_vision_judge_refuses_bad_wiring_before_sampling(comfy, sdxl):
+def test_clip_vision_judge_refuses_bad_wiring_before_sampling(comfy, sdxl, monkeypatch):
     model, clip, vae, vision = sdxl
     run = comfy.nodes_pkg.report.run_report
     with pytest.raises(ValueError, match="wire a CLIP_VISION"):
@@ -69,6 +69,11 @@ def test_clip_vision_judge_refuses_bad_wiring_before_sampling(comfy, sdxl):
         run(model, clip, model, vae, CONCEPT, RETAIN, judge="q16", **COMMON)
     with torch.inference_mode():
         narrow = tiny_sd1_clip(width=24)  # pooled output 24 wide: not the vision model's space
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the judge was checked")
+
+    monkeypatch.setattr(comfy.nodes_pkg.report, "_sample", no_sampling)
     with pytest.raises(ValueError, match="not one CLIP"):
         run(model, clip, model, vae, CONCEPT, RETAIN, judge="clip_vision", clip_vision=vision,
             judge_labels=LABELS, judge_clip=narrow, **COMMON)
