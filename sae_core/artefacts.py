@@ -322,8 +322,13 @@ def _describe_difference(wanted: Mapping[str, Any], found: Mapping[str, Any]) ->
     return "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
 
 
+OVERWRITE_REMEDY = "turn on overwrite to replace it, or choose another name"
+"""What a refusal advises by default: the caller's ``overwrite`` switch, or another name."""
+
+
 def decide_artefact(what: str, path: PathLike, wanted: Mapping[str, Any], found: Optional[Mapping[str, Any]],
-                    *, complete: bool = True, overwrite: bool = False, resumable: bool = False) -> ArtefactDecision:
+                    *, complete: bool = True, overwrite: bool = False, resumable: bool = False,
+                    remedy: str = OVERWRITE_REMEDY) -> ArtefactDecision:
     """The one rule for reusing, resuming or redoing an artefact, with the message to show.
 
     Args:
@@ -334,6 +339,7 @@ def decide_artefact(what: str, path: PathLike, wanted: Mapping[str, Any], found:
         complete: whether the file there is finished (``False``: a checkpoint of an unfinished run).
         overwrite: the user's explicit permission to replace what is there.
         resumable: whether an unfinished run with the same identity can continue.
+        remedy: what the refusal advises (callers without an ``overwrite`` switch say what else to do).
 
     Returns:
         :class:`ArtefactDecision`. Raises ``FileExistsError`` when a file built from other inputs is there
@@ -347,7 +353,7 @@ def decide_artefact(what: str, path: PathLike, wanted: Mapping[str, Any], found:
     same = dict(wanted) == dict(found)
     if not same:
         raise FileExistsError(f"{what} {path} exists but was built from other inputs ({_describe_difference(wanted, found)}); "
-                              "turn on overwrite to replace it, or choose another name")
+                              f"{remedy}")
     if complete:
         return ArtefactDecision(Action.REUSE, f"{what}: reusing {path} (same inputs)")
     if resumable:

@@ -332,7 +332,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     # a checkpoint of another run is refused with the differing field named
     other, _, _ = make_trainer(canvas, AmnesiaConfig(steps=6, lr=2e-2, batch_size=2, lam=1.0, seed=5))
-    with pytest.raises(FileExistsError, match="lr: 0.01 there, 0.02 now"):
+    with pytest.raises(FileExistsError,
+                       match=r"lr: 0.01 there, 0.02 now\); it is kept: train these settings under another run name"):
         other.train(ckpt, progress=False)
 
 

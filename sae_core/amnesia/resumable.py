@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Optional, TypeVar, Union
 
-from ..artefacts import Action, ArtefactDecision, decide_artefact
+from ..artefacts import OVERWRITE_REMEDY, Action, ArtefactDecision, decide_artefact
 
 __all__ = ["LoopEnd", "decide_checkpoint", "run_units"]
 
@@ -38,7 +38,7 @@ class LoopEnd(NamedTuple):
 
 def decide_checkpoint(what: str, path: Union[str, os.PathLike], wanted: Mapping[str, Any],
                       found: Optional[Mapping[str, Any]], *, complete: bool,
-                      redo_different: bool = False) -> ArtefactDecision:
+                      redo_different: bool = False, remedy: str = OVERWRITE_REMEDY) -> ArtefactDecision:
     """Create, reuse, resume or redo the checkpoint of a resumable loop.
 
     Args:
@@ -46,9 +46,10 @@ def decide_checkpoint(what: str, path: Union[str, os.PathLike], wanted: Mapping[
         found: identity recorded in the file at ``path`` (None: nothing there).
         complete: whether the file there holds a finished run.
         redo_different: when the file comes from another run, compute again instead of refusing.
+        remedy: what a refusal advises (see :func:`sae_core.artefacts.decide_artefact`).
     """
     try:
-        return decide_artefact(what, path, wanted, found, complete=complete, resumable=True)
+        return decide_artefact(what, path, wanted, found, complete=complete, resumable=True, remedy=remedy)
     except FileExistsError as err:
         if not redo_different:
             raise

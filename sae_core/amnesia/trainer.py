@@ -74,6 +74,10 @@ CHECKPOINT_FORMAT = "sae_core.amnesia.checkpoint"
 """``format`` metadata field of a training checkpoint."""
 
 LOSS_TERMS = ("loss", "surrogate", "replay", "ewc")
+
+CHECKPOINT_REMEDY = ("it is kept: train these settings under another run name (another checkpoint), re-queue with "
+                     "that run's settings to continue it, or delete the checkpoint to start that run over")
+"""What the refusal of a checkpoint from other settings advises (a training run has no overwrite switch)."""
 """Logged loss terms: the total and its three parts (``replay`` is unweighted, ``ewc`` includes lam)."""
 
 PathLike = Union[str, os.PathLike]
@@ -323,7 +327,7 @@ class AmnesiaTrainer:
         if path is not None and resume and path.is_file():
             found, step = self.read_checkpoint_identity(path)
             decision = decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found,
-                                         complete=step >= cfg.steps)
+                                         complete=step >= cfg.steps, remedy=CHECKPOINT_REMEDY)
             if decision.action in (Action.REUSE, Action.RESUME):
                 self.load_checkpoint(path)
         end = run_units(
@@ -411,7 +415,8 @@ class AmnesiaTrainer:
         """
         path = Path(path)
         found, _ = self.read_checkpoint_identity(path)
-        decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found, complete=False)
+        decide_checkpoint("Selective Amnesia checkpoint", path, self._identity(), found, complete=False,
+                          remedy=CHECKPOINT_REMEDY)
         meta = read_metadata(path, "Selective Amnesia checkpoint")
         tensors = load_tensors(path, what="Selective Amnesia checkpoint")
         try:
