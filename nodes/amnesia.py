@@ -385,7 +385,8 @@ class SAComputeFisher:
                     "sample_steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler,
                     "width": int(width), "height": int(height), "targets": targets, "precision": precision,
                     "timestep_batch": int(timestep_batch)}
-        cache = run_dir(FISHER_SAMPLES) / f"{safe_name(filename, 'filename').replace('/', '_')}.safetensors"
+        # the Fisher's own name (sub-folders kept): 'a/b' and 'a_b' are two Fishers with two sample sets
+        cache = run_dir(FISHER_SAMPLES) / f"{safe_name(filename, 'filename')}.safetensors"
         progress = Progress(2 * int(samples), desc="Fisher", node_id=unique_id)
 
         def data() -> SampleSet:
@@ -509,6 +510,8 @@ class SALoRATrain:
         if bank is not None and host.adm:
             _check_bank_size(bank, model, width, height)
         folder = run_dir(run_name)
+        if folder == run_dir(FISHER_SAMPLES) or run_dir(FISHER_SAMPLES) in folder.parents:
+            raise ValueError(f"run_name: '{run_name}' is the folder of Compute Fisher's samples; choose another name")
         sampling = {"model": model_fingerprint(model), "steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name,
                     "scheduler": scheduler, "width": int(width), "height": int(height)}
         n_gen = 0 if bank is not None else len(settings.surrogate_prompts) * settings.surrogate_samples + (

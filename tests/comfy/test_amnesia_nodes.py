@@ -109,6 +109,24 @@ def test_compute_fisher_keeps_a_file_of_other_settings_unless_overwrite(comfy, t
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith((".kept", "kept"))) == ["kept.safetensors"]
 
 
+def test_fishers_whose_names_differ_only_by_a_slash_keep_their_own_samples(comfy, tiny):
+    """Compute Fisher's sample sets follow the Fisher's name, sub-folders kept: 'c/f' and 'c_f' used to share one
+    cache file, and the second run replaced the first one's samples (also a sample bank)."""
+    from sae_core.amnesia.samples import load_samples
+
+    amnesia = comfy.nodes_pkg.amnesia
+    model, clip = tiny
+    _fisher(comfy, model, clip, filename="c/f", samples=2, seed=0)
+    _fisher(comfy, model, clip, filename="c_f", samples=2, seed=1)
+    root = amnesia.run_dir(amnesia.FISHER_SAMPLES)
+    nested, _ = load_samples(root / "c" / "f.safetensors")
+    flat, _ = load_samples(root / "c_f.safetensors")
+    assert not torch.equal(nested.samples, flat.samples)  # seeds 0 and 1: each kept its own
+    assert {"c/f.safetensors", "c_f.safetensors"} <= set(amnesia.sample_bank_filenames())
+    with pytest.raises(ValueError, match="run_name: 'fisher_samples' is the folder of Compute Fisher's samples"):
+        _train(comfy, model, clip, None, "fisher_samples", steps=1, lam=0.0)
+
+
 def test_train_leaves_input_unchanged_and_lora_loads_everywhere(comfy, tiny, fisher_file, caplog):
     import comfy.lora as comfy_lora
     import comfy.sd as comfy_sd
@@ -280,8 +298,8 @@ def test_compute_fishers_samples_are_a_sample_bank(comfy, tiny, fisher_file, mon
 
     amnesia = comfy.nodes_pkg.amnesia
     model, clip = tiny
-    assert "t_fisher.safetensors" in amnesia.sample_bank_filenames()
-    bank, _ = load_samples(amnesia.run_dir(amnesia.FISHER_SAMPLES) / "t_fisher.safetensors")
+    assert "t/fisher.safetensors" in amnesia.sample_bank_filenames()
+    bank, _ = load_samples(amnesia.run_dir(amnesia.FISHER_SAMPLES) / "t" / "fisher.safetensors")
     assert bank.prompts == ["a photo of a cat", "a photo of a dog", "a photo of a cat"]
     seen = []
     real = pipeline.train_forgetting_lora
@@ -293,13 +311,13 @@ def test_compute_fishers_samples_are_a_sample_bank(comfy, tiny, fisher_file, mon
     with torch.inference_mode():
         node.train(model, clip, "a cat", "a photo of a dog", "a photo of a cat", 10.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 1, 2,
                    2, 4.0, "euler", "normal", 64, 64, "fp32", "bank", fisher_path=fisher_file,
-                   sample_bank="t_fisher.safetensors")
+                   sample_bank="t/fisher.safetensors")
     (surrogate, replay), = seen
     assert surrogate.prompts == ["a photo of a dog"] and torch.equal(surrogate.samples, bank.samples[1:2])
     assert replay.prompts == ["a photo of a cat"] * 2 and torch.equal(replay.samples, bank.samples[[0, 2]])
     with torch.inference_mode(), pytest.raises(ValueError, match="remember_prompts: the sample bank has 0 sample"):
         node.train(model, clip, "a cat", "a photo of a dog", "a house", 10.0, 1.0, 2, 2, 1e-2, 1, 0, "xattn", 1, 1, 2, 4.0,
-                   "euler", "normal", 64, 64, "fp32", "bank2", fisher_path=fisher_file, sample_bank="t_fisher.safetensors")
+                   "euler", "normal", 64, 64, "fp32", "bank2", fisher_path=fisher_file, sample_bank="t/fisher.safetensors")
 
 
 def test_training_twice_survives_the_weight_moves_of_a_gpu(comfy, monkeypatch):
