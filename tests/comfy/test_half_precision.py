@@ -11,6 +11,10 @@ files load with the stock loaders).
 
 from __future__ import annotations
 
+import json
+import math
+from copy import deepcopy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -68,12 +72,19 @@ def x0(model, x: torch.Tensor, sigma: float, ctx: torch.Tensor) -> torch.Tensor:
         return model.model.apply_model(x, torch.full((x.shape[0],), sigma), c_crossattn=ctx).clone()
 
 
-@pytest.fixture(scope="module", params=sorted(DTYPES))
+VARIANTS = {"fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
+            "fp8-cast16": (torch.float8_e4m3fn, torch.float16)}
+"""UNet weight and manual-cast dtypes: fp16 / bf16 as recent GPUs run them; fp8 weights computed in fp16 as
+ComfyUI runs ``--fp8_e4m3fn-unet`` (or an fp8 checkpoint) on cards without fp8 compute."""
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def half(request, comfy):
-    """(dtype, SD1.5 UNet in that dtype, its float16 CLIP)."""
-    dtype = DTYPES[request.param]
+    """(weight dtype, compute dtype, SD1.5 UNet in them, its float16 CLIP)."""
+    dtype, cast = VARIANTS[request.param]
     with torch.inference_mode():
-        return SimpleNamespace(dtype=dtype, model=tiny_half_unet("SD15", dtype), clip=tiny_half_clip("SD15"))
+        return SimpleNamespace(dtype=dtype, compute=cast or dtype, tag=request.param,
+                               model=tiny_half_unet("SD15", dtype, cast), clip=tiny_half_clip("SD15"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,11 +115,11 @@ def upcast(model):
     return copy
 
 
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp8-cast16"])
 @pytest.mark.parametrize("family", ["SD15", "SD20", "SDXL"])
 def test_rece_on_a_half_model(comfy, family, dtype):
     with torch.inference_mode():
-        model, clip = tiny_half_unet(family, DTYPES[dtype]), tiny_half_clip(family)
+        model, clip = tiny_half_unet(family, *VARIANTS[dtype]), tiny_half_clip(family)
     before_m, before_c = snapshot(model), snapshot(clip)
     rece = node(comfy, "CE_RECEEditModel")
     with torch.inference_mode():
@@ -146,7 +157,7 @@ def test_selective_amnesia_on_a_half_model(comfy, half, tmp_path):
 
     model, clip = half.model, half.clip
     before = snapshot(model)
-    tag = str(half.dtype).split(".")[-1]
+    tag = half.tag
     with torch.inference_mode():
         (fisher,) = node(comfy, "CE_SAComputeFisher").compute(
             model, clip, "a photo of a dog\na photo of a house", 2, 2, 2, "xattn", 0, 2, 4.0, "euler", "normal",
@@ -165,6 +176,9 @@ def test_selective_amnesia_on_a_half_model(comfy, half, tmp_path):
     ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
     assert ups and any(v.abs().sum() > 0 for v in ups), "the LoRA did not train"
     assert torch.isfinite(images).all()
+    summary = json.loads((Path(comfy.folder_paths.get_output_directory()) / "selective_amnesia" /
+                          f"half_test_sa_{tag}" / "summary.json").read_text())
+    assert summary["steps"] == 3 and all(math.isfinite(v) for v in summary["final"].values() if isinstance(v, float))
     samples = sample(comfy, trained, clip)
     assert torch.isfinite(samples).all()
 
@@ -204,7 +218,7 @@ def block_output(model, x: torch.Tensor, sigma: float, ctx: torch.Tensor) -> tor
 def test_saeuron_pipeline_on_a_half_model(comfy, half):
     model, clip = half.model, half.clip
     before_m, before_c = snapshot(model), snapshot(clip)
-    tag = str(half.dtype).split(".")[-1]
+    tag = half.tag
     with torch.inference_mode():
         (dataset,) = node(comfy, "CE_CollectSAEActivations").collect(
             model, clip, "a photo of a cat\na photo of a dog", BLOCK, **SAMPLING, branch="cond",
@@ -221,21 +235,40 @@ def test_saeuron_pipeline_on_a_half_model(comfy, half):
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     assert torch.isfinite(stats.means).all()
 
-    # the edit changes the fired tokens and leaves every other token bit-exact, in the block's own dtype
+    # the edit changes the fired tokens and leaves every other token bit-exact, in the block's own dtype; an SAE
+    # that Load SAE loaded in half precision edits the same tokens
     import comfy.patcher_extension as pe
 
-    (patch,) = patched.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, "concept_erasure.saeuron")
     g = torch.Generator().manual_seed(3)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
     base = block_output(model, x, None, ctx)
-    edited = block_output(patched, x, None, ctx)
-    assert base.dtype == edited.dtype == half.dtype
-    fired = patch.hook.last_fired.reshape(2, -1)
-    assert fired.any() and not fired.all(), fired
-    b, e = base.flatten(2).transpose(1, 2), edited.flatten(2).transpose(1, 2)  # [batch, tokens, channels]
-    assert torch.equal(e[~fired], b[~fired])
-    assert not torch.equal(e[fired], b[fired])
-    assert torch.isfinite(edited).all()
+    assert base.dtype == half.compute
+    b = base.flatten(2).transpose(1, 2)  # [batch, tokens, channels]
+    for sae_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        copy = deepcopy(sae).to(sae_dtype)
+        features = stats
+        if sae_dtype == torch.bfloat16:
+            # a bfloat16 copy is not the SAE of the float32 table: refused, saying how to load it; its own table works
+            with pytest.raises(ValueError, match="held in bfloat16.*load it as float32 or float16"), \
+                    torch.inference_mode():
+                node(comfy, "CE_SAeUronConceptBlock").patch(model, copy, BLOCK, "cat", -5.0, "top_n", 8, 99.999,
+                                                            "conventional", False, features=stats)
+            with torch.inference_mode():
+                features, _ = node(comfy, "CE_SAeUronConceptFeatures").gather(
+                    model, clip, copy, BLOCK, "cat: a photo of a cat\ndog: a photo of a dog", "a photo of a house",
+                    **SAMPLING, branch="cond", filename=f"half_test/features_bf16_{tag}")
+        with torch.inference_mode():
+            (other,) = node(comfy, "CE_SAeUronConceptBlock").patch(
+                model, copy, BLOCK, "cat", -5.0, "top_n", 8, 99.999, "conventional", False, features=features)[:1]
+        (patch,) = other.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, "concept_erasure.saeuron")
+        edited = block_output(other, x, None, ctx)
+        assert edited.dtype == half.compute and torch.isfinite(edited).all()
+        fired = patch.hook.last_fired.reshape(2, -1)
+        assert fired.any() and not fired.all(), (sae_dtype, fired)
+        e = edited.flatten(2).transpose(1, 2)
+        assert torch.equal(e[~fired], b[~fired]), sae_dtype
+        assert not torch.equal(e[fired], b[fired]), sae_dtype
+    assert sae.dtype == torch.float32
 
     # sampling and the firing map
     with torch.inference_mode():
@@ -372,7 +405,7 @@ def test_training_in_fp32_precision_computes_in_float32_on_half_models(comfy, ha
     ComfyUI's own LoRA training sets its compute dtype: through an fp16 UNet, gradients below 6e-8 flush to zero and
     the LoRA's small update rounds away in the fp16 weight; bf16 keeps 8 bits of the weight."""
     model, clip = half.model, half.clip
-    tag = str(half.dtype).split(".")[-1]
+    tag = half.tag
     with GradDtypes(model) as fisher_seen, torch.inference_mode():
         (fisher,) = node(comfy, "CE_SAComputeFisher").compute(
             model, clip, "a photo of a dog", 1, 1, 1, "xattn", 0, 1, 4.0, "euler", "normal", SIZE, SIZE, "fp32",
