@@ -7,7 +7,8 @@ whose chosen weights go through trainable weight wrappers (``add_weight_wrapper`
 (``w -> w + 0``, whose gradient is the weight's). Every other weight gets an identity wrapper so
 ComfyUI hands each layer a fresh copy of its weight (weights loaded by a node are inference tensors,
 which autograd cannot save for backward). Use it under ``torch.inference_mode(False)``; the
-wrappers are removed and the clone unloaded on exit, so the input MODEL is never modified.
+wrappers are removed and the clone unloaded on exit, so the input MODEL is never modified. The clone computes in
+the precision asked for (fp32 or bf16) whatever dtype the checkpoint's weights were loaded in.
 
 Loading and unloading happen under inference mode, as everywhere else in ComfyUI. On a GPU they move
 the weights (``nn.Module.to``), and a parameter made under inference mode -- every weight a loader node
@@ -27,7 +28,7 @@ import torch
 from sae_core.amnesia.config import PRECISIONS
 from sae_core.amnesia.lora import LoRADelta, select_targets
 
-__all__ = ["PRECISIONS", "CopyWeight", "GradientProbe", "ComfyLoRA", "TrainingClone", "target_modules"]
+__all__ = ["PRECISIONS", "ComfyLoRA", "CopyWeight", "GradientProbe", "TrainingClone", "compute_dtype", "target_modules"]
 
 log = logging.getLogger("concept_erasure")
 
@@ -79,8 +80,12 @@ class TrainingClone:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.patcher = model.clone()
-        if precision == "bf16":
-            self.patcher.set_model_compute_dtype(torch.bfloat16)
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
+        if precision == "bf16" or compute_dtype(self.patcher) != compute:
+            # fp32 on a half-precision checkpoint (ComfyUI loads SD UNets in fp16/bf16 on GPUs): the gradients would
+            # otherwise go through fp16 (values below 6e-8 flush to zero, a small LoRA update rounds away in the
+            # weight) or bf16; ComfyUI's own LoRA training sets its compute dtype the same way
+            self.patcher.set_model_compute_dtype(compute)
         self.functions: list[Any] = []
         copy_fn = CopyWeight()
         for name, module in self.patcher.model.named_modules():
@@ -104,7 +109,7 @@ class TrainingClone:
             mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
         return self.patcher
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         import comfy.model_management as mm
 
         mine = {id(f) for f in self.functions}
@@ -127,6 +132,14 @@ class TrainingClone:
                 p.requires_grad_(flag)
             except RuntimeError:
                 pass
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype ``model`` (a ModelPatcher) computes its UNet in: its manual-cast dtype (an object patch of the
+    clone included), else its weights' dtype."""
+    cast = model.get_model_object("manual_cast_dtype") if "manual_cast_dtype" in model.object_patches else \
+        getattr(model.model, "manual_cast_dtype", None)
+    return cast if cast is not None else model.model.get_dtype()
 
 
 def target_modules(model: Any, targets: str) -> dict[str, torch.nn.Module]:

@@ -39,6 +39,7 @@ __all__ = [
     "read_metadata",
     "remove_stale_temps",
     "sae_fingerprint",
+    "sae_fingerprint_hint",
     "save_json",
     "save_tensors",
     "tensor_fingerprint",
@@ -267,6 +268,17 @@ def sae_fingerprint(sae: Any, rows: int = 256) -> str:
     pick = torch.arange(0, n, max(1, n // max(1, rows)), device=sae.W_dec.device)[:rows]
     parts = (sae.b_dec, sae.encoder.bias, sae.encoder.weight[pick], sae.W_dec[pick])
     return tensor_fingerprint((("", t) for t in parts), dtype=torch.float16, header=f"{n}x{d}:k={int(sae.cfg.k)}")
+
+
+def sae_fingerprint_hint(sae: Any) -> str:
+    """What to add to a refusal of ``sae`` for a fingerprint that differs: a bfloat16 copy of an SAE rounds its
+    weights away from the fp32/fp16 copies that :func:`sae_fingerprint` makes agree (e.g. Load SAE's dtype
+    bfloat16 with a file built by the float32 SAE), so the refusal says how to load it; else ``""``."""
+    if getattr(getattr(sae, "W_dec", None), "dtype", None) != torch.bfloat16:
+        return ""
+    return (" (this SAE is held in bfloat16, which rounds its weights differently from a float32 or float16 copy "
+            "of the same file: load it as float32 or float16, e.g. Load SAE's dtype, or build the file with this "
+            "bfloat16 copy)")
 
 
 def file_fingerprint(path: PathLike, companions: Iterable[PathLike] = ()) -> str:

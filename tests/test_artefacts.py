@@ -17,6 +17,7 @@ from sae_core.artefacts import (
     load_tensors,
     read_metadata,
     sae_fingerprint,
+    sae_fingerprint_hint,
     save_json,
     save_tensors,
     tensor_fingerprint,
@@ -88,6 +89,26 @@ def test_sae_fingerprint_agrees_across_dtypes_and_differs_between_saes():
     two = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, k=4))
     assert sae_fingerprint(one) == sae_fingerprint(one.to(torch.float16))
     assert sae_fingerprint(one) != sae_fingerprint(two)
+
+
+def test_a_bfloat16_sae_copy_is_refused_with_how_to_load_it():
+    """Load SAE's bfloat16 rounds an SAE away from the float32/float16 copies whose fingerprint files record: the
+    refusal of a file built with the float32 SAE says so instead of asking to rebuild it for "this SAE"."""
+    import copy
+
+    from sae_core.saeuron import ConceptStats
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, k=4))
+    stats = ConceptStats(["a", "b"], torch.zeros(2, 1, 32), torch.ones(2, 1, dtype=torch.long),
+                         sae_fingerprint=sae_fingerprint(sae))
+    for same in (sae, copy.deepcopy(sae).half()):
+        stats.check_sae(same)
+        assert sae_fingerprint_hint(same) == ""
+    bf16 = copy.deepcopy(sae).to(torch.bfloat16)
+    assert sae_fingerprint(bf16) != sae_fingerprint(sae)
+    with pytest.raises(ValueError, match="held in bfloat16.*load it as float32 or float16"):
+        stats.check_sae(bf16)
 
 
 def test_file_fingerprint_changes_with_content_and_companions(tmp_path):

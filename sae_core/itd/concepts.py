@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..artefacts import sae_fingerprint, save_tensors
+from ..artefacts import sae_fingerprint, sae_fingerprint_hint, save_tensors
 from ..sae import SparseAutoencoder
 from .steering import ERROR_MODES
 
@@ -185,7 +185,7 @@ class ItDConcepts:
             if found != self.sae_fingerprint:
                 raise ValueError(
                     f"these ItD concepts were built with a different SAE (fingerprint {self.sae_fingerprint}, "
-                    f"given SAE {found}); re-run interpretation with this SAE"
+                    f"given SAE {found}); re-run interpretation with this SAE{sae_fingerprint_hint(sae)}"
                 )
 
     # -- files --------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..artefacts import sae_fingerprint_hint
 from ..capture import to_tokens
 from ..sae import per_token_topk
 from .fast import FastEdit
@@ -274,7 +275,8 @@ class SAeUronHook:
         elif isinstance(stats, SelectionTable):
             table = stats
             if check_sae and table.sae_fingerprint is not None and table.sae_fingerprint != sae_fingerprint(sae):
-                raise ValueError("SAeUronHook: the selection table was built for a different SAE")
+                raise ValueError("SAeUronHook: the selection table was built for a different SAE"
+                                 f"{sae_fingerprint_hint(sae)}")
         else:
             raise TypeError(f"SAeUronHook: stats must be ConceptStats or SelectionTable, got {type(stats).__name__}")
         if table.num_latents is not None and table.num_latents != sae.cfg.num_latents:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..artefacts import ArtefactError, load_tensors, read_metadata, sae_fingerprint, save_tensors
+from ..artefacts import ArtefactError, load_tensors, read_metadata, sae_fingerprint, sae_fingerprint_hint, save_tensors
 from ..capture import to_tokens
 from ..sae import per_token_topk
 
@@ -184,7 +184,7 @@ class ConceptStats:
             if fp != self.sae_fingerprint:
                 raise ValueError(
                     f"the concept statistics were gathered with SAE {self.sae_fingerprint}, "
-                    f"not with this SAE ({fp}); gather them again for this SAE"
+                    f"not with this SAE ({fp}); gather them again for this SAE{sae_fingerprint_hint(sae)}"
                 )
 
     # -- files ------------------------------------------------------------------------------------

@@ -175,3 +175,81 @@ def tiny_clip_vision(tmp_dir, projection: int = 16, seed: int = 3):
     vision = comfy.clip_vision.ClipVisionModel(str(path))
     init_random(vision.model.named_parameters(), seed)
     return vision
+
+
+# -- half precision, as ComfyUI runs these families on GPUs ----------------------------------------------------
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The UNet weight dtypes ComfyUI picks for SD1.x / SD2.x / SDXL on GPUs (``model_management.unet_dtype``)."""
+
+
+def half_patcher(cfg, dtype: torch.dtype, manual_cast=None, seed: int = 0, model_type=None):
+    """:func:`patcher` with the UNet's weights in ``dtype`` and ``manual_cast`` as ComfyUI's checkpoint loader sets
+    them (``model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)``). On a GPU that computes in the weight
+    dtype (fp16 and bf16 on recent cards) ``manual_cast`` is None: the layers are ``comfy.ops.disable_weight_init``
+    and ``apply_model`` casts the input and context to ``dtype``. A ``manual_cast`` dtype (fp16 weights on a card
+    without fast fp16: float32; bf16 weights on a card without bf16: float16) gives ``comfy.ops.manual_cast``
+    layers that cast each weight to the compute dtype. Same random weights as the float32 builders (same seed),
+    rounded to ``dtype``."""
+    import comfy.model_base
+    import comfy.model_patcher
+
+    cfg.unet_config["num_heads"] = 2
+    cfg.unet_config["num_head_channels"] = -1
+    cfg.set_inference_dtype(dtype, manual_cast)
+    if model_type is None:
+        model = cfg.get_model({}, device="cpu")
+    else:
+        kind = comfy.model_base.SDXL if isinstance(cfg, _sdxl_class()) else comfy.model_base.BaseModel
+        model = kind(cfg, model_type=model_type, device="cpu")
+    init_random(model.named_parameters(), seed)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def tiny_half_unet(family: str, dtype: torch.dtype = torch.float16, manual_cast=None, seed: int = 0,
+                   context: int = 32, channels: int = 32):
+    """The tiny UNet of ``family`` ("SD15", "SD20" (v-prediction), "SDXL") in ``dtype`` (see :func:`half_patcher`);
+    ``context`` is the CLIP width it reads (SDXL: clip_l + clip_g, halves of it), ``channels`` SD1.5's width."""
+    import comfy.model_base
+    import comfy.supported_models as sm
+
+    if family == "SD15":
+        cfg = sm.SD15({**BASE_UNET, "model_channels": channels, "context_dim": context})
+        return half_patcher(cfg, dtype, manual_cast, seed)
+    if family == "SD20":
+        cfg = sm.SD20({**BASE_UNET, "use_linear_in_transformer": True, "context_dim": context})
+        return half_patcher(cfg, dtype, manual_cast, seed, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    if family == "SDXL":
+        half = context // 2
+        cfg = sm.SDXL({**BASE_UNET, "adm_in_channels": half + SDXL_SIZE_EMBEDDINGS, "num_classes": "sequential",
+                       "transformer_depth": [0, 2], "transformer_depth_middle": 2,
+                       "transformer_depth_output": [0, 0, 2, 2], "use_linear_in_transformer": True,
+                       "context_dim": context})
+        return half_patcher(cfg, dtype, manual_cast, seed)
+    raise ValueError(f"family: {family!r} is none of SD15, SD20, SDXL")
+
+
+def tiny_half_clip(family: str, width: int = 32, dtype: torch.dtype = torch.float16, seed: int = 1,
+                   layers: int | None = None):
+    """The tiny CLIP of ``family`` with its weights in ``dtype`` through ComfyUI's ``dtype`` CLIP model option (the
+    text encoders' default on GPUs is float16, ``model_management.text_encoder_dtype``; they compute in float32
+    through ``comfy.ops.manual_cast``). ``width``: SD1 clip_l / SD2 clip_h width, SDXL clip_l + clip_g; ``layers``
+    per encoder (default: SD1 one, the others three)."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd2_clip as sd2
+
+    n = layers if layers is not None else (1 if family == "SD15" else 3)
+    if family == "SD15":
+        return clip_object(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel,
+                           {"clip_l_model_config": small_config(width, n), "dtype": dtype}, seed)
+    if family == "SD20":
+        return clip_object(sd2.SD2Tokenizer, sd2.SD2ClipModel,
+                           {"clip_h_model_config": small_config(width, n, projection_dim=width), "dtype": dtype}, seed)
+    if family == "SDXL":
+        half = width // 2
+        return clip_object(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
+                           {"clip_l_model_config": small_config(half, n),
+                            "clip_g_model_config": small_config(half, n, projection_dim=half), "dtype": dtype}, seed)
+    raise ValueError(f"family: {family!r} is none of SD15, SD20, SDXL")
