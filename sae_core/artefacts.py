@@ -38,6 +38,7 @@ __all__ = [
     "load_tensors",
     "read_metadata",
     "remove_stale_temps",
+    "keep_sae_fingerprint",
     "sae_fingerprint",
     "sae_fingerprint_hint",
     "save_json",
@@ -258,15 +259,41 @@ def tensor_fingerprint(named: Iterable[tuple[str, torch.Tensor]], *, dtype: Opti
 
 
 @torch.no_grad()
+def _fingerprint_parts(sae: Any, rows: int = 256) -> tuple[torch.Tensor, ...]:
+    """What :func:`sae_fingerprint` hashes: both biases and ``rows`` evenly spaced encoder/decoder rows."""
+    n = sae.W_dec.shape[0]
+    pick = torch.arange(0, n, max(1, n // max(1, rows)), device=sae.W_dec.device)[:rows]
+    return sae.b_dec, sae.encoder.bias, sae.encoder.weight[pick], sae.W_dec[pick]
+
+
+def _weight_state(sae: Any) -> tuple:
+    """A cheap check that the fingerprinted weights are still the ones a kept fingerprint was given for: their
+    dtype, shape and float64 sums (any change to them moves a sum)."""
+    parts = _fingerprint_parts(sae)
+    return (str(sae.W_dec.dtype), tuple(sae.W_dec.shape), int(sae.cfg.k),
+            *(float(t.detach().double().sum()) for t in parts))
+
+
+def keep_sae_fingerprint(sae: Any, fingerprint: str) -> None:
+    """Let ``sae`` answer :func:`sae_fingerprint` with ``fingerprint`` (that of the copy it was cast from) while its
+    weights stay as they are: a loader that narrows a file's weights to bfloat16 keeps the file's identity, so files
+    built with the float32 copy still match. Any later in-place change or replaced tensor drops it."""
+    sae._kept_fingerprint = (fingerprint, _weight_state(sae))
+
+
 def sae_fingerprint(sae: Any, rows: int = 256) -> str:
     """The identity of an SAE's weights that files built with it record (concept statistics, ItD concepts).
 
     Hashes the shape, ``k``, both biases and ``rows`` evenly spaced encoder/decoder rows, rounded to
-    float16, so the fp32 and fp16 copies of one file agree. Fast for any width.
+    float16, so the fp32 and fp16 copies of one file agree. Fast for any width. A bfloat16 copy rounds
+    differently; one made by :func:`sae_core.formats.load_sae` answers with its file's fingerprint
+    (:func:`keep_sae_fingerprint`).
     """
+    kept = getattr(sae, "_kept_fingerprint", None)
+    if kept is not None and rows == 256 and kept[1] == _weight_state(sae):
+        return kept[0]
     n, d = sae.W_dec.shape
-    pick = torch.arange(0, n, max(1, n // max(1, rows)), device=sae.W_dec.device)[:rows]
-    parts = (sae.b_dec, sae.encoder.bias, sae.encoder.weight[pick], sae.W_dec[pick])
+    parts = _fingerprint_parts(sae, rows)
     return tensor_fingerprint((("", t) for t in parts), dtype=torch.float16, header=f"{n}x{d}:k={int(sae.cfg.k)}")
 
 
@@ -277,8 +304,8 @@ def sae_fingerprint_hint(sae: Any) -> str:
     if getattr(getattr(sae, "W_dec", None), "dtype", None) != torch.bfloat16:
         return ""
     return (" (this SAE is held in bfloat16, which rounds its weights differently from a float32 or float16 copy "
-            "of the same file: load it as float32 or float16, e.g. Load SAE's dtype, or build the file with this "
-            "bfloat16 copy)")
+            "of the same file: load it as float32 or float16, or load its file as bfloat16 with Load SAE, which keeps "
+            "the file's identity, or build the file with this bfloat16 copy)")
 
 
 def file_fingerprint(path: PathLike, companions: Iterable[PathLike] = ()) -> str:

@@ -49,7 +49,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .artefacts import ArtefactError, save_tensors, write_text
+from .artefacts import ArtefactError, keep_sae_fingerprint, sae_fingerprint, save_tensors, write_text
 from .config import SaeConfig
 from .sae import SparseAutoencoder
 
@@ -480,7 +480,13 @@ def load_sae(
     The returned SAE is in eval mode and uses per-token TopK.
     """
     layout, where = detect_layout(path)
-    sae = _READERS[layout](where, device, dtype)
+    if dtype == torch.bfloat16:  # bfloat16 rounds the weights away from the fingerprint files built with the SAE record
+        sae = _READERS[layout](where, device, None)
+        fingerprint = sae_fingerprint(sae)
+        sae = sae.to(dtype)
+        keep_sae_fingerprint(sae, fingerprint)
+    else:
+        sae = _READERS[layout](where, device, dtype)
     if dtype is not None:  # the file's values are finite (checked on read); a narrower dtype can overflow them
         for name, t in (("encoder.weight", sae.encoder.weight), ("encoder.bias", sae.encoder.bias),
                         ("W_dec", sae.W_dec), ("b_dec", sae.b_dec)):

@@ -173,3 +173,28 @@ def test_load_errors_are_artefact_errors_naming_the_file(tmp_path):
     with pytest.raises(ArtefactError) as err:
         load_tensors(bad)
     assert err.value.path == str(bad)
+
+
+def test_an_sae_file_loaded_as_bfloat16_keeps_the_files_identity(tmp_path):
+    """Load SAE's bfloat16 narrows the file's weights after fingerprinting them, so tables built with the float32
+    copy of that file match; a change to the weights drops the kept identity."""
+    import copy
+
+    from sae_core.formats import load_sae, save_sae
+    from sae_core.saeuron import ConceptStats
+
+    torch.manual_seed(0)
+    save_sae(SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, k=4)), tmp_path / "s", layout="folder")
+    sae32 = load_sae(tmp_path / "s")
+    bf16 = load_sae(tmp_path / "s", dtype=torch.bfloat16)
+    assert bf16.W_dec.dtype == torch.bfloat16
+    stats = ConceptStats(["a", "b"], torch.zeros(2, 1, 32), torch.ones(2, 1, dtype=torch.long),
+                         sae_fingerprint=sae_fingerprint(sae32))
+    stats.check_sae(bf16)
+    file_fp = sae_fingerprint(sae32)
+    assert sae_fingerprint(bf16) == file_fp != sae_fingerprint(copy.deepcopy(sae32).to(torch.bfloat16))
+    with torch.no_grad():
+        bf16.W_dec[5].mul_(2)  # fingerprinted rows: the weights are no longer the file's
+    assert sae_fingerprint(bf16) != file_fp
+    with pytest.raises(ValueError, match="held in bfloat16"):
+        stats.check_sae(bf16)
