@@ -9,6 +9,8 @@ colour.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,6 @@ from sae_core.plots import (
     CONCEPT_COLOUR,
     RETAIN_COLOUR,
     SERIES_COLOURS,
-    THRESHOLD_COLOUR,
     WRONG_COLOUR,
     ScoreGroup,
     calibration_strip,
@@ -31,37 +32,8 @@ from sae_core.plots import (
     text_width,
 )
 
-
-def mask(img: np.ndarray, colour) -> np.ndarray:
-    return (img == np.array(colour, dtype=np.uint8)).all(axis=-1)
-
-
-def runs(indices: np.ndarray) -> list[np.ndarray]:
-    return np.split(indices, np.flatnonzero(np.diff(indices) > 1) + 1) if indices.size else []
-
-
-def runs_y(m: np.ndarray) -> list[tuple[int, int]]:
-    """``(first, last)`` image rows of each vertical run of rows holding ``m`` pixels, top to bottom."""
-    return [(int(r[0]), int(r[-1])) for r in runs(np.flatnonzero(m.any(axis=1)))]
-
-
-def threshold_column(img: np.ndarray) -> tuple[float, int]:
-    """``(column, first row)`` of the threshold line: the columns where its colour runs down the whole plot (the
-    legend's short swatch of that colour is not one)."""
-    m = mask(img, THRESHOLD_COLOUR)
-    counts = m.sum(axis=0)
-    cols = np.flatnonzero(counts >= 0.5 * counts.max())
-    assert cols.size <= 3 and counts.max() > 100, cols  # one line, 3 px wide, down every row
-    return float(cols.mean()), int(np.flatnonzero(m[:, cols[0]])[0])
-
-
-def dots(img: np.ndarray, colour) -> list[float]:
-    """Centre columns of the dots of ``colour`` in the plot (below the legend), left to right: pixels inside a
-    solid 5x5 square of it (text and lines are thinner)."""
-    top = threshold_column(img)[1]
-    m = mask(img[top:], colour)
-    solid = np.lib.stride_tricks.sliding_window_view(m, (5, 5)).all(axis=(-1, -2))
-    return [float(r.mean()) + 2 for r in runs(np.flatnonzero(solid.any(axis=0)))]
+sys.path.append(str(Path(__file__).resolve().parent / "comfy"))  # the pixel readers the node tests share
+from plot_pixels import bar_lengths, dots, mask, threshold_column
 
 
 def groups(concept, retain, concept_prompts=(), retain_prompts=()):
@@ -143,12 +115,6 @@ def test_calibration_strip_refuses_empty_and_nan_input():
 
 def kv(layer: str, k: float, v: float) -> dict[str, float]:
     return {f"diffusion_model.{layer}.to_k.weight": k, f"diffusion_model.{layer}.to_v.weight": v}
-
-
-def bar_lengths(img: np.ndarray, colour) -> list[int]:
-    """Pixel length of each horizontal bar of ``colour``, top to bottom (the legend's swatch first)."""
-    m = mask(img, colour)
-    return [int(m[a:b + 1].any(axis=0).sum()) for a, b in runs_y(m)]
 
 
 def test_bars_are_proportional_to_their_values_in_unet_order():
