@@ -429,7 +429,10 @@ def calibration_plot(found: ItDConcepts, concepts: list[str], retain: list[str],
     groups = [ScoreGroup(f"concept prompts ({len(targets)})", targets, True,
                          concepts if len(concepts) == len(targets) else ()),
               ScoreGroup(f"retain prompts ({len(kept)})", kept, False, retain if len(retain) == len(kept) else ())]
-    image = calibration_strip(groups, tau, title=f"{NODE_NAME}: {', '.join(found.concept_names)}",
+    names = ", ".join(repr(name) for name in found.concept_names)
+    if len(found.concept_names) > 1:
+        names = f"{len(found.concept_names)} concepts: {names}"
+    image = calibration_strip(groups, tau, title=f"{NODE_NAME}: {names}",
                               subtitle="; ".join(parts), axis_label="score: mean squared change the edit makes")
     return image_tensor(image)
 

@@ -540,14 +540,16 @@ def change_chart(edit: CEEdit) -> Tensor:
         changes.pop(pooled["key"], None)
         row = (pooled["key"].removeprefix(UNET_PREFIX).removesuffix(".weight"), pooled["relative_change"])
     concepts = ", ".join(repr(c) for c in meta["concepts"])
-    notes = [f"{meta['model_family']}: {meta['num_weights']} weights, relative change {meta['relative_change']:.4g} "
-             "overall"]
+    if len(meta["concepts"]) > 1:
+        concepts = f"{len(meta['concepts'])} concepts: {concepts}"
+    notes = [f"{meta['model_family']}: ||dW|| / ||W|| of each cross-attention layer; {meta['num_weights']} weights, "
+             f"relative change {meta['relative_change']:.4g} overall"]
     if pooled is not None:
         notes.append(f"pooled text input: first {pooled['columns']} columns of {row[0]}")
     elif meta.get("pooled_note"):
         notes.append(f"pooled text input: {meta['pooled_note']}")
-    image = layer_change_chart(changes, pooled=row, title=f"{meta['method'].upper()} erased {concepts}: "
-                               "||dW|| / ||W|| per cross-attention layer", subtitle="\n".join(notes))
+    image = layer_change_chart(changes, pooled=row, title=f"{meta['method'].upper()} erased {concepts}",
+                               subtitle="\n".join(notes))
     return image_tensor(image)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "layer_change_chart",
     "layer_label",
     "text_width",
+    "wrap_text",
 ]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -103,6 +104,27 @@ def fit_text(text: str, width: int, fnt: Any = None) -> str:
         else:
             hi = mid - 1
     return text[:lo].rstrip() + "…"
+
+
+def wrap_text(text: str, width: int, fnt: Any = None, max_lines: int = 3) -> list[str]:
+    """``text``'s lines broken at spaces to fit ``width`` pixels, at most ``max_lines`` (the last one cut with an
+    ellipsis when more would follow)."""
+    out: list[str] = []
+    for paragraph in text.splitlines():
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and text_width(candidate, fnt) > width:
+                out.append(line)
+                line = word
+            else:
+                line = candidate
+        if line:
+            out.append(line)
+    if len(out) > max_lines:
+        out = out[:max_lines]
+        out[-1] = fit_text(out[-1] + " …", width, fnt)
+    return [fit_text(line, width, fnt) for line in out]
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -304,7 +326,7 @@ def calibration_strip(groups: Sequence[ScoreGroup], tau: float, title: str = "",
     left = min(label_w + 16, width // 3)
     right = width - 18
     title_lines = [t for t in (title,) if t]
-    sub_lines = [t for t in subtitle.splitlines() if t]
+    sub_lines = wrap_text(subtitle, width - 20, small)
     legend_y = 8 + len(title_lines) * (line_h + 3) + len(sub_lines) * line_h + 2
     top = legend_y + line_h + 20  # the threshold's label sits between the legend and the rows
     row_h = 72
@@ -318,7 +340,7 @@ def calibration_strip(groups: Sequence[ScoreGroup], tau: float, title: str = "",
         draw.text((10, y), fit_text(t, width - 20, bold), fill=PALETTE["ink"], font=bold)
         y += line_h + 3
     for t in sub_lines:
-        draw.text((10, y), fit_text(t, width - 20, small), fill=PALETTE["muted"], font=small)
+        draw.text((10, y), t, fill=PALETTE["muted"], font=small)
         y += line_h
 
     # legend
@@ -464,7 +486,8 @@ def layer_change_chart(changes: Mapping[str, float], pooled: tuple[str, float] |
     line_h = TEXT_SIZE + 5
     many = len(layers) > 24
     bar_h = 6 if many else 11
-    row_h = 2 * bar_h + (4 if many else 8)
+    gap = 0 if many else 2  # between a layer's to_k and to_v bars
+    row_h = 2 * bar_h + gap + (4 if many else 8)
     head_h = line_h + 6
     blocks = {}
     for layer in layers:
@@ -478,7 +501,7 @@ def layer_change_chart(changes: Mapping[str, float], pooled: tuple[str, float] |
     sections = list(dict.fromkeys(layer.section for layer in layers)) + (["pooled"] if pooled is not None else [])
 
     title_lines = [t for t in (title,) if t]
-    sub_lines = [t for t in subtitle.splitlines() if t]
+    sub_lines = wrap_text(subtitle, width - 20, small)
     legend_y = 8 + len(title_lines) * (line_h + 3) + len(sub_lines) * line_h + 2
     top = legend_y + line_h + 8 + TEXT_SIZE + 10  # legend, then the upper axis' labels
     body = len(sections) * head_h + len(layers) * row_h + (row_h if pooled is not None else 0)
@@ -492,7 +515,7 @@ def layer_change_chart(changes: Mapping[str, float], pooled: tuple[str, float] |
         draw.text((10, y), fit_text(t, width - 20, bold), fill=PALETTE["ink"], font=bold)
         y += line_h + 3
     for t in sub_lines:
-        draw.text((10, y), fit_text(t, width - 20, small), fill=PALETTE["muted"], font=small)
+        draw.text((10, y), t, fill=PALETTE["muted"], font=small)
         y += line_h
     x = left
     legend = ["to_k", "to_v"] + (["pooled"] if pooled is not None else [])
@@ -557,8 +580,8 @@ def layer_change_chart(changes: Mapping[str, float], pooled: tuple[str, float] |
         else:
             row_label(y0, labels[payload.name])
             row = values[payload.name]
-            pad = (row_h - 2 * bar_h) // 2
+            pad = (row_h - 2 * bar_h - gap) // 2
             for j, proj in enumerate(("to_k", "to_v")):
                 if proj in row:
-                    bar(y0 + pad + j * bar_h, row[proj], SERIES_COLOURS[proj])
+                    bar(y0 + pad + j * (bar_h + gap), row[proj], SERIES_COLOURS[proj])
     return np.array(img, dtype=np.uint8)

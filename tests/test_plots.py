@@ -30,6 +30,7 @@ from sae_core.plots import (
     layer_change_chart,
     layer_label,
     text_width,
+    wrap_text,
 )
 
 sys.path.append(str(Path(__file__).resolve().parent / "comfy"))  # the pixel readers the node tests share
@@ -172,6 +173,11 @@ def test_layer_labels_and_text_helpers():
     cut = fit_text(text, 120, f)
     assert cut.endswith("…") and text_width(cut, f) <= 120 and text.startswith(cut[:-1])
     assert fit_text("short", 120, f) == "short"
+    lines = wrap_text(text + "\nsecond paragraph", 200, f, max_lines=9)
+    assert len(lines) >= 3 and all(text_width(line, f) <= 200 for line in lines) and lines[-1] == "second paragraph"
+    assert " ".join(lines[:-1]) == text  # broken at spaces, nothing lost
+    cut = wrap_text(text * 4, 200, f, max_lines=2)
+    assert len(cut) == 2 and cut[-1].endswith("…")
     # the image grid draws with the same font helper
     grid = image_grid(torch.rand(4, 3, 8, 8), 2, 2, ["a", "bb"], ["x", "y"])
     assert grid.size[0] > 2 * 16 + text_width("bb", font())
