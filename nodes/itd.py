@@ -21,7 +21,8 @@ of :class:`sae_core.itd.ItDSettings`:
 
 Calibration templates (the ``templates`` input) put each concept and each retain line into several phrasings, as
 the reference calibrates on five templates per artist or person; the report (the STRING output, also shown on the
-node) lists every calibration prompt's score and its decision.
+node) lists every calibration prompt's score and its decision, and the IMAGE output draws them (a dot per prompt,
+the threshold as a line, prompts on its wrong side in red).
 
 Padding. ComfyUI pads every chunk to 77 tokens with EOS (MiniCanvas: to 16 with ``<pad>``) and the score
 averages over every position, so the threshold only means something in that regime. Calibration therefore
@@ -76,6 +77,7 @@ from sae_core.itd import (
     templated,
 )
 from sae_core.itd.pipeline import POSITIONS
+from sae_core.plots import ScoreGroup, calibration_strip, image_tensor
 from sae_core.prompts import parse_names, parse_prompts
 from sae_core.sae import SparseAutoencoder
 
@@ -103,6 +105,7 @@ __all__ = [
     "ItDEncodeRecord",
     "ItDPromptClassifier",
     "build_classifier",
+    "calibration_plot",
     "calibration_report",
     "comfy_text_host",
     "default_layer",
@@ -405,6 +408,35 @@ def calibration_report(
     return "\n".join(lines)
 
 
+def calibration_plot(found: ItDConcepts, concepts: list[str], retain: list[str], layer: int, family: str,
+                     encoder_name: str = "clip_l") -> Tensor:
+    """The IMAGE output ``[1, H, W, 3]``: the report's scores as a strip plot (:func:`sae_core.plots.calibration_strip`),
+    one row for the concept prompts and one for the retain prompts, ``tau`` as a line, prompts on the wrong side of
+    it highlighted and named."""
+    cal = found.calibration
+    tau = float(found.tau)
+    targets = found.target_scores.tolist() if found.target_scores is not None else []
+    kept = found.retain_scores.tolist() if found.retain_scores is not None else []
+    retain = list(dict.fromkeys(retain))  # each retain prompt was scored once
+    parts = [f"{family} {encoder_name} layer {layer}"]
+    if cal is not None:
+        parts.append(f"tau = {cal.margin:g} x smallest concept score {cal.target_min:.4g}")
+        if cal.retain_max is not None:
+            ratio = f", {cal.ratio:.3g}x below the smallest concept score" if cal.ratio is not None else ""
+            parts.append(f"largest retain score {cal.retain_max:.4g}{ratio}")
+        else:
+            parts.append("no retain prompts")
+    groups = [ScoreGroup(f"concept prompts ({len(targets)})", targets, True,
+                         concepts if len(concepts) == len(targets) else ()),
+              ScoreGroup(f"retain prompts ({len(kept)})", kept, False, retain if len(retain) == len(kept) else ())]
+    names = ", ".join(repr(name) for name in found.concept_names)
+    if len(found.concept_names) > 1:
+        names = f"{len(found.concept_names)} concepts: {names}"
+    image = calibration_strip(groups, tau, title=f"{NODE_NAME}: {names}",
+                              subtitle="; ".join(parts), axis_label="score: mean squared change the edit makes")
+    return image_tensor(image)
+
+
 # ---------------------------------------------------------------------------------------------
 # the node
 # ---------------------------------------------------------------------------------------------
@@ -424,13 +456,16 @@ class ItDPromptClassifier:
         "MiniCanvas. Wire the patched CLIP to the positive prompt only."
     )
     CATEGORY = category("itd")
-    RETURN_TYPES = ("CLIP", "STRING")
-    RETURN_NAMES = ("clip", "report")
+    RETURN_TYPES = ("CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("clip", "report", "calibration_plot")
     OUTPUT_TOOLTIPS = (
         "A copy of the CLIP whose text-encoder layer deactivates the concept features of prompts the classifier "
         "flags. Use it for the positive prompt only; encode the negative prompt with the original CLIP.",
         "The calibration: feature counts, the threshold, its margin against the retain prompts, and the score "
         "of every concept and retain prompt.",
+        "The calibration as a picture (wire it to Preview Image): every concept and retain prompt as a dot at its "
+        "score, the threshold tau as a line with its value; prompts on the wrong side of it (a concept prompt "
+        "below, a retain prompt at or above) are red and named.",
     )
     FUNCTION = "classify"
 
@@ -503,8 +538,11 @@ class ItDPromptClassifier:
         with Progress(3, NODE_NAME, node_id=unique_id) as bar:
             result = build_classifier(clip, sae, settings, progress=bar, encoder=encoder)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
+        patch = result.patch
+        plot = calibration_plot(patch.concepts, list(settings.target_prompts), list(settings.retain), patch.layer,
+                                patch.family, patch.encoder_name)
         # the report is shown on the node (ui text) as well as returned
-        return {"ui": {"text": [result.report]}, "result": (result.clip, result.report)}
+        return {"ui": {"text": [result.report]}, "result": (result.clip, result.report, plot)}
 
 
 NODE_CLASS_MAPPINGS = {node_id("ItDPromptClassifier"): ItDPromptClassifier}

@@ -6,7 +6,9 @@
   cross-attention ``attn2.to_k`` / ``attn2.to_v`` weight of the UNet, encodes the concept, anchor and preserve
   prompts with the wired CLIP (the conditioning the UNet sees), solves in float64 and returns a ``clone()`` of
   the model with the edit as LoRA weight patches (the patches the saved LoRA file loads as), plus the edit itself
-  (type ``CE_EDIT``: the exact low-rank factors of every weight's delta and a description).
+  (type ``CE_EDIT``: the exact low-rank factors of every weight's delta and a description), the leak probe, the
+  concept's conditioning, and each layer's relative weight change as a text table (on the node) and a bar chart
+  (the IMAGE output).
 * **Save Edit as LoRA** writes a ``CE_EDIT`` as a LoRA file into ``models/loras`` (the stock LoraLoader finds
   it there) and outputs it as ComfyUI's ``LORA_MODEL`` (for LoraModelLoader and Save LoRA Weights).
 
@@ -52,6 +54,7 @@ import torch
 from torch import Tensor
 
 from sae_core.amnesia.lora import save_lora
+from sae_core.plots import image_tensor, layer_change_chart
 from sae_core.prompts import parse_names
 from sae_core.rece import METHODS, LowRankDeltas, PooledInput, RECESettings, run_rece
 
@@ -361,8 +364,8 @@ class RECEEditModel:
         "SD1.x, SD2.x, SDXL and MiniCanvas."
     )
     CATEGORY = category("rece")
-    RETURN_TYPES = ("MODEL", EDIT_TYPE, "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("model", "edit", "leak_probe", "concept_conditioning")
+    RETURN_TYPES = ("MODEL", EDIT_TYPE, "CONDITIONING", "CONDITIONING", "IMAGE")
+    RETURN_NAMES = ("model", "edit", "leak_probe", "concept_conditioning", "change_plot")
     OUTPUT_TOOLTIPS = (
         "A copy of the model with the edit applied as weight patches on every cross-attention key/value layer (and "
         "on SDXL's pooled text input, label_emb.0.0).",
@@ -372,6 +375,9 @@ class RECEEditModel:
         "concept. Sample the edited model with it (Erasure Report's probe) to see how much of the concept is "
         "still reachable.",
         "The first concept's own conditioning (its prompt encoded by the CLIP, as CLIP Text Encode does).",
+        "The per-layer table as a picture (wire it to Preview Image): the relative weight change ||dW|| / ||W|| of "
+        "every cross-attention layer's to_k and to_v as bars, in UNet order (input, middle, output blocks), and "
+        "SDXL's pooled text input as its own row.",
     )
     FUNCTION = "run"
 
@@ -461,13 +467,14 @@ class RECEEditModel:
             uce_lambda: float = 0.5, preserve_scale: float = 0.1, lam: float = 0.1,
             device: str = "auto", edit_pooled: bool = True, pooled_lambda: float = 1e-3,
             unique_id: Optional[str] = None) -> dict:
-        """The node: :meth:`edit`, then the leak probe, the concept's conditioning and the per-layer table."""
+        """The node: :meth:`edit`, then the leak probe, the concept's conditioning and the per-layer table (as text
+        and as a chart)."""
         patched, edit = self.edit(model, clip, concepts, anchor, preserve, method, epochs, lambda_reg, erase_scale,
                                   uce_preserve_scale, uce_lambda, preserve_scale, lam, device, edit_pooled,
                                   pooled_lambda, unique_id, probe=True)
         probe, concept_cond = leak_outputs(clip, edit)
         table = change_table(edit)
-        return {"ui": {"text": [table]}, "result": (patched, edit, probe, concept_cond)}
+        return {"ui": {"text": [table]}, "result": (patched, edit, probe, concept_cond, change_chart(edit))}
 
 
 def leak_outputs(clip: Any, edit: CEEdit) -> tuple[list, list]:
@@ -519,6 +526,31 @@ def change_table(edit: CEEdit) -> str:
         lines.append(f"pooled text input {name} (first {pooled['columns']} columns): relative change "
                      f"{pooled['relative_change']:.4g}")
     return "\n".join(lines)
+
+
+def change_chart(edit: CEEdit) -> Tensor:
+    """The IMAGE output ``[1, H, W, 3]``: :func:`change_table` as a bar chart
+    (:func:`sae_core.plots.layer_change_chart`), one row per cross-attention layer with its ``to_k`` and ``to_v``
+    bars, and SDXL's pooled text input as its own row."""
+    meta = edit.metadata
+    changes = dict(meta.get("layer_changes") or {})
+    pooled = meta.get("pooled")
+    row = None
+    if pooled is not None:
+        changes.pop(pooled["key"], None)
+        row = (pooled["key"].removeprefix(UNET_PREFIX).removesuffix(".weight"), pooled["relative_change"])
+    concepts = ", ".join(repr(c) for c in meta["concepts"])
+    if len(meta["concepts"]) > 1:
+        concepts = f"{len(meta['concepts'])} concepts: {concepts}"
+    notes = [f"{meta['model_family']}: ||dW|| / ||W|| of each cross-attention layer; {meta['num_weights']} weights, "
+             f"relative change {meta['relative_change']:.4g} overall"]
+    if pooled is not None:
+        notes.append(f"pooled text input: first {pooled['columns']} columns of {row[0]}")
+    elif meta.get("pooled_note"):
+        notes.append(f"pooled text input: {meta['pooled_note']}")
+    image = layer_change_chart(changes, pooled=row, title=f"{meta['method'].upper()} erased {concepts}",
+                               subtitle="\n".join(notes))
+    return image_tensor(image)
 
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/%]*$")

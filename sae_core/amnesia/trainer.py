@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..artefacts import Action, ArtefactError, load_tensors, read_metadata, save_tensors
+from ..plots import PALETTE
 from ..prompts import parse_names
 from .config import FISHER_ONLY_FIELDS, AmnesiaConfig, ForgetPrompts
 from .ewc import ewc_penalty, prepare_fisher
@@ -456,7 +457,7 @@ class AmnesiaTrainer:
 # --------------------------------------------------------------------------- plotting
 
 
-_COLOURS = {"loss": (30, 30, 30), "surrogate": (214, 39, 40), "replay": (31, 119, 180), "ewc": (44, 160, 44)}
+_COLOURS = {"loss": PALETTE["dark"], "surrogate": PALETTE["red"], "replay": PALETTE["blue"], "ewc": PALETTE["green"]}
 
 
 def loss_curve_image(history: Sequence[Mapping[str, float]], width: int = 640, height: int = 360,
@@ -467,16 +468,16 @@ def loss_curve_image(history: Sequence[Mapping[str, float]], width: int = 640, h
     """
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (width, height), (255, 255, 255))
+    img = Image.new("RGB", (width, height), PALETTE["white"])
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 56, width - 12, 28, height - 30
-    draw.text((left, 6), title, fill=(0, 0, 0))
-    draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
+    draw.text((left, 6), title, fill=PALETTE["ink"])
+    draw.rectangle([left, top, right, bottom], outline=PALETTE["frame"])
     steps = [float(r.get("step", i + 1)) for i, r in enumerate(history)]
     values = {k: [float(r.get(k, float("nan"))) for r in history] for k in terms}
     positive = [v for vs in values.values() for v in vs if v > 0 and math.isfinite(v)]
     if not steps or not positive:
-        draw.text((left + 10, (top + bottom) // 2), "no positive loss values to plot", fill=(0, 0, 0))
+        draw.text((left + 10, (top + bottom) // 2), "no positive loss values to plot", fill=PALETTE["ink"])
         return np.asarray(img, dtype=np.uint8)
     lo, hi = math.log10(min(positive)), math.log10(max(positive))
     if hi - lo < 1e-6:
@@ -492,10 +493,10 @@ def loss_curve_image(history: Sequence[Mapping[str, float]], width: int = 640, h
     for e in range(math.floor(lo), math.ceil(hi) + 1):  # decade grid lines
         if lo <= e <= hi:
             _, y = xy(s0, 10.0 ** e)
-            draw.line([left, y, right, y], fill=(225, 225, 225))
-            draw.text((4, y - 6), f"1e{e}", fill=(90, 90, 90))
-    draw.text((left, bottom + 6), f"step {int(s0)}", fill=(90, 90, 90))
-    draw.text((right - 70, bottom + 6), f"step {int(max(steps))}", fill=(90, 90, 90))
+            draw.line([left, y, right, y], fill=PALETTE["grid"])
+            draw.text((4, y - 6), f"1e{e}", fill=PALETTE["muted"])
+    draw.text((left, bottom + 6), f"step {int(s0)}", fill=PALETTE["muted"])
+    draw.text((right - 70, bottom + 6), f"step {int(max(steps))}", fill=PALETTE["muted"])
     lx = left + 8
     for k in terms:
         pts = [xy(s, v) for s, v in zip(steps, values[k]) if v > 0 and math.isfinite(v)]

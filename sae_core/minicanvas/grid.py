@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from ..artefacts import atomic_write
-
-
-def _font():
-    try:
-        return ImageFont.load_default()
-    except Exception:  # pragma: no cover - PIL without its bundled font
-        return None
+from ..plots import PALETTE, text_width
+from ..plots import font as _font
 
 
 def image_grid(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[str] | None = None,
@@ -27,29 +22,23 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[
     arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     h, w = arr.shape[1] * scale, arr.shape[2] * scale
     font = _font()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_w(s: str) -> int:
-        box = probe.textbbox((0, 0), s, font=font)
-        return box[2] - box[0]
-
-    left = (max(text_w(s) for s in row_labels) + 8) if row_labels else 0
+    left = (max(text_width(s, font) for s in row_labels) + 8) if row_labels else 0
     top = 14 if col_labels else 0
     W = left + cols * (w + pad) + pad
     H = top + rows * (h + pad) + pad
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    canvas = Image.new("RGB", (W, H), PALETTE["white"])
     draw = ImageDraw.Draw(canvas)
     for r in range(rows):
         y = top + pad + r * (h + pad)
         if row_labels:
-            draw.text((4, y + h // 2 - 5), row_labels[r], fill=(0, 0, 0), font=font)
+            draw.text((4, y + h // 2 - 5), row_labels[r], fill=PALETTE["ink"], font=font)
         for c in range(cols):
             x = left + pad + c * (w + pad)
             tile = Image.fromarray(arr[r * cols + c]).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (x, y))
     if col_labels:
         for c, s in enumerate(col_labels):
-            draw.text((left + pad + c * (w + pad) + 2, 2), s, fill=(0, 0, 0), font=font)
+            draw.text((left + pad + c * (w + pad) + 2, 2), s, fill=PALETTE["ink"], font=font)
     return canvas
 
 

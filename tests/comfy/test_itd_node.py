@@ -121,7 +121,7 @@ def run_node(comfy, clip, sae, concepts=CONCEPTS, retain=RETAIN, layer=LAYER, sc
     with torch.inference_mode():
         out = node.classify(clip, sae, concepts, retain, layer, scale, **optional)
     assert out["ui"]["text"] == [out["result"][1]]  # the report is shown on the node
-    return out["result"]
+    return out["result"][:2]  # clip, report (the calibration plot: test_calibration_plot_draws_the_reports_scores)
 
 
 def encode(clip, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +216,43 @@ def test_calibration_scores_equal_encode_scores(comfy, tiny):
         others = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight[:1000].float()
     cos = torch.nn.functional.cosine_similarity(others, direction[None], dim=1)
     assert torch.nn.functional.cosine_similarity(word, direction, dim=0) > cos.max()
+
+
+def test_calibration_plot_draws_the_reports_scores(comfy, tiny):
+    """The IMAGE output appended after clip and report (saved workflows link outputs by index): the calibration's
+    scores as dots, tau as a line just left of the smallest concept score (tau = 0.99 x it), every retain prompt
+    left of it; with a margin that puts tau under the retain scores, exactly those are highlighted."""
+    from plot_pixels import as_array, dots, threshold_column
+
+    from sae_core.plots import CONCEPT_COLOUR, RETAIN_COLOUR, WRONG_COLOUR
+
+    clip, sae = tiny
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[NODE_ID]()
+    assert node.RETURN_TYPES == ("CLIP", "STRING", "IMAGE") and node.RETURN_NAMES[2] == "calibration_plot"
+    assert len(node.OUTPUT_TOOLTIPS) == 3
+    images = {}
+    for margin in (0.99, 0.001):
+        with torch.inference_mode():
+            patched, report, plot = node.classify(clip, sae, CONCEPTS, RETAIN, LAYER, -8.0,
+                                                  threshold_margin=margin)["result"]
+        assert plot.dtype == torch.float32 and plot.shape[0] == 1 and plot.shape[2:] == (768, 3)
+        assert 200 <= plot.shape[1] <= 360 and 0.0 <= float(plot.min()) <= float(plot.max()) <= 1.0
+        images[margin] = (as_array(plot), report, the_patch(comfy, patched))
+    img, report, patch = images[0.99]
+    x_tau = threshold_column(img)[0]
+    concept_x, retain_x = dots(img, CONCEPT_COLOUR), dots(img, RETAIN_COLOUR)
+    assert "all 3 retain prompts stay below tau" in report and not dots(img, WRONG_COLOUR)
+    assert len(concept_x) == 2 and retain_x and max(retain_x) < x_tau < min(concept_x)  # cat and dragon apart
+    # these scores span less than 30x: a linear axis, on which tau lies where it does between the two concept scores
+    (s1, s2), (c1, c2) = sorted(patch.concepts.target_scores.tolist()), concept_x
+    assert max(s1, s2) / min(patch.concepts.retain_scores.tolist()) < 30
+    assert x_tau == pytest.approx(c1 + (patch.tau - s1) / (s2 - s1) * (c2 - c1), abs=1.5)
+    img, report, patch = images[0.001]
+    assert "3 of 3 retain prompts reach tau" in report
+    # every retain dot is red (0.054 and 0.058 overlap: one column run), none blue; the concept dots keep their colour
+    assert dots(img, RETAIN_COLOUR) == [] and len(dots(img, WRONG_COLOUR)) >= 2
+    assert len(dots(img, CONCEPT_COLOUR)) == 2 and threshold_column(img)[0] < min(dots(img, WRONG_COLOUR))
+    assert max(dots(img, WRONG_COLOUR)) < min(dots(img, CONCEPT_COLOUR))
 
 
 def test_input_clip_unchanged(comfy, tiny):

@@ -50,7 +50,7 @@ def rece_edit(comfy, bench_module, mc, kind: str, name: str, method: str = "rece
 def itd_clip(comfy, bench_module, mc, sae, kind: str, name: str):
     node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_ItDPromptClassifier"]()
     with torch.inference_mode():
-        return node.classify(mc[1], sae, **bench_module.itd_inputs(kind, [name]))["result"]
+        return node.classify(mc[1], sae, **bench_module.itd_inputs(kind, [name]))["result"][:2]  # clip, report
 
 
 # ---------------------------------------------------------------------------------------------

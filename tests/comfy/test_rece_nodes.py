@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import tiny_models
 import torch
+from plot_pixels import mask
 
 EDIT_ID = "CE_RECEEditModel"
 SAVE_ID = "CE_SaveEditAsLoRA"
@@ -143,6 +144,37 @@ def test_edit_patches_a_clone_and_leaves_the_input_alone(comfy, tiny):
         up, down = edit.factors[k]
         assert down.shape[0] == min(bound, WIDE)
         assert _rel(up @ down, edit.deltas[k]) < 1e-5
+
+
+def test_change_plot_has_a_bar_per_edited_weight(comfy, tiny):
+    """The IMAGE output appended last (saved workflows link outputs by index): one to_k and one to_v bar per attn2
+    layer, rows in UNet order, each bar as long as its layer's relative change; no pooled row on SD1.x."""
+    from plot_pixels import as_array, bar_lengths
+
+    from sae_core.plots import SERIES_COLOURS
+
+    model, clip = tiny
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[EDIT_ID]()
+    assert node.RETURN_TYPES[-1] == "IMAGE" and node.RETURN_NAMES[-1] == "change_plot"
+    assert len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES) == 5
+    with torch.inference_mode():
+        out = node.run(model, clip, "a cat", "", PRESERVE, "uce", 0, 1e-3, device="cpu")
+    edit, chart = out["result"][1], out["result"][4]
+    assert chart.dtype == torch.float32 and chart.shape[0] == 1 and chart.shape[2:] == (768, 3)
+    assert 0.0 <= float(chart.min()) <= float(chart.max()) <= 1.0
+    img = as_array(chart)
+    changes = edit.metadata["layer_changes"]
+    keys = _kv_keys(model)  # model order: input blocks, middle block, output blocks
+    bars, values = [], []
+    for proj in ("k", "v"):
+        _swatch, *drawn = bar_lengths(img, SERIES_COLOURS[f"to_{proj}"])
+        bars += drawn
+        values += [changes[k] for k in keys if f".to_{proj}." in k]
+        assert len(drawn) == 7  # one row per edited layer
+    assert len(values) == len(changes) == 14
+    scale = max(bars) / max(values)  # pixels per unit, from the longest bar: every other length follows
+    assert all(abs(b - v * scale) <= 2 for b, v in zip(bars, values)), (bars, values)
+    assert not mask(img, SERIES_COLOURS["pooled"]).any()
 
 
 def test_uce_and_rece_differ_and_are_deterministic(comfy, tiny):

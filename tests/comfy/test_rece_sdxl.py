@@ -16,6 +16,9 @@ import logging
 import pytest
 import tiny_models
 import torch
+from plot_pixels import as_array, bar_lengths
+
+from sae_core.plots import SERIES_COLOURS
 
 EDIT_ID = "CE_RECEEditModel"
 SAVE_ID = "CE_SaveEditAsLoRA"
@@ -175,7 +178,7 @@ def test_rece_epochs_leave_the_pooled_edit_at_uce_and_the_probe_carries_the_pool
     node = comfy.nodes.NODE_CLASS_MAPPINGS[EDIT_ID]()
     with torch.inference_mode():
         out = node.run(model, clip, CONCEPT, "", PRESERVE, "rece", 2, 1e-3, device="cpu")
-        _patched, rece, probe, concept = out["result"]
+        _patched, rece, probe, concept, chart = out["result"]
         (encoded,) = comfy.nodes.CLIPTextEncode().encode(clip, CONCEPT)
     kv = [k for k in rece.deltas if k != ADM_KEY]
     assert any(not torch.allclose(rece.deltas[k], uce.deltas[k]) for k in kv)
@@ -200,6 +203,17 @@ def test_rece_epochs_leave_the_pooled_edit_at_uce_and_the_probe_carries_the_pool
     assert _n(w1 @ got[0].double() - w0 @ pc) < 0.8 * _n(w1 @ pc - w0 @ pc)
     table = out["ui"]["text"][0]
     assert table.splitlines()[-1].startswith(f"pooled text input label_emb.0.0 (first {P} columns)")
+    # the chart: a to_k and a to_v bar per attn2 layer and the pooled text input's own row, lengths to scale
+    img = as_array(chart)
+    changes = rece.metadata["layer_changes"]
+    _, *k_bars = bar_lengths(img, SERIES_COLOURS["to_k"])
+    _, *v_bars = bar_lengths(img, SERIES_COLOURS["to_v"])
+    _, *pooled_bar = bar_lengths(img, SERIES_COLOURS["pooled"])
+    assert len(k_bars) == len(v_bars) == len(kv) // 2 and len(pooled_bar) == 1
+    values = [changes[k] for k in kv if ".to_k." in k] + [changes[k] for k in kv if ".to_v." in k] + [changes[ADM_KEY]]
+    bars = k_bars + v_bars + pooled_bar
+    scale = max(bars) / max(values)
+    assert all(abs(b - v * scale) <= 2 for b, v in zip(bars, values)), (bars, values)
 
     _, off = _edit(comfy, model, clip, edit_pooled=False)
     assert ADM_KEY not in off.deltas and off.metadata["pooled"] is None

@@ -210,10 +210,10 @@ def test_rece_node_outputs_leak_probe_concept_conditioning_and_layer_table(comfy
 
     model, clip = tiny
     node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_RECEEditModel"]()
-    assert node.RETURN_TYPES == ("MODEL", "CE_EDIT", "CONDITIONING", "CONDITIONING")  # appended: links keep indices
+    assert node.RETURN_TYPES == ("MODEL", "CE_EDIT", "CONDITIONING", "CONDITIONING", "IMAGE")  # appended: links keep indices
     with torch.inference_mode():
         out = getattr(node, node.FUNCTION)(model, clip, "a cat, a dog", "", "a house", "rece", 1, 1e-3, device="cpu")
-        patched, edit, probe, concept = out["result"]
+        patched, edit, probe, concept, _chart = out["result"]
         (encoded,) = comfy.nodes.CLIPTextEncode().encode(clip, "a cat")
     assert torch.equal(concept[0][0], encoded[0][0])
     assert len(probe) == 1 and probe[0][0].shape == (1, 77, 32) and "pooled_output" in probe[0][1]
@@ -277,7 +277,7 @@ def test_rece_node_leak_probe_on_minicanvas(comfy, mc, canvas, bench_module, kin
     inputs = bench_module.rece_inputs(kind, [name])
     with torch.inference_mode():
         out = getattr(node, node.FUNCTION)(mc[0], mc[1], **inputs)
-    erased, edit, probe, _concept = out["result"]
+    erased, edit, probe, _concept, _chart = out["result"]
     text = edit.metadata["concepts"][0]
     report = comfy.nodes_pkg.report.run_report(mc[0], mc[1], erased, mc[2], [text], [], LEAK_SEEDS, kind, name,
                                                STEPS, CFG, "ddim", "simple", probe=probe)

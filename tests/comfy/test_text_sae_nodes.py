@@ -137,6 +137,6 @@ def test_clip_g_and_clip_h_stores_train_the_classifiers_sae(comfy, encoder):
     assert sae.cfg.d_in == width and sae.cfg.hookpoint == "transformer.text_model.encoder.layers.2"
     node = comfy.nodes.NODE_CLASS_MAPPINGS["CE_ItDPromptClassifier"]()
     with torch.inference_mode():
-        patched, report = node.classify(clip, sae, "a dragon", "", -1, -8.0, top_n=8, encoder=encoder)["result"]
+        patched, report, _plot = node.classify(clip, sae, "a dragon", "", -1, -8.0, top_n=8, encoder=encoder)["result"]
     assert f"{family} {encoder} layer 2 (the SAE's hookpoint" in report
     assert any(getattr(p, "encoder_name", None) == encoder for p in patched.patcher.object_patches.values())
