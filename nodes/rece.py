@@ -290,6 +290,8 @@ def compute_edit(model: Any, clip: Any, settings: RECESettings, device: torch.de
                          "the concepts")
     family = model_family(model)
     keys = cross_attention_keys(model)
+    # weights an earlier edit or LoRA already patches: this edit is computed on top of them and holds only its own change
+    stacked = sum(1 for k in keys if getattr(model, "patches", {}).get(k))
     t0 = time.perf_counter()
     run = run_rece(ComfyRECEHost(model, clip, keys, device, progress), settings, progress=True, probe=probe)
     throw_if_interrupted()
@@ -322,8 +324,11 @@ def compute_edit(model: Any, clip: Any, settings: RECESettings, device: torch.de
         "model_family": family, "context_dim": run.context_dim, "num_weights": len(factors),
         "relative_change": run.relative_change, "layer_changes": changes, "edit_pooled": settings.edit_pooled,
         "pooled_lambda": settings.pooled_lambda, "pooled": pooled_meta, "pooled_note": run.pooled_note,
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "stacked_on": stacked,
     }
+    if stacked:
+        log.warning("RECE Edit Model: %d of the %d cross-attention weights already carry patches (an earlier edit or "
+                    "LoRA); the edit is computed on top of them, and its LoRA holds only this change", stacked, len(keys))
     return CEEdit(factors, metadata, frozenset(dense), probe_out)
 
 
@@ -518,6 +523,10 @@ def change_table(edit: CEEdit) -> str:
             f"{meta['relative_change']:.4g} overall")
     if pooled is None and meta.get("pooled_note"):
         head += f"; pooled text input: {meta['pooled_note']}"
+    if meta.get("stacked_on"):
+        head += (f"\nthe input MODEL already patched {meta['stacked_on']} of these weights (an earlier edit or LoRA): "
+                 "this edit is the change on top of them, and its saved LoRA reproduces it only on top of the same "
+                 "patches")
     lines = [head, f"{'layer':<{width}}  {'to_k':>9}  {'to_v':>9}"]
     for layer, row in layers.items():
         lines.append(f"{layer:<{width}}  {row.get('k', float('nan')):9.4g}  {row.get('v', float('nan')):9.4g}")
@@ -553,11 +562,16 @@ def change_chart(edit: CEEdit) -> Tensor:
     return image_tensor(image)
 
 
+DEFAULT_PREFIX = "rece/erased"
+"""Save Edit as LoRA's default file name (a prefix ending in ``/`` is a folder: the files get its last part there)."""
+
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/%]*$")
 
 
 def _check_prefix(prefix: str) -> str:
     prefix = (prefix or "").strip().replace("\\", "/")
+    if prefix.endswith("/"):  # a folder alone, as ComfyUI's save nodes take it: the files get the default name there
+        prefix += DEFAULT_PREFIX.rpartition("/")[2]
     if prefix.endswith(".safetensors"):
         prefix = prefix[: -len(".safetensors")]
     parts = [p for p in prefix.split("/") if p]
@@ -616,11 +630,11 @@ class SaveEditAsLoRA:
             "required": {
                 "edit": inp(EDIT_TYPE, "The edit from RECE Edit Model."),
                 "filename_prefix": inp("STRING", "File name inside models/loras (sub-folders allowed); a counter "
-                                                 "and .safetensors are appended.", default="rece/erased"),
+                                                 "and .safetensors are appended.", default=DEFAULT_PREFIX),
             }
         }
 
-    def save(self, edit: CEEdit, filename_prefix: str = "rece/erased") -> dict:
+    def save(self, edit: CEEdit, filename_prefix: str = DEFAULT_PREFIX) -> dict:
         name, sd = save_edit_lora(edit, filename_prefix)
         log.info("Save Edit as LoRA: wrote %s (%d weights)", name, len(edit.factors))
         return {"ui": {"text": [name]}, "result": (sd, name)}

@@ -408,3 +408,21 @@ def test_workflow_wiring(name, checkpoint):
     assert (EDIT_ID, SAVE_ID) in edges
     (loader,) = [n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
     assert loader["widgets_values"][0].startswith(checkpoint)
+
+
+def test_an_edit_on_an_edited_model_says_it_is_stacked_and_a_folder_prefix_is_kept(comfy, tiny, caplog):
+    """A second edit is computed on the first one's weights: its metadata, table and log say its LoRA holds only the
+    change on top of those patches. A prefix ending in '/' is a folder of models/loras, as ComfyUI's save nodes take
+    it (it used to be dropped into the root as 'folder_00001_')."""
+    model, clip = tiny
+    first, edit1 = _run(comfy, model, clip, method="uce", epochs=0)
+    assert edit1.metadata["stacked_on"] == 0
+    assert "already patched" not in comfy.nodes_pkg.rece.change_table(edit1)
+    with caplog.at_level(logging.WARNING):
+        _, edit2 = _run(comfy, first, clip, concepts="a castle", method="uce", epochs=0)
+    keys = _kv_keys(model)
+    assert edit2.metadata["stacked_on"] == len(keys)
+    assert f"already patched {len(keys)} of these weights" in comfy.nodes_pkg.rece.change_table(edit2)
+    assert any("already carry patches" in r.getMessage() for r in caplog.records)
+    _, name = _save(comfy, edit2, prefix="rece_folder/")["result"]
+    assert name.startswith("rece_folder/erased_") and (comfy.base / "models" / "loras" / name).is_file()
