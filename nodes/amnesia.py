@@ -53,7 +53,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 import folder_paths
@@ -65,6 +64,7 @@ from sae_core.amnesia.pipeline import FisherTraining, LoRATraining
 from sae_core.amnesia.samples import SampleSet, load_samples
 from sae_core.amnesia.trainer import loss_curve_image
 from sae_core.artefacts import save_json
+from sae_core.plots import image_tensor
 from sae_core.prompts import parse_prompts
 
 from .clip_text import encode_prompts
@@ -533,7 +533,7 @@ class SALoRATrain:
                 lora = {k: v.detach().to("cpu", torch.float32).clone() for k, v in lora_state_dict(run.adapters).items()}
                 patched = apply_lora(model, lora)
                 curve = loss_curve_image(run.result.history, title=f"Selective Amnesia: {', '.join(forget)[:60]}")
-                image = torch.from_numpy(curve.astype(np.float32) / 255.0)[None]
+                image = image_tensor(curve)
         except InterruptedError:
             throw_if_interrupted()
             raise

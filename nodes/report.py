@@ -34,6 +34,7 @@ from sae_core.judges import NudityJudge, Verdicts, presence_figures, zero_shot_v
 from sae_core.minicanvas.canvas import PromptSpec, judged_table, spec_for_prompt
 from sae_core.minicanvas.grid import image_grid
 from sae_core.minicanvas.metrics import erasure_metrics
+from sae_core.plots import image_tensor
 from sae_core.prompts import parse_prompts
 
 from .common import category, inp, node_id, sampler_choices, throw_if_interrupted
@@ -229,7 +230,7 @@ def report_grid(rows: Sequence[Row], before: torch.Tensor, after: torch.Tensor, 
     pairs = torch.stack([before, after], dim=1).reshape(-1, *before.shape[1:]).movedim(-1, 1)
     scale = max(1, 128 // max(before.shape[1], 1))
     pil = image_grid(pairs, len(rows), 2, list(text_rows), ["original", "erased"], scale=scale)
-    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).unsqueeze(0)
+    return image_tensor(np.asarray(pil.convert("RGB"), dtype=np.uint8))
 
 
 class ErasureReport:
