@@ -332,8 +332,8 @@ def build_classifier(clip: Any, sae: SparseAutoencoder, settings: ItDSettings,
         clip, site, index, lambda forward, encode: ItDClipPatch(
             itd, forward, encode, index, family, tokenizer=tokenizer_of(clip, site.token_key),
             encoder_name=where, rows_key=site.rows_key, conditioning_extra=site.conditioning_extra))
-    report = calibration_report(found, list(settings.target_prompts), settings.retain, index, origin, family, math,
-                                where)
+    report = calibration_report(found, list(settings.target_prompts), settings.scored_retain, index, origin, family,
+                                math, where)
     note = _encoders_note(clip, site)
     return ItDClassifier(patched, patch, f"{report}\n{note}" if note else report)
 
@@ -370,7 +370,8 @@ def calibration_report(
     math: SaeMath,
     encoder_name: str = "clip_l",
 ) -> str:
-    """The STRING output: features, the threshold, and every calibration prompt's score."""
+    """The STRING output: features, the threshold, and every calibration prompt's score (``retain``: the scored
+    retain prompts in the order of ``found.retain_scores``, :attr:`ItDSettings.scored_retain`)."""
     cal = found.calibration
     tau = float(found.tau)
     lines = [
@@ -417,7 +418,6 @@ def calibration_plot(found: ItDConcepts, concepts: list[str], retain: list[str],
     tau = float(found.tau)
     targets = found.target_scores.tolist() if found.target_scores is not None else []
     kept = found.retain_scores.tolist() if found.retain_scores is not None else []
-    retain = list(dict.fromkeys(retain))  # each retain prompt was scored once
     parts = [f"{family} {encoder_name} layer {layer}"]
     if cal is not None:
         parts.append(f"tau = {cal.margin:g} x smallest concept score {cal.target_min:.4g}")
@@ -539,7 +539,7 @@ class ItDPromptClassifier:
             result = build_classifier(clip, sae, settings, progress=bar, encoder=encoder)
         log.info("%s installed: %r\n%s", NODE_NAME, result.patch, result.report)
         patch = result.patch
-        plot = calibration_plot(patch.concepts, list(settings.target_prompts), list(settings.retain), patch.layer,
+        plot = calibration_plot(patch.concepts, list(settings.target_prompts), settings.scored_retain, patch.layer,
                                 patch.family, patch.encoder_name)
         # the report is shown on the node (ui text) as well as returned
         return {"ui": {"text": [result.report]}, "result": (result.clip, result.report, plot)}

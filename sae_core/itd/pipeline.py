@@ -61,6 +61,14 @@ def _unique(prompts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
+def scored_retain_prompts(targets: Sequence[str], retain: Sequence[str] | Mapping[str, Sequence[str]]) -> list[str]:
+    """The retain prompts calibration scores, in the order of its ``retain_scores``: every retain prompt once (a shared
+    list or per concept), without the target prompts."""
+    pool = [p for r in (retain.values() if isinstance(retain, Mapping) else [retain]) for p in r]
+    target_set = set(targets)
+    return [p for p in _unique(pool) if p not in target_set]
+
+
 def _as_math(sae: SparseAutoencoder | SaeMath) -> SaeMath:
     return sae if isinstance(sae, SaeMath) else SaeMath(sae)
 
@@ -216,9 +224,7 @@ def build_concepts(
     target_scores = score_prompts(gate, source, target_prompts)
     retain_prompts: list[str] = []
     if score_retain:
-        pool = [p for r in (retain.values() if isinstance(retain, Mapping) else [retain]) for p in r]
-        target_set = set(target_prompts)
-        retain_prompts = [p for p in _unique(pool) if p not in target_set]
+        retain_prompts = scored_retain_prompts(target_prompts, retain)
     retain_scores = score_prompts(gate, source, retain_prompts) if retain_prompts else None
     calibration = calibrate(target_scores, retain_scores, margin)
     return ItDConcepts(
@@ -352,6 +358,11 @@ class ItDSettings:
         if isinstance(self.retain_prompts, Mapping):
             return {name: [p for p in prompts if p not in targets] for name, prompts in self.retain_prompts.items()}
         return [p for p in self.retain_prompts if p not in targets]
+
+    @property
+    def scored_retain(self) -> list[str]:
+        """The retain prompts calibration scores, in the order of its scores (:func:`scored_retain_prompts`)."""
+        return scored_retain_prompts(self.target_prompts, self.retain_prompts)
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,25 @@ def test_calibration_scores_equal_encode_scores(comfy, tiny):
     assert torch.nn.functional.cosine_similarity(word, direction, dim=0) > cos.max()
 
 
+def test_report_pairs_each_retain_prompt_with_its_own_score(comfy, tiny):
+    """Calibration scores each retain prompt once, without the concept prompts; the report and the plot used to pair
+    the raw list (a repeated line, a concept prompt listed as retain) with those scores, shifting every later one."""
+    clip, sae = tiny
+    # two phrasings of each line: 'a photo of house' comes from both lines, and both phrasings of 'cat' are concept
+    # prompts
+    patched, report = run_node(comfy, clip, sae, retain="house\na photo of house\ncat", templates="{}\na photo of {}")
+    patch = the_patch(comfy, patched)
+    listed = report_scores(report)
+    kept = ["house", "a photo of house", "a photo of a photo of house"]
+    assert len(patch.concepts.retain_scores) == len(kept)
+    assert sum(line.endswith("  a photo of house") for line in report.splitlines()) == 1
+    for prompt in kept:
+        encode(patched, prompt)
+        score = float(patch.last.scores[0])
+        assert abs(listed[prompt][0] - score) <= 1e-5 * max(1.0, abs(score)), prompt
+    assert "of 3 retain prompts" in report or "all 3 retain prompts" in report
+
+
 def test_calibration_plot_draws_the_reports_scores(comfy, tiny):
     """The IMAGE output appended after clip and report (saved workflows link outputs by index): the calibration's
     scores as dots, tau as a line just left of the smallest concept score (tau = 0.99 x it), every retain prompt
