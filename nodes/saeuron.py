@@ -416,14 +416,19 @@ class SAeUronConceptBlock:
 
 register_features_folder()
 
-def concept_patch(model: Any) -> SAeUronPatch:
-    """The SAeUron Concept Block wrapper a MODEL carries (ValueError when it carries none)."""
+def concept_patches(model: Any) -> list[SAeUronPatch]:
+    """The SAeUron Concept Block wrappers a MODEL carries, in the order they were applied (ValueError when none)."""
     found = [fn for fn in getattr(model, "wrappers", {}).get(diffusion_model_wrapper(), {}).get(WRAPPER_KEY, [])
              if isinstance(fn, SAeUronPatch)]
     if not found:
         raise ValueError("model: this MODEL carries no SAeUron Concept Block edit; wire the Concept Block's output "
                          "MODEL (the one the sampler used)")
-    return found[-1]
+    return found
+
+
+def concept_patch(model: Any) -> SAeUronPatch:
+    """The last SAeUron Concept Block wrapper a MODEL carries (ValueError when it carries none)."""
+    return concept_patches(model)[-1]
 
 
 class SAeUronFiringMap:
@@ -451,17 +456,22 @@ class SAeUronFiringMap:
         }}
 
     def firing_map(self, model: Any, images: Any) -> dict:
-        patch = concept_patch(model)
-        record = patch.record
-        if record is None:
+        # several Concept Blocks on one MODEL (e.g. a style block and an object block): a position counts as edited
+        # as often as the block that edited it most, and the text has one part per block
+        recorded = [p for p in concept_patches(model) if p.record is not None]
+        if not recorded:
             raise ValueError("model: no sampling run with this SAeUron Concept Block MODEL was recorded yet; sample "
                              "with it first and wire the decoded images here")
-        heat = record.heatmap()
-        if heat.shape[0] != images.shape[0]:
-            raise ValueError(f"images: {images.shape[0]} image(s), but the last run sampled {heat.shape[0]} "
-                             f"prompted row(s); wire the images of that run")
-        mask = upsample_mask(heat, images.shape[1], images.shape[2])
-        text = f"{patch.block}: " + record.summary()
+        masks, parts = [], []
+        for patch in recorded:
+            heat = patch.record.heatmap()
+            if heat.shape[0] != images.shape[0]:
+                raise ValueError(f"images: {images.shape[0]} image(s), but the last run sampled {heat.shape[0]} "
+                                 f"prompted row(s); wire the images of that run")
+            masks.append(upsample_mask(heat, images.shape[1], images.shape[2]))
+            parts.append(f"{patch.block}: " + patch.record.summary())
+        mask = torch.stack(masks).amax(0)
+        text = "\n".join(parts)
         return {"ui": {"text": [text]}, "result": (mask, overlay(images.float().cpu(), mask), text)}
 
 

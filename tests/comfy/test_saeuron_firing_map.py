@@ -68,3 +68,26 @@ def test_firing_map_shows_where_the_style_was_edited(comfy, mc):
         {p: float(m.mean()) for p, m in maps.items()}
     with pytest.raises(ValueError, match="prompted row"):
         call(comfy, node, model=model, images=torch.zeros(2, 32, 32, 3))
+
+
+def test_firing_map_of_stacked_blocks_covers_every_block(comfy, mc):
+    """A style block and an object block on one MODEL: the map reports both blocks, and a position counts as edited
+    as often as the block that edited it most (it used to show the last block applied only)."""
+    from sae_core.minicanvas.plugins.saeuron import RECIPE
+    from sae_core.saeuron.firing import upsample_mask
+
+    styled = concept_block(comfy, mc)
+    (sae,) = call(comfy, "CE_LoadSAE", sae_name="minicanvas/saeuron_object.safetensors", device="cpu",
+                   dtype="float32")["result"][:1]
+    (both,) = call(comfy, "CE_SAeUronConceptBlock", model=styled, sae=sae, block=RECIPE.blocks["object"],
+                    concepts="star", gamma=float(RECIPE.object["gamma"]), selection="top_n",
+                    top_n=int(RECIPE.object["top_n"]), percentile=99.999, error_mode="conventional", cond_only=False,
+                    features_file="minicanvas/saeuron_object.safetensors")["result"][:1]
+    image = _sample(comfy, both, mc[1], mc[2], PROMPTS[0])
+    mask, _, text = call(comfy, "CE_SAeUronFiringMap", model=both, images=image)["result"]
+    patches = comfy.nodes_pkg.saeuron.concept_patches(both)
+    assert [p.block for p in patches] == [RECIPE.blocks["style"], RECIPE.blocks["object"]]
+    assert all(f"{p.block}: " in text for p in patches)
+    each = [upsample_mask(p.record.heatmap(), 32, 32) for p in patches]
+    assert torch.equal(mask, torch.maximum(*each))
+    assert not torch.equal(mask, each[-1])  # the style block's edits count too
