@@ -92,7 +92,7 @@ from .sampling import (
     latent_shape,
     model_conditioning,
 )
-from .training import ComfyLoRA, GradientProbe, TrainingClone, target_modules
+from .training import ComfyLoRA, GradientProbe, TrainingClone, compute_dtype, target_modules
 
 log = logging.getLogger("concept_erasure")
 
@@ -385,6 +385,10 @@ class SAComputeFisher:
                     "sample_steps": int(sample_steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler,
                     "width": int(width), "height": int(height), "targets": targets, "precision": precision,
                     "timestep_batch": int(timestep_batch)}
+        if precision == "fp32" and compute_dtype(model) != torch.float32:
+            # a half-precision checkpoint: fp32 gradients since the precision fix; an estimate made before it (same
+            # settings, fp16/bf16 gradients) must not be reused as this one
+            identity["gradients"] = "float32"
         # the Fisher's own name (sub-folders kept): 'a/b' and 'a_b' are two Fishers with two sample sets
         cache = run_dir(FISHER_SAMPLES) / f"{safe_name(filename, 'filename')}.safetensors"
         progress = Progress(2 * int(samples), desc="Fisher", node_id=unique_id)

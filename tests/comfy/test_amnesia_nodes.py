@@ -80,6 +80,8 @@ def test_compute_fisher_writes_target_fisher(comfy, tiny, fisher_file):
     assert path.is_file() and path.parent == comfy.base / "models" / "sae_fisher" / "t"
     f = load_fisher(path)
     assert f.count == 3
+    # a float32 model: the identity of estimates made before is unchanged
+    assert "gradients" not in json.loads(f.metadata["comfy_settings"])
     want = {f"{n}.weight" for n in select_targets(model.model, "xattn")}
     assert set(f.fisher) == want and len(want) == 28
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in f.fisher.values())

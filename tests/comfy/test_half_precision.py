@@ -422,6 +422,13 @@ def test_training_in_fp32_precision_computes_in_float32_on_half_models(comfy, ha
         node(comfy, "CE_ConceptInversionProbe").probe(model, clip, model, "a photo of a cat", 1, 1, 0.02, 1, 0, 1,
                                                       4.0, "euler", "normal", SIZE, SIZE)
     assert fisher_seen.seen == {torch.float32}
+    # the estimate records its float32 gradients, so one made with half-precision gradients (same settings, before
+    # the fix) is not reused as it
+    import json
+
+    from sae_core.amnesia.fisher import load_fisher
+
+    assert json.loads(load_fisher(fisher).metadata["comfy_settings"]).get("gradients") == "float32"
     assert train_seen.seen == {torch.float32}
     assert bf16_seen.seen == {torch.bfloat16}
     assert probe_seen.seen == {torch.float32}
