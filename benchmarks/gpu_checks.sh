@@ -25,6 +25,7 @@
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step killed at its limit keeps the lines it printed
 PY="${PYTHON:-python3}"
 STEPS="${GPU_CHECKS_STEPS:-1 2 3 4 5 6 7}"
 DRY="${GPU_CHECKS_DRY:-0}"
