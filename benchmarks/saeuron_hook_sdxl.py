@@ -30,53 +30,9 @@ import time
 from pathlib import Path
 
 import torch
+from sdxl_unet import build_sdxl, sync, timed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-SDXL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-"""SDXL base's UNet layout, as ComfyUI detects it from sd_xl_base_1.0."""
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, repeats: int, device: torch.device, warmup: bool = True) -> float:
-    """Median seconds per ``fn()`` over ``repeats`` runs (after one warm-up run unless ``warmup`` is off)."""
-    if warmup:
-        fn()
-        sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def random_init(module: torch.nn.Module, seed: int) -> None:
-    """Seeded weights at a scale that keeps activations O(1) (ComfyUI's layers skip initialisation)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                w = torch.randn(p.shape, generator=g).mul_(0.5 / p[0].numel() ** 0.5)
-            else:
-                w = torch.randn(p.shape, generator=g).mul_(0.02)
-                if "norm" in name and name.endswith("weight"):
-                    w += 1.0
-            p.copy_(w)
-
 
 class Position:
     """A sampler position for the edit: one timestep, every row prompted (no cond mask: both CFG halves)."""
@@ -125,22 +81,23 @@ def main() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = not on_cuda
-    import comfy.supported_models
 
     from sae_core.capture import to_tokens
     from sae_core.config import SaeConfig
     from sae_core.sae import SparseAutoencoder
-    from sae_core.saeuron import BlockRef, ConceptBlockSettings, ConceptStats, build_concept_edit, encode_topk_fp32
+    from sae_core.saeuron import (
+        BlockRef,
+        ConceptBlockSettings,
+        ConceptStats,
+        build_concept_edit,
+        encode_topk_fp32,
+    )
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if on_cuda else torch.bfloat16)
     repeats = args.repeats or (20 if on_cuda else 1)
 
-    cfg = comfy.supported_models.SDXL(dict(SDXL_UNET))
-    cfg.set_inference_dtype(dtype, None)
     t0 = time.perf_counter()
-    model = cfg.get_model({}, device=device)
-    unet = model.diffusion_model.eval()
-    random_init(unet, 0)
+    unet = build_sdxl(device, dtype).diffusion_model.eval()
     n_params = sum(p.numel() for p in unet.parameters())
     t_build = time.perf_counter() - t0
 
