@@ -350,6 +350,40 @@ def test_lambda_changes_the_result_and_shrinks_the_weighted_delta():
     assert runs[20.0][1] < runs[0.0][1]  # EWC keeps the Fisher-weighted delta smaller
 
 
+def _one_backward_step(trainer) -> None:
+    """An optimiser step whose gradient comes from one backward pass of the whole loss, EWC penalty included (how
+    the trainer computed it before it back-propagated the penalty layer by layer)."""
+    from sae_core.amnesia.fisher import eps_mse_loss as loss_rows
+
+    cfg, d, b = trainer.config, trainer._draws(trainer.step), trainer.config.batch_size
+    x0 = torch.cat([trainer.surrogate[d["s_idx"]], trainer.replay[d["r_idx"]]])
+    ctx = torch.cat([trainer.contexts[d["s_ctx"]], trainer.contexts[d["r_ctx"]]])
+    with torch.enable_grad():
+        rows = loss_rows(trainer.denoiser, x0, ctx, torch.cat([d["s_t"], d["r_t"]]),
+                         torch.cat([d["s_noise"], d["r_noise"]]), trainer.alphas_cumprod)
+        total = rows[:b].mean() + cfg.gamma * rows[b:].mean() + ewc_penalty(trainer.adapters, trainer.fisher, cfg.lam)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.params, cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+    trainer.optimizer.step()
+    trainer.step += 1
+
+
+def test_layer_by_layer_ewc_backward_takes_the_whole_losss_gradient():
+    """The trainer back-propagates the data terms, then the EWC penalty one layer at a time (one dW alive at a time):
+    its steps equal those of one backward pass of the summed loss."""
+    canvas = tiny_canvas()
+    cfg = AmnesiaConfig(steps=4, lr=2e-2, batch_size=3, lam=50.0, gamma=1.0, seed=4)
+    ours, _, ours_loras = make_trainer(canvas, cfg)
+    ref, _, ref_loras = make_trainer(canvas, cfg)
+    for _ in range(3):  # from the second step on the LoRA is non-zero and the penalty has a gradient
+        rec = ours.train_step()
+        _one_backward_step(ref)
+    assert rec["ewc"] > 0
+    for a, b in zip(factors(ours_loras), factors(ref_loras)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_tiny_run_on_random_minicanvas_reduces_the_surrogate_loss():
     canvas = tiny_canvas(seed=3)
     s, r = data(canvas, n=8)

@@ -55,7 +55,7 @@ from ..artefacts import Action, ArtefactError, load_tensors, read_metadata, save
 from ..plots import PALETTE
 from ..prompts import parse_names
 from .config import FISHER_ONLY_FIELDS, AmnesiaConfig, ForgetPrompts
-from .ewc import ewc_penalty, prepare_fisher
+from .ewc import ewc_backward, prepare_fisher
 from .fisher import eps_mse_loss, sample_generator
 from .resumable import decide_checkpoint, run_units
 from .samples import SampleSet, normalise
@@ -283,17 +283,22 @@ class AmnesiaTrainer:
                                    self.alphas_cumprod, target_fn=target_fn)
             surrogate = per_row[:b].mean()
             replay = per_row[b:].mean() if self.use_replay else torch.zeros((), device=surrogate.device)
+            data = surrogate + cfg.gamma * replay
+            self.optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(data):
+                data.backward()  # frees the UNet's activations before the EWC term is built
+            # then the EWC term, layer by layer: one weight-sized dW alive at a time instead of all of them (GBs at
+            # SDXL) next to the activations; the summed gradients are those of (data + ewc).backward()
             if self.fisher is not None:
-                ewc = ewc_penalty(self.adapters, self.fisher, cfg.lam).to(surrogate.device)
+                ewc = ewc_backward(self.adapters, self.fisher, cfg.lam).to(surrogate.device)
             else:
                 ewc = torch.zeros((), device=surrogate.device)
-            total = surrogate + cfg.gamma * replay + ewc
+            total = data.detach() + ewc
             if not torch.isfinite(total):
+                self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError(
                     f"Selective Amnesia step {self.step + 1}: non-finite loss (surrogate {surrogate.item()}, "
                     f"replay {replay.item()}, ewc {ewc.item()}); lower lr or lam")
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
         clip = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
