@@ -157,6 +157,31 @@ def _format(v: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Heading(NamedTuple):
+    """A chart's title and wrapped subtitle, and the y below them (where the legend goes)."""
+
+    titles: list[str]
+    subtitles: list[str]
+    legend_y: int
+
+
+def _heading(title: str, subtitle: str, width: int, small: Any, line_h: int) -> _Heading:
+    titles = [t for t in (title,) if t]
+    subtitles = wrap_text(subtitle, width - 20, small)
+    return _Heading(titles, subtitles, 8 + len(titles) * (line_h + 3) + len(subtitles) * line_h + 2)
+
+
+def _draw_heading(draw: ImageDraw.ImageDraw, heading: _Heading, width: int, bold: Any, small: Any,
+                  line_h: int) -> None:
+    y = 8
+    for t in heading.titles:
+        draw.text((10, y), fit_text(t, width - 20, bold), fill=PALETTE["ink"], font=bold)
+        y += line_h + 3
+    for t in heading.subtitles:
+        draw.text((10, y), t, fill=PALETTE["muted"], font=small)
+        y += line_h
+
+
 class _Axis(NamedTuple):
     """A horizontal value axis from pixel ``x0`` to ``x1``."""
 
@@ -325,9 +350,8 @@ def calibration_strip(groups: Sequence[ScoreGroup], tau: float, title: str = "",
     label_w = max([label_w] + [text_width(t, small) for t, _ in summaries])
     left = min(label_w + 16, width // 3)
     right = width - 18
-    title_lines = [t for t in (title,) if t]
-    sub_lines = wrap_text(subtitle, width - 20, small)
-    legend_y = 8 + len(title_lines) * (line_h + 3) + len(sub_lines) * line_h + 2
+    heading = _heading(title, subtitle, width, small, line_h)
+    legend_y = heading.legend_y
     top = legend_y + line_h + 20  # the threshold's label sits between the legend and the rows
     row_h = 72
     bottom = top + row_h * len(groups)
@@ -335,13 +359,7 @@ def calibration_strip(groups: Sequence[ScoreGroup], tau: float, title: str = "",
 
     img = Image.new("RGB", (width, height), PALETTE["white"])
     draw = ImageDraw.Draw(img)
-    y = 8
-    for t in title_lines:
-        draw.text((10, y), fit_text(t, width - 20, bold), fill=PALETTE["ink"], font=bold)
-        y += line_h + 3
-    for t in sub_lines:
-        draw.text((10, y), t, fill=PALETTE["muted"], font=small)
-        y += line_h
+    _draw_heading(draw, heading, width, bold, small, line_h)
 
     # legend
     x = left
@@ -500,9 +518,8 @@ def layer_change_chart(changes: Mapping[str, float], pooled: tuple[str, float] |
     right = width - 64  # room for the longest bar's value
     sections = list(dict.fromkeys(layer.section for layer in layers)) + (["pooled"] if pooled is not None else [])
 
-    title_lines = [t for t in (title,) if t]
-    sub_lines = wrap_text(subtitle, width - 20, small)
-    legend_y = 8 + len(title_lines) * (line_h + 3) + len(sub_lines) * line_h + 2
+    heading = _heading(title, subtitle, width, small, line_h)
+    legend_y = heading.legend_y
     top = legend_y + line_h + 8 + TEXT_SIZE + 10  # legend, then the upper axis' labels
     body = len(sections) * head_h + len(layers) * row_h + (row_h if pooled is not None else 0)
     bottom = top + body + 4
@@ -510,13 +527,7 @@ def layer_change_chart(changes: Mapping[str, float], pooled: tuple[str, float] |
 
     img = Image.new("RGB", (width, height), PALETTE["white"])
     draw = ImageDraw.Draw(img)
-    y = 8
-    for t in title_lines:
-        draw.text((10, y), fit_text(t, width - 20, bold), fill=PALETTE["ink"], font=bold)
-        y += line_h + 3
-    for t in sub_lines:
-        draw.text((10, y), t, fill=PALETTE["muted"], font=small)
-        y += line_h
+    _draw_heading(draw, heading, width, bold, small, line_h)
     x = left
     legend = ["to_k", "to_v"] + (["pooled"] if pooled is not None else [])
     for name in legend:
