@@ -174,7 +174,7 @@ def test_sdxl_sample_bank_must_have_the_size_of_its_conditioning(comfy, sdxl):
     with torch.inference_mode():
         fisher_node.compute(model, clip, PROMPTS, 2, 1, 1, "xattn", 0, 1, 4.0, "euler", "normal", SIZE, SIZE, "fp32",
                             "bank/sdxl")
-    name = next(n for n in amnesia.sample_bank_filenames() if "bank_sdxl" in n)
+    name = next(n for n in amnesia.sample_bank_filenames() if "bank/sdxl" in n)
 
     def train(width):
         with torch.inference_mode():

@@ -125,7 +125,7 @@ def test_rece_on_a_half_model(comfy, family, dtype):
     with torch.inference_mode():
         out = rece.run(model, clip, "a cat", "", "a house", "rece", 1, 1e-3, device="cpu")
         _, edit32 = rece.edit(upcast(model), clip, "a cat", "", "a house", "rece", 1, 1e-3, device="cpu")
-    patched, edit, probe, concept = out["result"]
+    patched, edit, probe, concept, _ = out["result"]
     assert_unchanged(model, before_m)
     assert_unchanged(clip, before_c)
     if family == "SDXL":
@@ -309,7 +309,7 @@ def test_itd_on_a_half_clip(comfy, itd_clip, sae_dtype):
     sae = sae32.to(comfy.nodes_pkg.common.torch_dtype(sae_dtype))
     before = snapshot(clip)
     with torch.inference_mode():
-        patched, report = node(comfy, "CE_ItDPromptClassifier").classify(
+        patched, report, _ = node(comfy, "CE_ItDPromptClassifier").classify(
             clip, sae, "cat, dragon", "a photo of a house\nhouse", LAYER, -8.0, top_n=8)["result"]
     assert_unchanged(clip, before)
     assert "nan" not in report.lower()
