@@ -121,8 +121,13 @@ fi
 
 if want 2; then
     begin 2 "tests/comfy with ComfyUI on the GPU"
+    # one test file per worker with pytest-xdist when it is there (266 tests: 6 min on one core, 3 on two)
+    default_args="-x --durations=15"
+    if "$PY" -c "import xdist" 2>/dev/null; then
+        default_args="-n ${GPU_CHECKS_WORKERS:-8} --dist loadfile --durations=15"
+    fi
     # shellcheck disable=SC2086  # the extra pytest arguments are words
-    run 170 env COMFYUI_DEVICE=gpu "$PY" -m pytest -q ${GPU_CHECKS_PYTEST_ARGS:--x --durations=15} tests/comfy
+    run 170 env COMFYUI_DEVICE=gpu "$PY" -m pytest -q ${GPU_CHECKS_PYTEST_ARGS:-$default_args} tests/comfy
     end
 fi
 
