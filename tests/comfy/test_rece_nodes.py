@@ -65,8 +65,10 @@ def _probe(model, seed: int = 3, width: int = WIDE) -> torch.Tensor:
     x = torch.randn(2, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 77, width, generator=g)
     mm.load_models_gpu([model], force_full_load=True)
+    device = model.load_device  # the GPU under COMFYUI_DEVICE=gpu
     with torch.no_grad():
-        return model.model.apply_model(x, torch.tensor([1.0, 7.0]), c_crossattn=ctx).clone()
+        out = model.model.apply_model(x.to(device), torch.tensor([1.0, 7.0], device=device), c_crossattn=ctx.to(device))
+    return out.to("cpu").clone()
 
 
 def _loaded_weights(model) -> dict[str, torch.Tensor]:

@@ -84,12 +84,14 @@ def _forward(model, x, sigma, ctx, sample_sigmas=None, order=(1, 0)):
     import comfy.patcher_extension as pe
 
     mm.load_models_gpu([model], force_full_load=True)
-    sig = torch.full((x.shape[0],), float(sigma))
+    device = model.load_device  # the GPU under COMFYUI_DEVICE=gpu
+    sig = torch.full((x.shape[0],), float(sigma), device=device)
     options = {"wrappers": pe.copy_nested_dicts(model.wrappers), "cond_or_uncond": list(order), "sigmas": sig}
     if sample_sigmas is not None:
-        options["sample_sigmas"] = sample_sigmas
+        options["sample_sigmas"] = sample_sigmas.to(device)
     with torch.no_grad():
-        return model.model.apply_model(x, sig, c_crossattn=ctx, transformer_options=options).clone()
+        out = model.model.apply_model(x.to(device), sig, c_crossattn=ctx.to(device), transformer_options=options)
+    return out.to("cpu").clone()
 
 
 def _inputs(seed=3):
