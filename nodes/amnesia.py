@@ -76,12 +76,12 @@ from .common import (
     inp,
     interrupt_requested,
     node_id,
+    register_model_folder,
     sampler_choices,
-    shipped_names,
     shipped_path,
     throw_if_interrupted,
 )
-from .folders import NO_FILE, forget_file_list, safe_name
+from .folders import NO_FILE, dropdown_names, safe_name
 from .sampling import (
     adm_width,
     alphas_cumprod,
@@ -112,45 +112,30 @@ _FISHER_SETTINGS_KEY = "comfy_settings"
 # ---------------------------------------------------------------------------------------------
 
 
-def _register_folder(folder: str, defaults: list[str]) -> list[str]:
-    """Register model folder ``folder`` (``.safetensors`` files) with ``folder_paths``: its known paths plus
-    ``defaults``; idempotent (ComfyUI's cached file list is kept while nothing changes)."""
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(folder, ([], set()))
-    new_paths = list(paths) + [p for p in defaults if p not in paths]
-    new_exts = set(exts) | {".safetensors"}
-    if folder not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[folder] = (new_paths, new_exts)
-        forget_file_list(folder)
-    return new_paths
-
-
 def register_fisher_folder() -> list[str]:
     """Register ``models/sae_fisher`` (``.safetensors`` files) with ``folder_paths``; idempotent."""
-    return _register_folder(FISHER_FOLDER, [os.path.join(folder_paths.models_dir, FISHER_FOLDER)])
+    return register_model_folder(FISHER_FOLDER, [os.path.join(folder_paths.models_dir, FISHER_FOLDER)], {".safetensors"})
 
 
 def fisher_filenames() -> list[str]:
     """``none``, the Fisher shipped with MiniCanvas (``minicanvas/amnesia_fisher_xattn.safetensors``) and the files of
     the ``sae_fisher`` folders: the choices of LoRA Train's ``fisher_file``."""
     register_fisher_folder()
-    shipped = shipped_names(FISHER_FOLDER)
-    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(FISHER_FOLDER) if n not in shipped]
+    return dropdown_names(FISHER_FOLDER)
 
 
 def register_samples_folder() -> list[str]:
     """Register ``models/sae_samples`` and Compute Fisher's sample folder (``.safetensors``) with ``folder_paths``;
     idempotent."""
-    return _register_folder(SAMPLES_FOLDER, [os.path.join(folder_paths.models_dir, SAMPLES_FOLDER),
-                                             str(run_dir(FISHER_SAMPLES))])
+    return register_model_folder(SAMPLES_FOLDER, [os.path.join(folder_paths.models_dir, SAMPLES_FOLDER),
+                                                  str(run_dir(FISHER_SAMPLES))], {".safetensors"})
 
 
 def sample_bank_filenames() -> list[str]:
     """``none``, the sample bank shipped with MiniCanvas (``minicanvas/amnesia_bank.safetensors``) and the sample sets
     of the ``sae_samples`` folders (Compute Fisher's samples among them): the choices of LoRA Train's ``sample_bank``."""
     register_samples_folder()
-    shipped = shipped_names(SAMPLES_FOLDER)
-    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(SAMPLES_FOLDER) if n not in shipped]
+    return dropdown_names(SAMPLES_FOLDER)
 
 
 def load_sample_bank(name: str, model: Any) -> SampleSet:

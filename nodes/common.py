@@ -32,11 +32,13 @@ __all__ = [
     "DTYPE_CHOICES",
     "category",
     "node_id",
+    "register_model_folder",
     "register_sae_folder",
     "sae_folder_paths",
     "sae_filenames",
     "sae_full_path",
     "file_fingerprint",
+    "forget_file_list",
     "torch_dtype",
     "comfy_device",
     "Progress",
@@ -149,29 +151,35 @@ def shipped_path(folder: str, name: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def register_sae_folder() -> list[str]:
-    """Register ``models/sae`` and ``output/sae`` with ComfyUI's ``folder_paths``.
-
-    Idempotent. If ``sae`` is already known (e.g. from ``extra_model_paths.yaml``, which
-    registers folders without extensions), its paths are kept, ours are appended and the
-    extension sets are united. Returns the registered paths.
-    """
-    defaults = [
-        os.path.join(folder_paths.models_dir, SAE_FOLDER),
-        os.path.join(folder_paths.get_output_directory(), SAE_FOLDER),
-    ]
-    table = folder_paths.folder_names_and_paths
-    old_paths, old_extensions = table.get(SAE_FOLDER, ([], set()))
-    paths = list(old_paths) + [p for p in defaults if p not in old_paths]
-    extensions = set(old_extensions) | set(SAE_EXTENSIONS)
-    if SAE_FOLDER in table and paths == list(old_paths) and extensions == set(old_extensions):
-        return paths  # already registered: keep ComfyUI's file-list cache valid
-    table[SAE_FOLDER] = (paths, extensions)
-    # A file list cached before this call was built from the old paths/extensions.
+def forget_file_list(folder_name: str) -> None:
+    """Drop ComfyUI's cached file list of a model folder, so a file just written shows up."""
     cache = getattr(folder_paths, "filename_list_cache", None)
     if isinstance(cache, dict):
-        cache.pop(SAE_FOLDER, None)
-    return paths
+        cache.pop(folder_name, None)
+
+
+def register_model_folder(folder: str, defaults: list[str], extensions: set[str]) -> list[str]:
+    """Register model folder ``folder`` with ComfyUI's ``folder_paths``: its known paths plus ``defaults``, its
+    extensions plus ``extensions``. Idempotent: if the folder is already known (e.g. from
+    ``extra_model_paths.yaml``, which registers folders without extensions), its paths are kept, ours are appended
+    and the extension sets are united; ComfyUI's cached file list is dropped only when that changes something.
+    Returns the registered paths."""
+    table = folder_paths.folder_names_and_paths
+    paths, exts = table.get(folder, ([], set()))
+    new_paths = list(paths) + [p for p in defaults if p not in paths]
+    new_exts = set(exts) | set(extensions)
+    if folder not in table or new_paths != list(paths) or new_exts != set(exts):
+        table[folder] = (new_paths, new_exts)
+        forget_file_list(folder)  # a list cached before was built from the old paths/extensions
+    return new_paths
+
+
+def register_sae_folder() -> list[str]:
+    """Register ``models/sae`` and ``output/sae`` (SAE files) with ComfyUI's ``folder_paths``
+    (:func:`register_model_folder`)."""
+    return register_model_folder(SAE_FOLDER, [os.path.join(folder_paths.models_dir, SAE_FOLDER),
+                                              os.path.join(folder_paths.get_output_directory(), SAE_FOLDER)],
+                                 set(SAE_EXTENSIONS))
 
 
 def sae_folder_paths() -> list[str]:

@@ -15,7 +15,7 @@ import folder_paths
 from sae_core.artefacts import ArtefactDecision, decide_artefact
 from sae_core.store import ActivationReader, IncompleteStoreError
 
-from .common import FEATURES_FOLDER, SAE_FOLDER, shipped_names, shipped_path
+from .common import FEATURES_FOLDER, SAE_FOLDER, forget_file_list, register_model_folder, shipped_names, shipped_path
 
 __all__ = [
     "ACTIVATIONS_FOLDER",
@@ -24,6 +24,7 @@ __all__ = [
     "PROMPTS_FOLDER",
     "TRAINING_FOLDER",
     "dataset_folder",
+    "dropdown_names",
     "feature_filenames",
     "features_full_path",
     "features_path_for",
@@ -55,39 +56,25 @@ NO_FILE = "none"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-/]*$")
 
 
-def forget_file_list(folder_name: str) -> None:
-    """Drop ComfyUI's cached file list of a model folder, so a file just written shows up."""
-    cache = getattr(folder_paths, "filename_list_cache", None)
-    if isinstance(cache, dict):
-        cache.pop(folder_name, None)
-
-
-def _register(folder: str, defaults: list[str], extensions: set[str]) -> list[str]:
-    """Register ``folder`` with ``folder_paths``: its known paths plus ``defaults``, its extensions plus
-    ``extensions``; idempotent (ComfyUI's cached file list is kept while nothing changes)."""
-    table = folder_paths.folder_names_and_paths
-    paths, exts = table.get(folder, ([], set()))
-    new_paths = list(paths) + [p for p in defaults if p not in paths]
-    new_exts = set(exts) | extensions
-    if folder not in table or new_paths != list(paths) or new_exts != set(exts):
-        table[folder] = (new_paths, new_exts)
-        forget_file_list(folder)
-    return new_paths
+def dropdown_names(folder: str) -> list[str]:
+    """A file input's choices for model folder ``folder`` (registered): ``none``, the files shipped with MiniCanvas
+    (``minicanvas/...``), then the folder's own files."""
+    shipped = shipped_names(folder)
+    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(folder) if n not in shipped]
 
 
 def register_features_folder() -> list[str]:
     """Register ``models/sae_features`` and ``output/sae_features`` (``.safetensors``); idempotent."""
-    return _register(FEATURES_FOLDER, [os.path.join(folder_paths.models_dir, FEATURES_FOLDER),
-                                       os.path.join(folder_paths.get_output_directory(), FEATURES_FOLDER)],
-                     {".safetensors"})
+    return register_model_folder(FEATURES_FOLDER, [os.path.join(folder_paths.models_dir, FEATURES_FOLDER),
+                                                   os.path.join(folder_paths.get_output_directory(), FEATURES_FOLDER)],
+                                 {".safetensors"})
 
 
 def feature_filenames() -> list[str]:
     """``none``, the SAeUron statistics shipped with MiniCanvas (``minicanvas/saeuron_style.safetensors`` ...)
     and the feature tables of the model folders."""
     register_features_folder()
-    shipped = shipped_names(FEATURES_FOLDER)
-    return [NO_FILE] + shipped + [n for n in folder_paths.get_filename_list(FEATURES_FOLDER) if n not in shipped]
+    return dropdown_names(FEATURES_FOLDER)
 
 
 def features_full_path(name: str) -> str:
@@ -150,7 +137,8 @@ def features_path_for(name: str) -> Path:
 
 def register_prompts_folder() -> list[str]:
     """Register ``models/prompts`` (``.txt``, ``.gz``) with ``folder_paths``; idempotent."""
-    return _register(PROMPTS_FOLDER, [os.path.join(folder_paths.models_dir, PROMPTS_FOLDER)], PROMPT_EXTENSIONS)
+    return register_model_folder(PROMPTS_FOLDER, [os.path.join(folder_paths.models_dir, PROMPTS_FOLDER)],
+                                 PROMPT_EXTENSIONS)
 
 
 def prompt_filenames() -> list[str]:
