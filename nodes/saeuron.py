@@ -426,11 +426,6 @@ def concept_patches(model: Any) -> list[SAeUronPatch]:
     return found
 
 
-def concept_patch(model: Any) -> SAeUronPatch:
-    """The last SAeUron Concept Block wrapper a MODEL carries (ValueError when it carries none)."""
-    return concept_patches(model)[-1]
-
-
 class SAeUronFiringMap:
     """Where SAeUron acted in the last sampling run of a Concept Block MODEL."""
 
